@@ -1,0 +1,52 @@
+"""Packed: one contiguous wire buffer (payload, then scales, then zero points) plus what decodes it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from halfbyte.quant.spec import QuantSpec
+
+
+@dataclass
+class Packed:
+    """Quantized values ready to send.
+
+    data:  1-D uint8 tensor of exactly `spec.wire_nbytes(numel)` bytes: the packed integers of all
+           groups, then one bfloat16 scale per group, then (asymmetric only) one bfloat16 zero point
+           per group. One collective moves all of it.
+    numel, shape, dtype: the original tensor, restored by `dequantize`.
+    """
+
+    data: torch.Tensor
+    spec: QuantSpec
+    numel: int
+    shape: torch.Size
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        want = self.spec.wire_nbytes(self.numel)
+        if self.data.dtype != torch.uint8 or self.data.dim() != 1 or self.data.numel() != want:
+            raise ValueError(
+                f"Packed.data must be a 1-D uint8 tensor of {want} bytes for {self.numel} values "
+                f"with {self.spec}, got {tuple(self.data.shape)} {self.data.dtype}"
+            )
+
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes on the wire."""
+        return self.data.numel()
+
+    def scales(self) -> torch.Tensor:
+        """Per-group scales as fp32 (a view-based decode of the scale section)."""
+        start = self.spec.payload_nbytes(self.numel)
+        groups = self.spec.num_groups(self.numel)
+        return self.data[start : start + 2 * groups].view(torch.bfloat16).float()
+
+    def has_nonfinite(self) -> bool:
+        """True when the input held NaN or Inf: such groups carry a NaN scale and decode to NaN.
+
+        Synchronizes with the device; meant for checks and tests, not the hot path.
+        """
+        return bool(torch.isnan(self.scales()).any())

@@ -1,0 +1,216 @@
+"""Plain-torch codecs: the ground truth (CPU and GPU). The Triton kernels must produce the same bytes.
+
+Exact arithmetic, so that another implementation can match it bit for bit (nearest rounding):
+  values      v = x (fp32; minus `subtract` if given), zero-padded to whole groups,
+              rotated by `fwht` when spec.hadamard and rotate
+  symmetric   s = bf16(absmax / qmax);           q = clamp(round(v / s), -qmax, qmax)
+  asymmetric  s = bf16((max - min) / qmax); z = bf16(min);  q = clamp(round((v - z) / s), 0, qmax)
+  rounding    nearest: round half to even; stochastic: floor(y + u), u ~ U[0, 1) drawn from a
+              torch.Generator seeded with `seed` (E[q] = y exactly, before clamping)
+  s == 0      (all-zero group): q = 0
+  non-finite  a group holding NaN/Inf gets s = NaN and q = 0, so it decodes to NaN: bad values
+              propagate through every collective to the result, never into plausible numbers
+  packing     int4: level + 8 (symmetric) or level (asymmetric) in a nibble, value 2i in the low
+              nibble of byte i, 2i+1 in the high one; int8: the level as int8 (symmetric) or uint8.
+  decode      v = q * s (+ z), inverse rotation, drop the padding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from halfbyte.quant.hadamard import fwht
+from halfbyte.quant.packed import Packed
+from halfbyte.quant.spec import QuantSpec
+
+
+def _prepare(x: torch.Tensor, spec: QuantSpec, subtract: torch.Tensor | None, rotate: bool) -> torch.Tensor:
+    v = x.reshape(-1).to(torch.float32)
+    if subtract is not None:
+        if subtract.numel() != x.numel():
+            raise ValueError(f"subtract has {subtract.numel()} values, x has {x.numel()}")
+        v = v - subtract.reshape(-1).to(torch.float32)
+    pad = spec.padded_numel(v.numel()) - v.numel()
+    if pad:
+        v = torch.nn.functional.pad(v, (0, pad))
+    if spec.hadamard:
+        if rotate:
+            v = fwht(v, spec.hadamard)
+        else:
+            _check_whole_blocks(x.numel(), spec)
+    return v.view(-1, spec.group_size)
+
+
+def _check_whole_blocks(numel: int, spec: QuantSpec) -> None:
+    # Outside the rotated domain padding is zero; inside it a partial block's padding is not, so
+    # values that stay rotated across hops must come in whole Hadamard blocks.
+    if numel % spec.hadamard:
+        raise ValueError(
+            f"values kept in the Hadamard domain (rotate=False) must come in whole blocks: "
+            f"{numel} is not a multiple of {spec.hadamard}"
+        )
+
+
+def _round(y: torch.Tensor, spec: QuantSpec, seed: int | None) -> torch.Tensor:
+    if spec.rounding == "nearest":
+        return torch.round(y)
+    gen = torch.Generator(device=y.device).manual_seed(resolve_seed(seed))
+    return torch.floor(y + torch.rand(y.shape, generator=gen, device=y.device))
+
+
+def resolve_seed(seed: int | None) -> int:
+    """A seed for stochastic rounding: the given one, else one drawn from torch's global RNG."""
+    if seed is None:
+        return int(torch.randint(0, 2**62, (1,)).item())
+    return int(seed)
+
+
+def quantize(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    seed: int | None = None,
+    rotate: bool = True,
+    subtract: torch.Tensor | None = None,
+) -> Packed:
+    """Quantize `x` (any shape, fp32/bf16/fp16) -> Packed. `subtract`: quantize x - subtract (qWD).
+
+    `rotate=False` skips the Hadamard rotation for values that are already in the rotated domain
+    (the middle hop of the two-level reduce-scatter).
+    """
+    if not x.is_floating_point():
+        raise TypeError(f"quantize expects a floating-point tensor, got {x.dtype}")
+    v = _prepare(x, spec, subtract, rotate)
+    qmax = spec.qmax
+    finite = torch.isfinite(v).all(dim=1)
+    if spec.symmetric:
+        scale = (v.abs().amax(dim=1) / qmax).to(torch.bfloat16)
+        zero = None
+        shifted = v
+    else:
+        lo, hi = v.amin(dim=1), v.amax(dim=1)
+        scale = ((hi - lo) / qmax).to(torch.bfloat16)
+        zero = lo.to(torch.bfloat16)
+        shifted = v - zero.float()[:, None]
+    s = scale.float()
+    usable = finite & (s > 0)
+    y = shifted / torch.where(usable, s, torch.ones_like(s))[:, None]
+    y = torch.where(usable[:, None], y, torch.zeros_like(y))
+    lo_level = -qmax if spec.symmetric else 0
+    q = _round(y, spec, seed).clamp_(lo_level, qmax)
+    nan = torch.tensor(float("nan"), dtype=torch.bfloat16, device=v.device)
+    scale = torch.where(finite, scale, nan)
+
+    parts = [_pack_levels(q.reshape(-1), spec), scale.view(torch.uint8)]
+    if zero is not None:
+        parts.append(torch.where(finite, zero, nan).view(torch.uint8))
+    return Packed(torch.cat(parts), spec, x.numel(), x.shape, x.dtype)
+
+
+def _pack_levels(q: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    if spec.bits == 8:
+        return q.to(torch.int8).view(torch.uint8) if spec.symmetric else q.to(torch.uint8)
+    u = (q + 8 if spec.symmetric else q).to(torch.uint8)
+    return u[0::2] | (u[1::2] << 4)
+
+
+def unpack(data: torch.Tensor, spec: QuantSpec, numel: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Wire bytes -> (levels as fp32 [groups, group_size], scales fp32 [groups], zeros or None)."""
+    n_pay = spec.payload_nbytes(numel)
+    groups = spec.num_groups(numel)
+    payload = data[:n_pay]
+    if spec.bits == 8:
+        q = payload.view(torch.int8) if spec.symmetric else payload
+    else:
+        q = torch.stack((payload & 0xF, payload >> 4), dim=1).reshape(-1)
+        if spec.symmetric:
+            q = q.to(torch.int8) - 8
+    scale = data[n_pay : n_pay + 2 * groups].view(torch.bfloat16).float()
+    zero = None
+    if not spec.symmetric:
+        zero = data[n_pay + 2 * groups : n_pay + 4 * groups].view(torch.bfloat16).float()
+    return q.to(torch.float32).view(groups, spec.group_size), scale, zero
+
+
+def _decode(data: torch.Tensor, spec: QuantSpec, numel: int) -> torch.Tensor:
+    """Decode one chunk to fp32, padded, still in the rotated domain."""
+    q, scale, zero = unpack(data, spec, numel)
+    v = q * scale[:, None]
+    if zero is not None:
+        v = v + zero[:, None]
+    return v.reshape(-1)
+
+
+def _finish(v: torch.Tensor, spec: QuantSpec, numel: int, shape: torch.Size, dtype: torch.dtype,
+            out: torch.Tensor | None, accumulate: bool, rotate: bool) -> torch.Tensor:
+    if spec.hadamard:
+        if rotate:
+            v = fwht(v, spec.hadamard)
+        else:
+            _check_whole_blocks(numel, spec)
+    v = v[:numel]
+    if out is None:
+        if accumulate:
+            raise ValueError("accumulate=True needs an `out` tensor to add into")
+        return v.to(dtype).view(shape)
+    if out.numel() != numel:
+        raise ValueError(f"out has {out.numel()} values, the packed data holds {numel}")
+    if accumulate:
+        out.add_(v.view(out.shape))
+    else:
+        out.copy_(v.view(out.shape))
+    return out
+
+
+def dequantize(
+    packed: Packed,
+    *,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+    rotate: bool = True,
+) -> torch.Tensor:
+    """Packed -> tensor of the original shape and dtype; or write (accumulate: add) into `out`."""
+    v = _decode(packed.data, packed.spec, packed.numel)
+    return _finish(v, packed.spec, packed.numel, packed.shape, packed.dtype, out, accumulate, rotate)
+
+
+def dequantize_sum(
+    chunks: torch.Tensor,
+    spec: QuantSpec,
+    numel: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+    rotate: bool = True,
+) -> torch.Tensor:
+    """Decode W received chunks (uint8 [W, wire_nbytes(numel)]) and sum them in fp32: the reduce
+    step of a reduce-scatter. Returns a 1-D tensor of `numel` values in `dtype` unless `out` given."""
+    if chunks.dim() != 2 or chunks.shape[1] != spec.wire_nbytes(numel):
+        raise ValueError(
+            f"chunks must be [W, {spec.wire_nbytes(numel)}] uint8 for {numel} values with {spec}, "
+            f"got {tuple(chunks.shape)}"
+        )
+    total = _decode(chunks[0], spec, numel)
+    for w in range(1, chunks.shape[0]):
+        total = total + _decode(chunks[w], spec, numel)
+    return _finish(total, spec, numel, torch.Size([numel]), dtype, out, accumulate, rotate)
+
+
+def reduce_requantize(
+    chunks: torch.Tensor,
+    in_spec: QuantSpec,
+    numel: int,
+    out_spec: QuantSpec,
+    *,
+    seed: int | None = None,
+) -> Packed:
+    """Middle hop of the two-level reduce-scatter: decode + sum W chunks and quantize the sum with
+    `out_spec`, staying in the rotated (Hadamard) domain throughout."""
+    if in_spec.hadamard != out_spec.hadamard:
+        raise ValueError(
+            f"reduce_requantize keeps the rotated domain: in_spec.hadamard ({in_spec.hadamard}) "
+            f"must equal out_spec.hadamard ({out_spec.hadamard})"
+        )
+    total = dequantize_sum(chunks, in_spec, numel, rotate=False)
+    return quantize(total, out_spec, seed=seed, rotate=False)
