@@ -1,0 +1,248 @@
+"""Data: the built-in Shakespeare corpus, memory-mapped token files, and per-rank sampling.
+
+Token file = 32-byte header (magic, version, itemsize, vocab size, token count) + raw tokens (uint16 when
+the vocabulary fits, else uint32), so training memory-maps it whatever its size. `prepare` writes a
+training file and a validation file beside it (`x.bin` -> `x.val.bin`); the validation part is the last
+`val_fraction` of every document, cut at a line break, so the split is deterministic.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from halfbyte.train.tokenizer import Tokenizer
+
+MAGIC = b"HBTOKENS"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQQ")  # magic, version, itemsize, vocab_size, count
+PLAY_SEPARATOR = "\n\n\n"  # plays in shakespeare.txt.gz are separated by two blank lines
+BUILTIN_VAL_FRACTION = 0.05
+ENCODE_PIECE_CHARS = 1 << 20  # long documents are encoded in ~1 MB pieces, in parallel
+
+
+class TokenFileError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- corpus
+
+
+def builtin_corpus_path() -> Path:
+    return Path(str(resources.files("halfbyte.train") / "data" / "shakespeare.txt.gz"))
+
+
+def read_builtin_plays() -> list[str]:
+    with gzip.open(builtin_corpus_path(), "rt", encoding="utf-8") as f:
+        return [p for p in f.read().split(PLAY_SEPARATOR) if p.strip()]
+
+
+def split_document(text: str, val_fraction: float) -> tuple[str, str]:
+    """(train, val): val is the last `val_fraction` of the text, starting at a line break."""
+    if val_fraction <= 0:
+        return text, ""
+    cut = int(len(text) * (1.0 - val_fraction))
+    newline = text.rfind("\n", 0, cut)
+    cut = newline + 1 if newline > 0 else cut
+    return text[:cut], text[cut:]
+
+
+# ------------------------------------------------------------------------------------------ token files
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def val_path_for(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(f"{path.stem}.val{path.suffix}")
+
+
+@dataclass
+class TokenFile:
+    path: Path
+    vocab_size: int
+    tokens: np.ndarray  # memory-mapped, read-only
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def open_tokens(path: str | Path) -> TokenFile:
+    path = Path(path)
+    if not path.is_file():
+        raise TokenFileError(f"data file {path} does not exist; create one with `halfbyte prepare-data`")
+    with open(path, "rb") as f:
+        head = f.read(HEADER.size)
+    if len(head) < HEADER.size or head[:8] != MAGIC:
+        raise TokenFileError(f"{path} is not a halfbyte token file; create one with `halfbyte prepare-data`")
+    _, version, itemsize, vocab_size, count = HEADER.unpack(head)
+    if version != VERSION or itemsize not in (2, 4):
+        raise TokenFileError(f"{path}: unsupported token file version {version} / itemsize {itemsize}")
+    if path.stat().st_size != HEADER.size + itemsize * count:
+        raise TokenFileError(f"{path} is truncated (header says {count} tokens); prepare it again")
+    dtype = np.uint16 if itemsize == 2 else np.uint32
+    tokens = np.memmap(path, dtype=dtype, mode="r", offset=HEADER.size, shape=(count,)) if count else np.zeros(0, dtype)
+    return TokenFile(path, vocab_size, tokens)
+
+
+class TokenWriter:
+    """Streams token arrays into a token file; the file appears (atomically) only on close()."""
+
+    def __init__(self, path: str | Path, vocab_size: int):
+        self.path = Path(path)
+        self.vocab_size = vocab_size
+        self.dtype = token_dtype(vocab_size)
+        self.count = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._file = open(self._tmp, "wb")
+        self._file.write(HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, vocab_size, 0))
+
+    def write(self, ids: Iterable[int] | np.ndarray) -> None:
+        arr = np.asarray(ids, dtype=self.dtype)
+        self._file.write(arr.tobytes())
+        self.count += arr.size
+
+    def close(self) -> Path:
+        self._file.seek(0)
+        self._file.write(HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self.vocab_size, self.count))
+        self._file.close()
+        os.replace(self._tmp, self.path)  # atomic: concurrent writers of the same file cannot tear it
+        return self.path
+
+
+def _pieces(text: str) -> list[str]:
+    """Cut a long text at line breaks into ~ENCODE_PIECE_CHARS pieces so encode_batch can parallelize."""
+    pieces, start = [], 0
+    while len(text) - start > ENCODE_PIECE_CHARS:
+        cut = text.rfind("\n", start + 1, start + ENCODE_PIECE_CHARS)
+        cut = start + ENCODE_PIECE_CHARS if cut < 0 else cut + 1
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def prepare(
+    documents: Iterable[str],
+    tokenizer: Tokenizer,
+    out: str | Path,
+    *,
+    val_fraction: float,
+    total_chars: int | None = None,
+    progress: bool = True,
+) -> tuple[TokenFile, TokenFile]:
+    """Tokenize documents (each followed by EOT) into `out` and its validation file `val_path_for(out)`."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    eot = tokenizer.eot_id
+    writers = TokenWriter(out, tokenizer.vocab_size), TokenWriter(val_path_for(out), tokenizer.vocab_size)
+    bar = tqdm(total=total_chars, unit="char", unit_scale=True, desc="tokenizing", disable=not progress)
+    for doc in documents:
+        for writer, part in zip(writers, split_document(doc, val_fraction)):
+            if not part:
+                continue
+            for ids in tokenizer.encode_batch(_pieces(part)):
+                writer.write(ids)
+            writer.write([eot])
+        bar.update(len(doc))
+    bar.close()
+    train, val = (open_tokens(w.close()) for w in writers)
+    return train, val
+
+
+def read_text_files(paths: list[Path]) -> Iterator[str]:
+    for path in paths:
+        yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("HALFBYTE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "halfbyte"
+    )
+    return Path(root)
+
+
+def builtin_token_files(tokenizer: Tokenizer, *, progress: bool = False) -> tuple[Path, Path]:
+    """The built-in corpus tokenized with `tokenizer`, cached per tokenizer (a few seconds the first time)."""
+    train = cache_dir() / f"shakespeare-{tokenizer.fingerprint}.bin"
+    val = val_path_for(train)
+    if not (train.is_file() and val.is_file()):
+        plays = read_builtin_plays()
+        prepare(plays, tokenizer, train, val_fraction=BUILTIN_VAL_FRACTION,
+                total_chars=sum(map(len, plays)), progress=progress)
+    return train, val
+
+
+# -------------------------------------------------------------------------------------------- sampling
+
+
+class TokenSampler:
+    """Training windows of `seq_len + 1` tokens for one rank.
+
+    The file is cut into non-overlapping windows; each epoch shuffles all of them with the same seed on
+    every rank, and rank r takes every world-th window of that order. So ranks never share a window, the
+    global batch is a uniform sample whatever the world size, and (epoch, index) resumes exactly.
+    """
+
+    def __init__(self, data: TokenFile, seq_len: int, rank: int, world_size: int, seed: int):
+        self.data, self.seq_len, self.rank, self.world_size, self.seed = data, seq_len, rank, world_size, seed
+        self.num_windows = (len(data) - 1) // seq_len
+        self.per_rank = self.num_windows // world_size
+        if self.per_rank < 1:
+            raise TokenFileError(
+                f"{data.path} has {len(data)} tokens: too few for {world_size} ranks at seq_len {seq_len}"
+            )
+        self.epoch, self.index = 0, 0
+        self._order = self._epoch_order()
+
+    def _epoch_order(self) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_windows)
+        return perm[self.rank :: self.world_size][: self.per_rank]
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = []
+        for _ in range(batch_size):
+            if self.index == self.per_rank:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._epoch_order()
+            starts.append(int(self._order[self.index]) * self.seq_len)
+            self.index += 1
+        return windows_to_batch(self.data.tokens, starts, self.seq_len)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index, "world_size": self.world_size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        # a different world size or seed re-deals the windows; keep the epoch count, start it afresh
+        self.epoch = int(state["epoch"])
+        same_deal = state.get("world_size") == self.world_size and state.get("seed") == self.seed
+        self.index = int(state["index"]) if same_deal else 0
+        self._order = self._epoch_order()
+
+
+def windows_to_batch(tokens: np.ndarray, starts: list[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    block = torch.from_numpy(np.stack([tokens[s : s + seq_len + 1].astype(np.int64) for s in starts]))
+    return block[:, :-1], block[:, 1:]
+
+
+def eval_batches(
+    data: TokenFile, seq_len: int, rank: int, world_size: int, batch_size: int, iters: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The same validation windows at every evaluation: window k goes to rank k % world_size."""
+    num_windows = (len(data) - 1) // seq_len
+    per_rank = min(iters * batch_size, num_windows // world_size)
+    starts = [(rank + world_size * i) * seq_len for i in range(per_rank)]
+    return [windows_to_batch(data.tokens, starts[i : i + batch_size], seq_len)
+            for i in range(0, per_rank, batch_size)]
