@@ -33,7 +33,7 @@ class QuantSpec:
     hadamard: int = 0
 
     def __post_init__(self) -> None:
-        if self.bits not in (4, 8):
+        if not isinstance(self.bits, int) or self.bits not in (4, 8):
             raise ValueError(f"QuantSpec.bits must be 4 or 8, got {self.bits!r}")
         if not isinstance(self.group_size, int) or self.group_size < 2 or self.group_size % 2:
             raise ValueError(
