@@ -1,0 +1,60 @@
+"""Compressed collectives over torch.distributed, the node topology, byte accounting, launcher."""
+
+from halfbyte.comm.accounting import (
+    CommStats,
+    all_gather_bytes,
+    chunk_numel,
+    reduce_scatter_bytes,
+    reduce_scatter_two_level_bytes,
+)
+from halfbyte.comm.collectives import (
+    HOP_ALL_GATHER,
+    HOP_INTER,
+    HOP_INTRA,
+    HOP_REDUCE_SCATTER,
+    CommHandle,
+    all_gather_q,
+    decode_gathered,
+    decode_sum,
+    encode_chunks,
+    encode_shard,
+    encode_two_level,
+    middle_hop,
+    pack_messages,
+    rank_seed,
+    reduce_scatter_q,
+    reduce_scatter_two_level,
+    split_chunks,
+)
+from halfbyte.comm.launch import WorkerError, init_process_group_from_env, spawn
+from halfbyte.comm.topology import Topology, build_topology
+
+__all__ = [
+    "HOP_ALL_GATHER",
+    "HOP_INTER",
+    "HOP_INTRA",
+    "HOP_REDUCE_SCATTER",
+    "CommHandle",
+    "CommStats",
+    "Topology",
+    "WorkerError",
+    "all_gather_bytes",
+    "all_gather_q",
+    "build_topology",
+    "chunk_numel",
+    "decode_gathered",
+    "decode_sum",
+    "encode_chunks",
+    "encode_shard",
+    "encode_two_level",
+    "init_process_group_from_env",
+    "middle_hop",
+    "pack_messages",
+    "rank_seed",
+    "reduce_scatter_bytes",
+    "reduce_scatter_q",
+    "reduce_scatter_two_level",
+    "reduce_scatter_two_level_bytes",
+    "spawn",
+    "split_chunks",
+]
