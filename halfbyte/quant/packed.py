@@ -9,6 +9,16 @@ import torch
 from halfbyte.quant.spec import QuantSpec
 
 
+def read_bf16(data: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """`count` bfloat16 values stored in the uint8 tensor `data` from byte `start`, as fp32."""
+    section = data[start : start + 2 * count]
+    # int4 with group_size % 4 == 2 has an odd payload, and a row of a [W, nbytes] receive buffer
+    # can start at an odd byte: a bf16 view needs an even offset, so copy the (small) section.
+    if section.storage_offset() % 2:
+        section = section.clone()
+    return section.view(torch.bfloat16).float()
+
+
 @dataclass
 class Packed:
     """Quantized values ready to send.
@@ -41,8 +51,7 @@ class Packed:
     def scales(self) -> torch.Tensor:
         """Per-group scales as fp32 (a view-based decode of the scale section)."""
         start = self.spec.payload_nbytes(self.numel)
-        groups = self.spec.num_groups(self.numel)
-        return self.data[start : start + 2 * groups].view(torch.bfloat16).float()
+        return read_bf16(self.data, start, self.spec.num_groups(self.numel))
 
     def has_nonfinite(self) -> bool:
         """True when the input held NaN or Inf: such groups carry a NaN scale and decode to NaN.

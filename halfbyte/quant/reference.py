@@ -3,13 +3,18 @@
 Exact arithmetic, so that another implementation can match it bit for bit (nearest rounding):
   values      v = x (fp32; minus `subtract` if given), zero-padded to whole groups,
               rotated by `fwht` when spec.hadamard and rotate
-  symmetric   s = bf16(absmax / qmax);           q = clamp(round(v / s), -qmax, qmax)
-  asymmetric  s = bf16((max - min) / qmax); z = bf16(min);  q = clamp(round((v - z) / s), 0, qmax)
+  symmetric   s = bf16_up(absmax / qmax);                       q = clamp(round(v / s), -qmax, qmax)
+  asymmetric  z = bf16_down(min); s = bf16_up((max - z) / qmax); q = clamp(round((v - z) / s), 0, qmax)
+              bf16_up / bf16_down: round to nearest bf16, then step one bf16 ulp up / down
+              (torch.nextafter) if that landed below / above the fp32 value. So every value lies
+              inside the level range: no clamping error (|v - v'| <= s/2 for nearest, < s for
+              stochastic) and stochastic rounding stays unbiased for the group's extreme values.
   rounding    nearest: round half to even; stochastic: floor(y + u), u ~ U[0, 1) drawn from a
               torch.Generator seeded with `seed` (E[q] = y exactly, before clamping)
   s == 0      (all-zero group): q = 0
-  non-finite  a group holding NaN/Inf gets s = NaN and q = 0, so it decodes to NaN: bad values
-              propagate through every collective to the result, never into plausible numbers
+  non-finite  a group holding NaN/Inf (or, asymmetric only, a range max - min beyond fp32) gets
+              s = NaN (and z = NaN) and q = 0, so it decodes to NaN: bad values propagate through
+              every collective to the result, never into plausible numbers
   packing     int4: level + 8 (symmetric) or level (asymmetric) in a nibble, value 2i in the low
               nibble of byte i, 2i+1 in the high one; int8: the level as int8 (symmetric) or uint8.
   decode      v = q * s (+ z), inverse rotation, drop the padding.
@@ -20,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from halfbyte.quant.hadamard import fwht
-from halfbyte.quant.packed import Packed
+from halfbyte.quant.packed import Packed, read_bf16
 from halfbyte.quant.spec import QuantSpec
 
 
@@ -82,17 +87,17 @@ def quantize(
         raise TypeError(f"quantize expects a floating-point tensor, got {x.dtype}")
     v = _prepare(x, spec, subtract, rotate)
     qmax = spec.qmax
-    finite = torch.isfinite(v).all(dim=1)
     if spec.symmetric:
-        scale = (v.abs().amax(dim=1) / qmax).to(torch.bfloat16)
+        scale = _bf16_up(v.abs().amax(dim=1) / qmax)
         zero = None
         shifted = v
     else:
         lo, hi = v.amin(dim=1), v.amax(dim=1)
-        scale = ((hi - lo) / qmax).to(torch.bfloat16)
-        zero = lo.to(torch.bfloat16)
+        zero = _bf16_down(lo)
+        scale = _bf16_up((hi - zero.float()) / qmax)
         shifted = v - zero.float()[:, None]
     s = scale.float()
+    finite = torch.isfinite(v).all(dim=1) & torch.isfinite(s)
     usable = finite & (s > 0)
     y = shifted / torch.where(usable, s, torch.ones_like(s))[:, None]
     y = torch.where(usable[:, None], y, torch.zeros_like(y))
@@ -105,6 +110,18 @@ def quantize(
     if zero is not None:
         parts.append(torch.where(finite, zero, nan).view(torch.uint8))
     return Packed(torch.cat(parts), spec, x.numel(), x.shape, x.dtype)
+
+
+def _bf16_up(t: torch.Tensor) -> torch.Tensor:
+    """The smallest bfloat16 >= t (fp32 in)."""
+    b = t.to(torch.bfloat16)
+    return torch.where(b.float() < t, torch.nextafter(b, torch.full_like(b, float("inf"))), b)
+
+
+def _bf16_down(t: torch.Tensor) -> torch.Tensor:
+    """The largest bfloat16 <= t (fp32 in)."""
+    b = t.to(torch.bfloat16)
+    return torch.where(b.float() > t, torch.nextafter(b, torch.full_like(b, float("-inf"))), b)
 
 
 def _pack_levels(q: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -125,10 +142,8 @@ def unpack(data: torch.Tensor, spec: QuantSpec, numel: int) -> tuple[torch.Tenso
         q = torch.stack((payload & 0xF, payload >> 4), dim=1).reshape(-1)
         if spec.symmetric:
             q = q.to(torch.int8) - 8
-    scale = data[n_pay : n_pay + 2 * groups].view(torch.bfloat16).float()
-    zero = None
-    if not spec.symmetric:
-        zero = data[n_pay + 2 * groups : n_pay + 4 * groups].view(torch.bfloat16).float()
+    scale = read_bf16(data, n_pay, groups)
+    zero = None if spec.symmetric else read_bf16(data, n_pay + 2 * groups, groups)
     return q.to(torch.float32).view(groups, spec.group_size), scale, zero
 
 
