@@ -1,0 +1,348 @@
+"""`halfbyte simulate`: projected step time, tokens/s and speedup per mode (cost model in costmodel.py).
+
+    halfbyte simulate --model 1.3b --nodes 16 --gpus-per-node 8 --inter-gbps 100 --compute-ms 250
+    halfbyte simulate --model 1.3b --nodes 2 --gpus-per-node 4 --sweep-inter-gbps 10,25,50,100,200,400 \
+        --plot sweep.png --json sweep.json
+    halfbyte simulate --sdp4bit-table --json table.json --plot table.png
+    halfbyte simulate --calibrate benchmarks/results/comm-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from halfbyte.bench import costmodel as cm
+from halfbyte.engine.config import CommConfig
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="halfbyte simulate", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--model", choices=sorted(cm.MODELS), help="GPT preset (layers, hidden, seq 2048)")
+    m.add_argument("--params", type=float, help="parameter count instead of --model, e.g. 1.3e9")
+    m.add_argument("--layers", type=int, help="layers (with --params)")
+    m.add_argument("--seq-len", type=int, default=2048, help="sequence length (with --params)")
+    m.add_argument("--tokens-per-step", type=int,
+                   help="tokens in one global batch (default: one sequence per data-parallel rank)")
+    h = p.add_argument_group("hardware")
+    h.add_argument("--nodes", type=int, default=16)
+    h.add_argument("--gpus-per-node", type=int, default=8)
+    h.add_argument("--intra-gbps", type=float, default=1600.0, help="NVLink Gb/s per GPU per direction")
+    h.add_argument("--inter-gbps", type=float, default=100.0, help="inter-node Gb/s (see --nic)")
+    h.add_argument("--nic", choices=cm.NIC_MODES, default="per-gpu",
+                   help="--inter-gbps is one GPU's own NIC (rail-optimized) or the node's, shared by its GPUs")
+    h.add_argument("--intra-latency-us", type=float, default=1.0, help="per ring step inside a node")
+    h.add_argument("--inter-latency-us", type=float, default=5.0, help="per ring step across nodes")
+    w = p.add_argument_group("step")
+    w.add_argument("--compute-ms", type=float, help="compute time per step (e.g. from `halfbyte bench train`)")
+    w.add_argument("--mfu", type=float, default=0.4,
+                   help="without --compute-ms: compute = FLOPs / (mfu * peak) * pipeline bubble")
+    w.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100 SXM)")
+    w.add_argument("--tp", type=int, default=1, help="tensor parallel degree")
+    w.add_argument("--pp", type=int, default=1, help="pipeline parallel degree")
+    w.add_argument("--grad-accum", type=int, default=1)
+    w.add_argument("--bucket-numel", type=int, default=25_000_000)
+    w.add_argument("--no-overlap", action="store_true", help="communication fully exposed (Megatron default)")
+    w.add_argument("--grad-bytes", type=int, default=2, help="uncompressed gradient element bytes (4 = fp32)")
+    w.add_argument("--weight-bytes", type=int, default=2, help="uncompressed weight element bytes")
+    w.add_argument("--codec-tbps", type=float, default=1.0, help="codec kernels, TB/s read + written")
+    w.add_argument("--modes", default=",".join(CommConfig.preset_names()), help="comma-separated presets")
+    o = p.add_argument_group("output")
+    o.add_argument("--sweep-inter-gbps", help="comma-separated inter-node Gb/s values to sweep")
+    o.add_argument("--sweep-clusters", help="with --sweep-inter-gbps: comma-separated NODESxGPUS, e.g. 2x4,16x8")
+    o.add_argument("--sdp4bit-table", action="store_true", help="reproduce SDP4Bit's Table 2 setting")
+    o.add_argument("--calibrate", type=Path, help="fit alpha-beta to a `halfbyte bench comm` JSON and compare")
+    o.add_argument("--json", type=Path, help="write results here")
+    o.add_argument("--plot", type=Path, help="write a PNG here (sweep or table)")
+    return p
+
+
+# ---- argument handling -------------------------------------------------------------------------
+def _model(args: argparse.Namespace) -> cm.ModelShape:
+    if (args.model is None) == (args.params is None):
+        raise ValueError("give exactly one of --model or --params")
+    if args.model:
+        return cm.MODELS[args.model]
+    if args.layers is None:
+        raise ValueError("--params needs --layers")
+    return cm.ModelShape.from_params(args.params, args.layers, args.seq_len)
+
+
+def _modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    valid = CommConfig.preset_names()
+    bad = [m for m in modes if m not in valid]
+    if bad or not modes:
+        raise ValueError(f"--modes must name presets from {', '.join(valid)}; got {text!r}")
+    return modes
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+    if not values or any(not v > 0 for v in values):
+        raise ValueError(f"{flag} values must be > 0, got {text!r}")
+    return values
+
+
+def _clusters(args: argparse.Namespace) -> list[tuple[int, int]]:
+    if not args.sweep_clusters:
+        return [(args.nodes, args.gpus_per_node)]
+    shapes = []
+    for item in args.sweep_clusters.split(","):
+        try:
+            nodes, gpus = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--sweep-clusters entries must look like 16x8, got {item!r}") from None
+        shapes.append((nodes, gpus))
+    return shapes
+
+
+def _setup(args: argparse.Namespace, model: cm.ModelShape, nodes: int, gpus: int,
+           inter_gbps: float) -> tuple[cm.Cluster, cm.Workload]:
+    cluster = cm.Cluster(nodes, gpus, intra_gbps=args.intra_gbps, inter_gbps=inter_gbps,
+                         intra_latency_us=args.intra_latency_us, inter_latency_us=args.inter_latency_us,
+                         nic=args.nic)
+    M, L = cm.dp_layout(cluster, args.tp, args.pp)
+    tokens = args.tokens_per_step or M * L * model.seq_len
+    if args.compute_ms is not None:
+        if not args.compute_ms >= 0:
+            raise ValueError(f"--compute-ms must be >= 0, got {args.compute_ms}")
+        compute = args.compute_ms / 1e3
+    else:
+        compute = cm.compute_seconds(model, tokens, cluster.world, args.mfu, args.peak_tflops,
+                                     args.pp, args.grad_accum)
+    wl = cm.Workload(compute_s=compute, tokens_per_step=tokens, tp=args.tp, pp=args.pp,
+                     grad_accum=args.grad_accum, bucket_numel=args.bucket_numel,
+                     overlap=not args.no_overlap, weight_bytes=args.weight_bytes,
+                     grad_bytes=args.grad_bytes, codec_tbps=args.codec_tbps)
+    return cluster, wl
+
+
+# ---- the three jobs ----------------------------------------------------------------------------
+def _table(estimates: list[cm.StepEstimate]) -> str:
+    head = (f"{'mode':<9}{'step ms':>10}{'compute':>9}{'exposed':>9}{'comm':>9}{'codec':>8}"
+            f"{'inter MB':>10}{'intra MB':>10}{'tokens/s':>12}{'speedup':>9}")
+    rows = [head, "-" * len(head)]
+    for e in estimates:
+        rows.append(f"{e.mode:<9}{e.step_s * 1e3:>10.1f}{e.compute_s * 1e3:>9.1f}{e.exposed_s * 1e3:>9.1f}"
+                    f"{e.comm_s * 1e3:>9.1f}{e.codec_s * 1e3:>8.1f}{e.inter_bytes / 1e6:>10.0f}"
+                    f"{e.intra_bytes / 1e6:>10.0f}{e.tokens_per_s:>12.0f}{e.speedup:>8.2f}x")
+    return "\n".join(rows)
+
+
+def run_single(args: argparse.Namespace) -> dict:
+    model, modes = _model(args), _modes(args.modes)
+    cluster, wl = _setup(args, model, args.nodes, args.gpus_per_node, args.inter_gbps)
+    estimates = cm.simulate(modes, model.params, cluster, wl)
+    print(f"{model.name}: {model.params / 1e9:.2f}B params, {cluster.nodes} nodes x {cluster.gpus_per_node} GPUs, "
+          f"tp {wl.tp} pp {wl.pp}, {wl.tokens_per_step} tokens/step, inter {cluster.inter_gbps:g} Gb/s "
+          f"({cluster.nic}), overlap {wl.overlap}")
+    print(_table(estimates))
+    return {"model": asdict(model) | {"params": model.params}, "cluster": asdict(cluster),
+            "workload": asdict(wl), "results": [e.to_dict() for e in estimates]}
+
+
+def run_sweep(args: argparse.Namespace) -> dict:
+    model, modes = _model(args), _modes(args.modes)
+    bandwidths = _floats(args.sweep_inter_gbps, "--sweep-inter-gbps")
+    curves = []
+    for nodes, gpus in _clusters(args):
+        speedups: dict[str, list[float]] = {m: [] for m in modes}
+        step_ms: dict[str, list[float]] = {m: [] for m in modes}
+        for gbps in bandwidths:
+            cluster, wl = _setup(args, model, nodes, gpus, gbps)
+            for e in cm.simulate(modes, model.params, cluster, wl):
+                speedups[e.mode].append(e.speedup)
+                step_ms[e.mode].append(e.step_s * 1e3)
+        curves.append({"nodes": nodes, "gpus_per_node": gpus, "compute_ms": wl.compute_s * 1e3,
+                       "tokens_per_step": wl.tokens_per_step, "speedup": speedups, "step_ms": step_ms})
+        print(f"\n{model.name}, {nodes} x {gpus} GPUs, compute {wl.compute_s * 1e3:.1f} ms/step: speedup vs baseline")
+        print(f"{'Gb/s':>8}" + "".join(f"{m:>9}" for m in modes))
+        for i, gbps in enumerate(bandwidths):
+            print(f"{gbps:>8g}" + "".join(f"{speedups[m][i]:>8.2f}x" for m in modes))
+    out = {"model": asdict(model) | {"params": model.params}, "inter_gbps": bandwidths, "nic": args.nic,
+           "overlap": not args.no_overlap, "curves": curves}
+    if args.plot:
+        _plot_sweep(out, args.plot)
+    return out
+
+
+def run_sdp4bit_table(args: argparse.Namespace) -> dict:
+    rows, fits = [], {}
+    for platform in cm.PLATFORMS:
+        runs = [r for r in cm.SDP4BIT_TABLE2 if r.platform == platform]
+        fit = cm.fit_platform(runs, args.codec_tbps)
+        fits[platform] = fit
+        for r in runs:
+            pred = cm.predict_run(r, fit["inter_gbps_per_gpu"], fit["compute_tflops"], args.codec_tbps)
+            rows.append({"platform": platform, "model": r.model, "tp": r.tp, "pp": r.pp,
+                         "published": asdict(r), "simulated": pred,
+                         "implied": cm.implied_bandwidth(r, args.codec_tbps)})
+    print("SDP4Bit Table 2 vs the cost model (Megatron setting: no overlap, fp32 gradient reduce-scatter).")
+    for platform, fit in fits.items():
+        print(f"  {cm.PLATFORMS[platform].name}: fitted {fit['inter_gbps_per_gpu']:.0f} Gb/s per GPU, "
+              f"compute {fit['compute_tflops']:.0f} TFLOPs/GPU, rms log error {fit['rms_log_error']:.3f}")
+    print(f"{'platform':<9}{'model':<6}{'tp/pp':>6}{'base TF pub/sim':>17}{'SDP4Bit TF pub/sim':>20}"
+          f"{'speedup pub/sim':>17}{'implied Gb/s':>14}{'implied TF':>12}")
+    for row in rows:
+        pub, sim, imp = row["published"], row["simulated"], row["implied"]
+        print(f"{row['platform']:<9}{row['model']:<6}{row['tp']:>3}/{row['pp']:<2}"
+              f"{pub['baseline_tflops']:>9.1f}/{sim['baseline_tflops']:<7.1f}"
+              f"{pub['sdp4bit_tflops']:>11.1f}/{sim['sdp4bit_tflops']:<8.1f}"
+              f"{pub['speedup']:>9.2f}/{sim['speedup']:<7.2f}"
+              f"{imp['inter_gbps_per_gpu']:>14.1f}{imp['compute_tflops']:>12.1f}")
+    out = {"platforms": {k: asdict(v) for k, v in cm.PLATFORMS.items()}, "fits": fits, "rows": rows,
+           "codec_tbps": args.codec_tbps}
+    if args.plot:
+        _plot_table(out, args.plot)
+    return out
+
+
+# ---- calibration against measured collectives --------------------------------------------------
+def load_comm_records(path: Path) -> list[dict]:
+    """Records of a comm benchmark JSON: a list, or {"records": [...]}. Each needs mode (a preset),
+    collective ("all_gather" | "reduce_scatter"), numel (the full tensor: gathered output or
+    reduce-scatter input), nodes, gpus_per_node, and seconds (or ms)."""
+    data = json.loads(Path(path).read_text())
+    records = data.get("records") if isinstance(data, dict) else data
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{path}: expected a list of records or {{'records': [...]}}")
+    out = []
+    for i, rec in enumerate(records):
+        missing = [k for k in ("mode", "collective", "numel", "nodes", "gpus_per_node") if k not in rec]
+        if missing or ("seconds" not in rec and "ms" not in rec):
+            raise ValueError(f"{path}: record {i} lacks {missing or ['seconds or ms']}")
+        if rec["collective"] not in ("all_gather", "reduce_scatter"):
+            raise ValueError(f"{path}: record {i} collective must be all_gather or reduce_scatter, "
+                             f"got {rec['collective']!r}")
+        out.append(rec | {"seconds": rec.get("seconds", rec.get("ms", 0) / 1e3)})
+    return out
+
+
+def _features(rec: dict) -> tuple[float, float, float]:
+    """(latency steps, bytes sent by this rank, codec bytes) of one measured collective."""
+    cluster = cm.Cluster(int(rec["nodes"]), int(rec["gpus_per_node"]))
+    comm, W = CommConfig.preset(rec["mode"]), cluster.world
+    wl = cm.Workload(compute_s=0.0, tokens_per_step=1, weight_bytes=int(rec.get("dtype_bytes", 4)),
+                     grad_bytes=int(rec.get("dtype_bytes", 4)))
+    numel = -(-int(rec["numel"]) // W) * W
+    if rec["collective"] == "all_gather":
+        cost = cm.weight_gather_cost(comm, numel // W, 1, cluster.nodes, cluster.gpus_per_node, cluster, wl)
+    else:
+        cost = cm.grad_reduce_cost(comm, numel, 1, cluster.nodes, cluster.gpus_per_node, cluster, wl)
+    return float(cost.steps), cost.intra_bytes + cost.inter_bytes, cost.codec_bytes
+
+
+def calibrate(records: list[dict]) -> dict:
+    """Fit seconds = alpha * steps + bytes / bandwidth + codec_bytes / codec_rate by least squares
+    (emulated nodes share one host, so one link class) and report each record's error."""
+    import numpy as np
+
+    features = np.array([_features(r) for r in records])
+    measured = np.array([r["seconds"] for r in records])
+    used = features.any(axis=0)
+    coef = np.zeros(3)
+    coef[used] = np.linalg.lstsq(features[:, used], measured, rcond=None)[0]
+    predicted = features @ coef
+    rel = (predicted - measured) / measured
+    return {
+        "alpha_us": coef[0] * 1e6,
+        "bandwidth_GBps": 1 / coef[1] / 1e9 if coef[1] > 0 else math.inf,
+        "codec_GBps": 1 / coef[2] / 1e9 if coef[2] > 0 else math.inf,
+        "max_abs_rel_error": float(np.abs(rel).max()),
+        "rows": [r | {"predicted_seconds": float(p), "rel_error": float(e)}
+                 for r, p, e in zip(records, predicted, rel)],
+    }
+
+
+def run_calibrate(args: argparse.Namespace) -> dict:
+    fit = calibrate(load_comm_records(args.calibrate))
+    print(f"calibrated on {len(fit['rows'])} records from {args.calibrate}: alpha {fit['alpha_us']:.1f} us, "
+          f"link {fit['bandwidth_GBps']:.2f} GB/s, codec {fit['codec_GBps']:.2f} GB/s, "
+          f"max |error| {fit['max_abs_rel_error']:.1%}")
+    for r in fit["rows"]:
+        print(f"  {r['mode']:<9}{r['collective']:<15}{r['numel']:>12} {r['nodes']}x{r['gpus_per_node']}"
+              f"  measured {r['seconds'] * 1e3:8.2f} ms  model {r['predicted_seconds'] * 1e3:8.2f} ms"
+              f"  ({r['rel_error']:+.1%})")
+    return {"calibrate": str(args.calibrate), **fit}
+
+
+# ---- plots -------------------------------------------------------------------------------------
+def _plot_sweep(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = out["curves"]
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4.2), squeeze=False)
+    for ax, c in zip(axes[0], curves):
+        for mode, ys in c["speedup"].items():
+            ax.plot(out["inter_gbps"], ys, marker="o", ms=3, label=mode)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"inter-node bandwidth, Gb/s ({out['nic']})")
+        ax.set_ylabel("speedup vs baseline")
+        ax.set_title(f"{out['model']['name']}, {c['nodes']} x {c['gpus_per_node']} GPUs, "
+                     f"compute {c['compute_ms']:.0f} ms/step")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_table(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, platform in zip(axes, out["platforms"]):
+        rows = [r for r in out["rows"] if r["platform"] == platform]
+        x = range(len(rows))
+        ax.bar([i - 0.2 for i in x], [r["published"]["speedup"] for r in rows], 0.4, label="published")
+        ax.bar([i + 0.2 for i in x], [r["simulated"]["speedup"] for r in rows], 0.4, label="cost model")
+        ax.set_xticks(list(x), [f"{r['model']}\ntp{r['tp']} pp{r['pp']}" for r in rows])
+        ax.set_ylabel("SDP4Bit speedup vs baseline")
+        ax.set_title(out["platforms"][platform]["name"])
+        ax.legend()
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    if args.plot and not (args.sdp4bit_table or args.sweep_inter_gbps):
+        print("halfbyte simulate: --plot needs --sweep-inter-gbps or --sdp4bit-table", file=sys.stderr)
+        return 2
+    try:
+        if args.calibrate:
+            out = run_calibrate(args)
+        elif args.sdp4bit_table:
+            out = run_sdp4bit_table(args)
+        elif args.sweep_inter_gbps:
+            out = run_sweep(args)
+        else:
+            out = run_single(args)
+    except ValueError as err:
+        print(f"halfbyte simulate: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        out["command"] = "halfbyte simulate " + shlex.join(argv)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1, default=float) + "\n")
+    return 0
