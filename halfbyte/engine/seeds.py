@@ -1,0 +1,31 @@
+"""Stochastic-rounding seeds, derived in one place so a virtual-rank emulation (one process playing
+W ranks) reproduces exactly the noise the real multi-process engine draws.
+
+The engine passes `collective_seed(...)` as the base seed of each collective call; the collective
+then quantizes rank r's data in hop h with `halfbyte.comm.rank_seed(base, r, h)`. So the seed of
+any quantization is a deterministic function of (engine seed, step, bucket, stream, rank, hop).
+"""
+
+from __future__ import annotations
+
+# Which collective of a bucket a seed is for.
+WEIGHTS = 0
+GRADS = 1
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def collective_seed(engine_seed: int, step: int, bucket: int, stream: int) -> int:
+    """Base seed of one collective call, the same on every rank: distinct (with overwhelming
+    probability) for every (engine seed, optimizer step, bucket, stream); < 2**62."""
+    h = 0
+    for v in (engine_seed, step, bucket, stream):
+        h = _splitmix64(h ^ (v & _MASK64))
+    return h >> 2
