@@ -20,7 +20,8 @@ class QuantSpec:
     group_size: consecutive values sharing one scale; a positive even number, and a multiple of
                 `hadamard` when that is on.
     symmetric:  True: scale = absmax / qmax, levels -qmax..qmax (qmax 7 for int4, 127 for int8).
-                False: scale = (max - min) / (2**bits - 1) and a zero point (the group minimum).
+                False: zero point = the group minimum, scale = (max - zero) / (2**bits - 1).
+                Scales round up and zero points down to bf16, so no value falls outside the levels.
     rounding:   "nearest" (round half to even) or "stochastic" (unbiased, seeded).
     hadamard:   block size of the orthonormal Walsh-Hadamard rotation applied before quantizing and
                 inverted after dequantizing; 0 turns it off, else a power of two <= group_size.

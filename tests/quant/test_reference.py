@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from halfbyte.quant import (
+    Packed,
     QuantSpec,
     backend_for,
     dequantize,
@@ -24,6 +25,7 @@ from halfbyte.quant import (
     reduce_requantize,
 )
 from halfbyte.quant import reference
+from halfbyte.quant.packed import read_bf16
 
 SR = "stochastic"
 SPECS = {
@@ -69,12 +71,11 @@ def make(kind: str, numel: int, seed: int = 0) -> torch.Tensor:
     raise ValueError(kind)
 
 
-def per_element_scale(packed) -> torch.Tensor:
-    spec = packed.spec
-    return packed.scales().repeat_interleave(spec.group_size)[: packed.numel]
+def per_element_scale(packed: Packed) -> torch.Tensor:
+    return packed.scales().repeat_interleave(packed.spec.group_size)[: packed.numel]
 
 
-def check_bound(x: torch.Tensor, packed, y: torch.Tensor) -> None:
+def check_bound(x: torch.Tensor, packed: Packed, y: torch.Tensor) -> None:
     """y = dequantize(packed) of x is within the codec's stated error bound (see module doc)."""
     spec = packed.spec
     assert y.shape == x.shape and y.dtype == packed.dtype
@@ -148,7 +149,7 @@ def test_scale_is_tight_and_covers_the_group(name: str) -> None:
         assert (s >= ideal * (1 - 1e-6)).all() and (s <= ideal * (1 + 2**-7)).all()
         return
     lo, hi = groups.amin(dim=1), groups.amax(dim=1)
-    zero = reference.read_bf16(packed.data, spec.payload_nbytes(x.numel()) + 2 * s.numel(), s.numel())
+    zero = read_bf16(packed.data, spec.payload_nbytes(x.numel()) + 2 * s.numel(), s.numel())
     assert (zero <= lo).all() and (lo - zero <= lo.abs() * 2**-7).all()
     assert (zero + spec.qmax * s.double() * (1 + 1e-6) >= hi).all()
     assert (s <= (hi - zero) / spec.qmax * (1 + 2**-7)).all()
@@ -353,8 +354,9 @@ def test_dequantize_rejects_bad_out() -> None:
 
 
 # ---- dequantize_sum and reduce_requantize ------------------------------------------------------------
-def packed_chunks(x: torch.Tensor, spec: QuantSpec, rotate: bool = True) -> list:
-    return [quantize(row, spec, seed=i, rotate=rotate) for i, row in enumerate(x)]
+def packed_chunks(x: torch.Tensor, spec: QuantSpec) -> list[Packed]:
+    """One Packed per row of x, as W ranks would send them."""
+    return [quantize(row, spec, seed=i) for i, row in enumerate(x)]
 
 
 @pytest.mark.parametrize("name", ["int8", "int4-sr", "int4-g6", "int4-asym", "int4-H32", "int8-sr-H32"])
