@@ -14,6 +14,7 @@ On several hosts `path` must be on a shared filesystem.
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ def _meta(engine: ShardedDataParallel) -> dict[str, Any]:
         "world_size": engine.topo.world_size,
         "params": [[n, list(p.shape)] for b in engine.buckets for n, p in zip(b.names, b.params)],
         "comm": json.loads(json.dumps(engine.comm.to_dict())),
+        "comm_describe": engine.comm.describe(),
         "buckets": [[len(b.params), b.shard_numel] for b in engine.buckets],
         "dtype": str(engine.buckets[0].replica.dtype),
         "step_count": engine.step_count,
@@ -57,7 +59,7 @@ def _state(engine: ShardedDataParallel, extra: Any) -> dict[str, Any]:
     state[f"rng.cpu.rank{r}"] = torch.get_rng_state()
     if torch.cuda.is_available():
         state[f"rng.cuda.rank{r}"] = torch.cuda.get_rng_state()
-    state[f"extra.rank{r}"] = extra
+    state[f"extra.rank{r}"] = pickle.dumps(extra)  # bytes: DCP would flatten a dict into its keys
     return state
 
 
@@ -106,7 +108,7 @@ def load_checkpoint(engine: ShardedDataParallel, path: str | Path) -> dict:
         raise RuntimeError("load_checkpoint() while gradient reduce-scatters are in flight")
     engine._wait_weights()
     r = engine.topo.rank
-    state = _state(engine, {})
+    state = _state(engine, None)
     dcp.load(state, checkpoint_id=str(path), process_group=engine.topo.world_group)
     torch.set_rng_state(state[f"rng.cpu.rank{r}"])
     if torch.cuda.is_available():
@@ -114,7 +116,7 @@ def load_checkpoint(engine: ShardedDataParallel, path: str | Path) -> dict:
     engine.step_count = saved["step_count"]
     engine.skipped_steps = saved["skipped_steps"]
     engine.zero_grad()
-    return state[f"extra.rank{r}"]
+    return pickle.loads(state[f"extra.rank{r}"])
 
 
 def _check_compatible(saved: dict, current: dict, path: Path) -> None:
@@ -131,8 +133,8 @@ def _check_compatible(saved: dict, current: dict, path: Path) -> None:
         raise ValueError(f"checkpoint {path} was written by {saved['world_size']} ranks, this run "
                          f"has {current['world_size']}: optimizer shards cannot be re-split")
     if saved["comm"] != current["comm"]:
-        raise ValueError(f"checkpoint {path} was written with comm config {saved['comm']}, this run "
-                         f"uses {current['comm']}")
+        raise ValueError(f"checkpoint {path} was written with comm config "
+                         f"'{saved['comm_describe']}', this run uses '{current['comm_describe']}'")
     if saved["buckets"] != current["buckets"] or saved["dtype"] != current["dtype"]:
         raise ValueError(f"checkpoint {path} has a different bucket layout or dtype (bucket_numel "
                          "or the model's dtype changed)")

@@ -1,0 +1,280 @@
+"""Per-rank bodies of the multi-process engine tests (run through halfbyte.comm.spawn on gloo).
+
+Each worker batches several checks into one spawned job (process start-up dominates on 2 cores);
+assertions fail inside the rank and surface in the parent as WorkerError with the traceback.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from halfbyte.comm import build_topology
+from halfbyte.engine import AdamWConfig, CommConfig, ShardedDataParallel
+from halfbyte.quant import QuantSpec
+
+RTOL = 1e-5  # baseline engine vs torch DDP + AdamW, relative
+
+
+# ---- models and data --------------------------------------------------------------------------
+def make_mlp(seed: int = 0, width: int = 32, unused: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    layers = [nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1)]
+    model = nn.Sequential(*layers)
+    if unused:
+        model.add_module("unused", nn.Linear(4, 4))  # registered, never called
+    return model
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, seed: int = 0, dropout: float = 0.0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = nn.Linear(8, 16)
+        self.block = nn.TransformerEncoderLayer(16, nhead=2, dim_feedforward=32, dropout=dropout,
+                                                batch_first=True)
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.inp(x)).mean(dim=1))
+
+
+def _unused_forward(model: nn.Sequential):
+    layers = [m for name, m in model.named_children() if name != "unused"]
+    return lambda x: nn.Sequential(*layers)(x)
+
+
+_teacher = torch.Generator().manual_seed(12345)
+TEACHER_IN = torch.randn(8, 16, generator=_teacher) / 8**0.5
+TEACHER_OUT = torch.randn(16, 1, generator=_teacher)
+
+
+def regression_batch(step: int, rank: int, micro: int = 0, n: int = 16, seq: int | None = None):
+    """Rank- and step-specific data (independent of the global RNG); the target is a fixed random
+    one-layer teacher, so the loss has a clear floor of 0."""
+    g = torch.Generator().manual_seed(100_003 * step + 1009 * rank + micro)
+    x = torch.randn((n, seq, 8) if seq else (n, 8), generator=g)
+    flat = x.mean(dim=1) * seq**0.5 if seq else x
+    return x, torch.tanh(flat @ TEACHER_IN) @ TEACHER_OUT
+
+
+def mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((out - y) ** 2).mean()
+
+
+# ---- 2 ranks: baseline == DDP, unused params, non-finite skip, memory ------------------------
+def baseline_vs_ddp() -> dict:
+    topo = build_topology()
+    rank = topo.rank
+    report: dict = {}
+    cases = [("mlp", lambda: make_mlp(width=32), None, 0.5, 40),
+             ("transformer", TinyTransformer, 5, 0.3, 300)]
+    for name, make, seq, clip, bucket_numel in cases:
+        model = make()
+        ref = copy.deepcopy(model)
+        optim = AdamWConfig(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+        engine = ShardedDataParallel(model, topo, optim=optim, comm=CommConfig.preset("baseline"),
+                                     bucket_numel=bucket_numel, grad_clip=clip)
+        assert len(engine.buckets) > 2, "the test needs several buckets"
+        ddp = DistributedDataParallel(ref)
+        opt = torch.optim.AdamW(ref.parameters(), lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                                weight_decay=optim.weight_decay)
+        micro = 2
+        norms = []
+        for step in range(12):
+            lr = optim.lr * (1 - step / 24)  # a schedule: step(lr) must take it
+            for m in range(micro):
+                x, y = regression_batch(step, rank, m, seq=seq)
+                last = m == micro - 1
+                with nullcontext() if last else engine.no_sync():
+                    loss = mse(model(x), y) / micro
+                    loss.backward()
+                with nullcontext() if last else ddp.no_sync():
+                    ref_loss = mse(ddp(x), y) / micro
+                    ref_loss.backward()
+                torch.testing.assert_close(loss, ref_loss, rtol=RTOL, atol=1e-7)
+            result = engine.step(lr)
+            engine.zero_grad()
+            ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step()
+            opt.zero_grad()
+            assert not result.skipped
+            assert abs(result.grad_norm - float(ref_norm)) <= RTOL * float(ref_norm), (result, ref_norm)
+            norms.append(result.grad_norm)
+        assert max(norms) > clip, f"{name}: clipping never triggered, the test would not cover it"
+        for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+            if n.endswith("in_proj_bias"):
+                # The key bias has an exactly zero true gradient (softmax ignores a shift of the
+                # logits): what it gets is summation-order rounding noise, which Adam scales up to
+                # +-lr steps. Compare the query and value parts only.
+                d = model.block.self_attn.embed_dim
+                p, q = torch.cat([p[:d], p[2 * d:]]), torch.cat([q[:d], q[2 * d:]])
+            torch.testing.assert_close(p, q, rtol=RTOL, atol=1e-6, msg=f"{name}: {n} differs from DDP")
+        engine.check_replicas()
+        report[name] = {"norms": norms, "memory": engine.memory_report(),
+                        "numel": sum(p.numel() for p in model.parameters()),
+                        "buckets": len(engine.buckets)}
+
+    # Unused params: backward never reaches their bucket, step() must still launch it (no hang);
+    # with a zero gradient AdamW only decays them.
+    model = make_mlp(unused=True)
+    engine = ShardedDataParallel(model, topo, optim=AdamWConfig(lr=1e-2, weight_decay=0.1),
+                                 comm=CommConfig.preset("baseline"), bucket_numel=64)
+    unused_before = model.unused.weight.detach().clone()
+    x, y = regression_batch(0, rank)
+    mse(_unused_forward(model)(x), y).backward()
+    assert not engine.step().skipped
+    engine.zero_grad()
+    engine.check_replicas()
+    torch.testing.assert_close(model.unused.weight, unused_before * (1 - 1e-2 * 0.1), rtol=0, atol=0)
+
+    # A non-finite gradient on one rank skips the step on every rank and changes no weight.
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = regression_batch(1, rank)
+    forward = _unused_forward(model)
+    loss = mse(forward(x), y) * (float("inf") if rank == 1 else 1.0)
+    loss.backward()
+    result = engine.step()
+    engine.zero_grad()
+    assert result.skipped and engine.skipped_steps == 1 and engine.step_count == 1, result
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b), "a skipped step changed the weights"
+    mse(forward(x), y).backward()
+    assert not engine.step().skipped and engine.step_count == 2
+    report["skip"] = result.grad_norm
+    return report
+
+
+# ---- 2 ranks: checkpoint / resume ------------------------------------------------------------
+def _train(model, engine, steps: range, seq=None) -> list[float]:
+    losses = []
+    for step in steps:
+        x, y = regression_batch(step, dist.get_rank(), seq=seq)
+        loss = mse(model(x), y)
+        loss.backward()
+        engine.step()
+        engine.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def checkpoint_resume(root: str) -> dict:
+    topo = build_topology()
+    ckpt = Path(root) / "ckpt"
+
+    def fresh(preset: str = "baseline", dropout: float = 0.1):
+        model = TinyTransformer(dropout=dropout)  # dropout: resuming must restore the RNG too
+        return model, ShardedDataParallel(model, topo, optim=AdamWConfig(lr=3e-3),
+                                          comm=CommConfig.preset(preset), bucket_numel=400)
+
+    model, engine = fresh()
+    _train(model, engine, range(3), seq=5)
+    engine.save_checkpoint(ckpt, {"data_position": 3, "rank": topo.rank})
+    expected = _train(model, engine, range(3, 6), seq=5)
+    engine.save_checkpoint(ckpt, {"data_position": 6, "rank": topo.rank})  # overwrites atomically
+    again = _train(model, engine, range(6, 8), seq=5)
+
+    # Resume from the step-6 checkpoint into a differently initialised engine: same loss curve.
+    model2, engine2 = fresh()
+    with torch.no_grad():
+        for p in model2.parameters():
+            p.add_(1.0)
+    extra = engine2.load_checkpoint(ckpt)
+    assert extra == {"data_position": 6, "rank": topo.rank}, extra
+    assert engine2.step_count == 6
+    after6 = _train(model2, engine2, range(6, 8), seq=5)
+    assert after6 == again, (after6, again)
+    engine2.check_replicas()
+
+    # Bit-identical next losses from a mid-run checkpoint (re-saved at step 3 by a third engine).
+    model3, engine3 = fresh()
+    _train(model3, engine3, range(3), seq=5)
+    engine3.save_checkpoint(ckpt, {"data_position": 3})
+    _train(model3, engine3, range(3, 5), seq=5)  # move on, then rewind
+    assert engine3.load_checkpoint(ckpt)["data_position"] == 3
+    resumed = _train(model3, engine3, range(3, 6), seq=5)
+    assert resumed == expected, (resumed, expected)
+
+    # Refusals: another model, another comm config, another world size, a partial checkpoint.
+    errors = {}
+    bad_model = nn.Sequential(nn.Linear(8, 3))
+    other = ShardedDataParallel(bad_model, topo, comm=CommConfig.preset("baseline"))
+    _, other_comm = fresh(preset="qwd")
+    for name, eng in [("model", other), ("comm", other_comm)]:
+        try:
+            eng.load_checkpoint(ckpt)
+        except ValueError as e:
+            errors[name] = str(e)
+    dist.barrier()
+    if topo.rank == 0:
+        for name, edit in [("world", lambda d: (d / "meta.json").write_text(json.dumps(
+                {**json.loads((d / "meta.json").read_text()), "world_size": 4}))),
+                           ("partial", lambda d: (d / "COMPLETE").unlink())]:
+            shutil.copytree(ckpt, Path(root) / name)
+            edit(Path(root) / name)
+    dist.barrier()
+    for name in ("world", "partial"):
+        try:
+            engine3.load_checkpoint(Path(root) / name)
+        except ValueError as e:
+            errors[name] = str(e)
+    return {"errors": errors, "losses": expected}
+
+
+# ---- 4 ranks as 2 nodes x 2: every preset trains; replicas stay identical --------------------
+def presets_converge(presets: list[str], steps: int) -> dict:
+    topo = build_topology(gpus_per_node=2)
+    out = {}
+    for preset in presets:
+        model = make_mlp(seed=1, width=48)
+        engine = ShardedDataParallel(model, topo, optim=AdamWConfig(lr=1e-2, weight_decay=0.0),
+                                     comm=CommConfig.preset(preset), bucket_numel=1500,
+                                     grad_clip=1.0, seed=7)
+        topo.stats.reset()
+        losses = _train(model, engine, range(steps))
+        engine.check_replicas()
+        tail = torch.tensor(sum(losses[-10:]) / 10)
+        dist.all_reduce(tail)
+        out[preset] = {"loss": tail.item() / topo.world_size, "first": losses[0],
+                       "bytes": engine.stats.summary()}
+    return out
+
+
+# ---- 2 ranks: qWD keeps replica ~ master; direct int4 does not --------------------------------
+def weight_error(steps: int) -> dict:
+    topo = build_topology()
+    out = {}
+    for preset in ("qwd", "qw4"):
+        model = make_mlp(seed=2, width=64)
+        engine = ShardedDataParallel(model, topo, optim=AdamWConfig(lr=3e-3, weight_decay=0.0),
+                                     comm=CommConfig.preset(preset), bucket_numel=10_000, seed=3)
+        spec: QuantSpec = engine.comm.weight_spec
+        _train(model, engine, range(steps - 1))
+        engine._wait_weights()
+        before = [b.shard(b.replica, topo.rank).clone() for b in engine.buckets]
+        _train(model, engine, range(steps - 1, steps))
+        engine._wait_weights()
+        errs, bound_ok = [], True
+        for b, master, old in zip(engine.buckets, engine.master, before):
+            mine = b.shard(b.replica, topo.rank)
+            err = (mine - master).abs().view(-1, spec.group_size)
+            delta = (master - old).abs().view(-1, spec.group_size)
+            # One quantization level of the last delta per group (stochastic rounding moves a
+            # value by less than one level; bf16 scales add < 1%).
+            bound = delta.amax(dim=1, keepdim=True) / spec.qmax * 1.01 + 1e-7
+            bound_ok &= bool((err <= bound).all())
+            errs.append(err.reshape(-1)[: b.valid_in_shard(topo.rank)])
+        err = torch.cat(errs)
+        engine.check_replicas()
+        out[preset] = {"max": err.max().item(), "mean": err.mean().item(), "within_one_step": bound_ok}
+    return out
