@@ -1,0 +1,254 @@
+"""`halfbyte train` and `halfbyte prepare-data`.
+
+Every check that can fail on bad input runs here, in the launching process, before any worker starts:
+a problem is one line on stderr naming it and the fix, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import signal
+import sys
+from pathlib import Path
+
+from halfbyte.train.config import Config, ConfigError, batch_layout, help_text, parse_args
+from halfbyte.train.data import (
+    TokenFileError,
+    builtin_token_files,
+    open_tokens,
+    prepare,
+    read_text_files,
+    val_path_for,
+)
+from halfbyte.train.model import GPTConfig, PRESETS, check_hf_model
+from halfbyte.train.tokenizer import TokenizerError, load_tokenizer
+
+BUILTIN_DATA = "shakespeare"
+PG_TIMEOUT_S = 600.0  # a rank stuck this long in a collective is an error, not a hang
+
+
+def _fail(command: str, message: str) -> int:
+    print(f"halfbyte {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _launched() -> bool:
+    """Started by torchrun (or another launcher that sets the env:// variables)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _resolve_tokenizer(cfg: Config, data_vocab: int, builtin: bool, train_path: Path) -> str | None:
+    """The tokenizer for the text sample: explicit, or `auto` from the data (None: no sample)."""
+    name = cfg.data.tokenizer
+    if name == "auto":
+        info = _sidecar(train_path)
+        hf_dir = Path(cfg.model.name[3:]) if cfg.model.name.startswith("hf:") else None
+        if builtin:
+            name = "builtin"
+        elif info.is_file():
+            name = json.loads(info.read_text()).get("tokenizer", "")
+        elif hf_dir is not None and (hf_dir / "tokenizer.json").is_file():
+            name = str(hf_dir / "tokenizer.json")
+        else:
+            return None
+        try:
+            tokenizer = load_tokenizer(name)
+        except TokenizerError:
+            return None
+        return name if tokenizer.vocab_size == data_vocab else None
+    tokenizer = load_tokenizer(name)
+    if not builtin and tokenizer.vocab_size != data_vocab:
+        raise ConfigError(f"--tokenizer {name} has {tokenizer.vocab_size} tokens but {train_path} was made "
+                          f"with {data_vocab}; pass the tokenizer used by prepare-data")
+    return name
+
+
+def _resume_path(cfg: Config) -> str | None:
+    from halfbyte.train.loop import checkpoint_dirs
+
+    resume = cfg.train.resume
+    if not resume:
+        return None
+    if resume == "latest":
+        found = checkpoint_dirs(cfg.out_dir)
+        if not found:
+            raise ConfigError(f"--resume: no complete checkpoint in {cfg.out_dir / 'checkpoints'}; "
+                              "run without --resume, or pass --out of the run to continue")
+        return str(found[-1])
+    if not (Path(resume) / "COMPLETE").is_file():
+        raise ConfigError(f"--resume {resume} is not a complete checkpoint directory; "
+                          f"use --resume alone for the newest one in the run's out_dir")
+    return resume
+
+
+def make_plan(cfg: Config):
+    """Resolve data, tokenizer, world size and batch layout; raise ConfigError & co on bad input."""
+    from halfbyte.train.loop import RunPlan
+
+    launched = _launched()
+    world = int(os.environ["WORLD_SIZE"]) if launched else cfg.train.workers
+    gpus_per_node = cfg.train.gpus_per_node or (None if launched else 1)
+    if gpus_per_node is not None and world % gpus_per_node:
+        raise ConfigError(f"--train.gpus_per_node={gpus_per_node} does not divide the {world} ranks; "
+                          f"use a divisor of {world}")
+    micro, accum = batch_layout(cfg, world)
+
+    m = cfg.model
+    if m.name.startswith("hf:"):
+        check_hf_model(m.name[3:])
+    else:  # architecture checks (no weights are built here)
+        n_layer, n_head, d_model, ctx = PRESETS[m.name]
+        GPTConfig(vocab_size=1, n_layer=m.n_layer or n_layer, n_head=m.n_head or n_head,
+                  d_model=m.d_model or d_model, ctx=m.ctx or ctx, rope=m.rope, dropout=m.dropout)
+
+    builtin = cfg.data.path == BUILTIN_DATA
+    if builtin:
+        name = "builtin" if cfg.data.tokenizer == "auto" else cfg.data.tokenizer
+        show_progress = not launched or os.environ.get("RANK") == "0"
+        train_path, val_path = builtin_token_files(load_tokenizer(name), progress=show_progress)
+    else:
+        train_path = Path(cfg.data.path)
+        if cfg.data.val_path:
+            val_path = Path(cfg.data.val_path)
+            open_tokens(val_path)
+        else:
+            val_path = val_path_for(train_path)
+    train = open_tokens(train_path)
+    val_ok = val_path.is_file() and (len(open_tokens(val_path)) - 1) // cfg.train.seq_len >= world
+    if (len(train) - 1) // cfg.train.seq_len < world:
+        raise ConfigError(f"{train_path} has {len(train)} tokens: too few for {world} workers at seq_len "
+                          f"{cfg.train.seq_len}; use more data or a shorter --train.seq_len")
+    if m.name.startswith("hf:"):
+        hf_vocab = json.loads((Path(m.name[3:]) / "config.json").read_text()).get("vocab_size", 0)
+        if train.vocab_size > hf_vocab:
+            raise ConfigError(f"{train_path} uses {train.vocab_size} token ids but {m.name} has only {hf_vocab}; "
+                              "prepare the data with the model's tokenizer.json")
+    return RunPlan(
+        cfg=cfg, train_path=str(train_path), val_path=str(val_path) if val_ok else None,
+        vocab_size=train.vocab_size, tokenizer=_resolve_tokenizer(cfg, train.vocab_size, builtin, train_path),
+        builtin_data=builtin, resume_path=_resume_path(cfg), world_size=world, gpus_per_node=gpus_per_node,
+        micro_batch=micro, accum=accum,
+    )
+
+
+class _ForwardStop:
+    """In the launching process: the first Ctrl-C / SIGTERM asks the workers to save and stop (a terminal's
+    Ctrl-C reaches them too; a signal sent to this process alone is forwarded); a second one aborts."""
+
+    def __enter__(self) -> _ForwardStop:
+        self.count = 0
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        self.count += 1
+        if self.count > 1:
+            raise KeyboardInterrupt
+        print("\nstopping: the workers save a checkpoint first (press Ctrl-C again to abort)", file=sys.stderr)
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGTERM)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def train_main(argv: list[str]) -> int:
+    try:
+        cfg = parse_args(argv)
+        if cfg is None:
+            print(help_text())
+            return 0
+        plan = make_plan(cfg)
+    except (ValueError, OSError) as e:  # ConfigError, TokenFileError, TokenizerError are ValueErrors
+        if not _launched() or os.environ.get("RANK") == "0":
+            return _fail("train", str(e))
+        return 2
+
+    from halfbyte.comm import WorkerError, init_process_group_from_env, spawn
+    from halfbyte.train.loop import run_worker
+
+    if _launched():
+        import torch.distributed as dist
+
+        init_process_group_from_env(timeout_s=PG_TIMEOUT_S)
+        try:
+            run_worker(plan)
+        finally:
+            dist.destroy_process_group()
+        return 0
+    try:
+        with _ForwardStop():
+            spawn(run_worker, plan.world_size, plan, timeout_s=float("inf"), backend="gloo",
+                  pg_timeout_s=PG_TIMEOUT_S)
+    except WorkerError as e:
+        print(f"halfbyte train: error: a worker failed, all workers stopped.\n{e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("halfbyte train: aborted", file=sys.stderr)
+        return 130
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ prepare-data
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit code 2
+        print(f"halfbyte {self.prog}: error: {message} (see halfbyte {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _input_files(inputs: list[str], pattern: str) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob(pattern) if p.is_file())
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ValueError(f"input {item} does not exist; pass text files or directories")
+    if not files:
+        raise ValueError(f"no files matching --glob {pattern!r} under {', '.join(inputs)}; change --glob")
+    return files
+
+
+def prepare_data_main(argv: list[str]) -> int:
+    parser = _Parser(prog="prepare-data", description=(
+        "Tokenize text files into a memory-mapped token file for `halfbyte train --data OUT`. Writes OUT "
+        "(training tokens), OUT's .val twin (the last --val-fraction of every file) and OUT.json (what made it)."))
+    parser.add_argument("inputs", nargs="+", help="text files, or directories searched recursively")
+    parser.add_argument("--out", required=True, help="output token file, e.g. data.bin (also writes data.val.bin)")
+    parser.add_argument("--tokenizer", default="builtin",
+                        help="builtin (4096-token BPE) | gpt2 (needs halfbyte[gpt2]) | path to tokenizer.json "
+                             "(default: builtin)")
+    parser.add_argument("--glob", default="*.txt", help="file name pattern inside directories (default: *.txt)")
+    parser.add_argument("--val-fraction", type=float, default=0.01,
+                        help="tail of every file kept for validation (default: 0.01)")
+    args = parser.parse_args(argv)
+    try:
+        if not 0.0 <= args.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+        files = _input_files(args.inputs, args.glob)
+        tokenizer = load_tokenizer(args.tokenizer)
+    except ValueError as e:
+        return _fail("prepare-data", str(e))
+    out = Path(args.out)
+    total = sum(p.stat().st_size for p in files)
+    train, val = prepare(read_text_files(files), tokenizer, out, val_fraction=args.val_fraction,
+                         total_chars=total)
+    spec = args.tokenizer if args.tokenizer in ("builtin", "gpt2") else str(Path(args.tokenizer).resolve())
+    _sidecar(out).write_text(json.dumps({
+        "tokenizer": spec, "vocab_size": tokenizer.vocab_size, "files": len(files),
+        "train_tokens": len(train), "val_tokens": len(val), "val_fraction": args.val_fraction}, indent=1))
+    print(f"{len(files)} file(s) -> {out} ({len(train):,} tokens, {train.tokens.dtype}) and "
+          f"{val.path} ({len(val):,} tokens); vocab {tokenizer.vocab_size}")
+    return 0
