@@ -1,0 +1,423 @@
+"""Fused Triton kernels for the group-wise codecs (CUDA tensors).
+
+Same four functions, signatures and wire bytes as `reference.py`, whose docstring defines the
+arithmetic. Each kernel makes one pass over memory: a program owns a tile of whole groups, keeps it in
+registers through subtract -> Hadamard -> absmax -> scale -> round -> pack (or unpack -> scale ->
+sum over chunks -> inverse Hadamard -> add into `out`), and writes each output byte once.
+
+Exactness (nearest rounding): the kernels perform the reference's fp32 operations in the same order
+with the same IEEE rounding, so they write the same bytes, Hadamard included:
+  - divisions are IEEE round-to-nearest (`tl.math.div_rn`), not Triton's approximate `/`;
+  - round-half-to-even is the exact `(y + 1.5 * 2**23) - 1.5 * 2**23` (valid for |y| < 2**22;
+    here |y| <= qmax + 1), which needs no libdevice call;
+  - scales round up and zero points down to bf16 (the reference's _bf16_up/_bf16_down), done on
+    the bits; other bf16/fp16 casts round to nearest even;
+  - the Walsh-Hadamard butterflies pair the same elements in the same stage order as `fwht` and
+    scale once at the end; the W chunks are summed in chunk order, like the reference;
+  - kernels are compiled with `enable_fp_fusion=False`, so no multiply-add is contracted into an
+    FMA (which would round once instead of twice).
+Stochastic rounding draws its uniforms from Philox (`tl.randint4x`, 24-bit uniforms in [0, 1)) keyed by
+the seed and the element index: reproducible from the seed and independent of the tile shape, but not
+the reference's torch.Generator stream, so only the distribution matches the reference.
+
+Falls back to the reference for what the kernels do not cover: group_size not a power of two in
+[8, 16384], input/out dtypes other than fp32/bf16/fp16, a non-contiguous `out`, and in
+`reduce_requantize` stochastic or differing group sizes are fused only when in/out group sizes are
+equal (otherwise two Triton passes: dequantize_sum, then quantize).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from halfbyte.quant import reference
+from halfbyte.quant.packed import Packed
+from halfbyte.quant.spec import SCALE_BYTES, QuantSpec
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MIN_GROUP, _MAX_GROUP = 8, 16384
+# Values per program (tile = whole groups). Streaming kernels want a few thousand values per program
+# in flight: enough bytes per load for 16-byte vectors, few enough registers for good occupancy.
+_TILE_VALUES = 4096
+_RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds |y| < 2**22 half-to-even
+
+
+# ---- device helpers -------------------------------------------------------------------------------
+@triton.jit
+def _butterfly(y, NB: tl.constexpr, H: tl.constexpr, h: tl.constexpr):
+    """One Walsh-Hadamard stage on [NB, H]: value c*2h + i pairs with c*2h + h + i, (a, b) -> (a+b, a-b)."""
+    y = tl.permute(tl.reshape(y, (NB, H // (2 * h), 2, h)), (0, 1, 3, 2))
+    a, b = tl.split(y)
+    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (NB, H))
+
+
+@triton.jit
+def _fwht(v, LOG2_H: tl.constexpr):
+    """Orthonormal Walsh-Hadamard transform of each run of 2**LOG2_H values along the last axis of a
+    2-D tile: the stages and pairings of `hadamard.fwht`, then one scale by 1/sqrt(H)."""
+    H: tl.constexpr = 1 << LOG2_H
+    SCALE: tl.constexpr = H**-0.5  # rounded to fp32 like the reference's python-float multiply
+    R: tl.constexpr = v.shape[0]
+    C: tl.constexpr = v.shape[1]
+    NB: tl.constexpr = R * C // H
+    y = tl.reshape(v, (NB, H))
+    for s in tl.static_range(LOG2_H):
+        y = _butterfly(y, NB, H, 1 << s)
+    y = y * SCALE
+    return tl.reshape(y, (R, C))
+
+
+@triton.jit
+def _bf16_directed(t, UP: tl.constexpr):
+    """fp32 -> the nearest bfloat16 above (UP) or below t: the reference's _bf16_up / _bf16_down."""
+    bits = t.to(tl.uint32, bitcast=True)
+    inexact = (bits & 0xFFFF) != 0
+    negative = (bits >> 31) != 0
+    # truncation rounds toward zero; step the magnitude one ulp when that went the wrong way
+    upper = (bits >> 16) + (inexact & (negative != UP)).to(tl.uint32)
+    return upper.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _uniform_tile(seed, counter0, BG: tl.constexpr, GS: tl.constexpr):
+    """[BG, GS] uniforms in [0, 1) on a 2**-24 grid; four per Philox call, keyed by element index."""
+    j = tl.arange(0, BG)[:, None] * (GS // 4) + tl.arange(0, GS // 4)[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, counter0 + j)
+    step: tl.constexpr = 1.0 / 16777216.0
+    u0 = (r0 >> 8).to(tl.float32) * step
+    u1 = (r1 >> 8).to(tl.float32) * step
+    u2 = (r2 >> 8).to(tl.float32) * step
+    u3 = (r3 >> 8).to(tl.float32) * step
+    u = tl.join(tl.join(u0, u1), tl.join(u2, u3))
+    return tl.reshape(u, (BG, GS))
+
+
+@triton.jit
+def _quantize_tile(v, out_ptr, g0, num_groups, pay_bytes, seed,
+                   BG: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr,
+                   SYMMETRIC: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """Quantize the fp32 tile v [BG, GS] (groups g0..g0+BG-1) and write levels, scales, zeros.
+
+    Per-group values stay [BG, 1] columns of the tile's own layout: a 1-D vector would make the
+    compiler recompute the whole tile in a second layout just to store the scales.
+    """
+    rows = tl.arange(0, BG)[:, None]
+    row_ok = rows < num_groups - g0
+    finite = tl.min((tl.abs(v) < float("inf")).to(tl.int32), axis=1, keep_dims=True) > 0
+    if SYMMETRIC:
+        QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
+        LO: tl.constexpr = -QMAX
+        absmax = tl.max(tl.abs(v), axis=1, keep_dims=True)
+        scale_b = _bf16_directed(tl.math.div_rn(absmax, QMAX * 1.0), True)
+        shifted = v
+    else:
+        QMAX: tl.constexpr = (1 << BITS) - 1
+        LO: tl.constexpr = 0
+        zero_b = _bf16_directed(tl.min(v, axis=1, keep_dims=True), False)
+        z = zero_b.to(tl.float32)
+        scale_b = _bf16_directed(tl.math.div_rn(tl.max(v, axis=1, keep_dims=True) - z, QMAX * 1.0), True)
+        shifted = v - z
+    s = scale_b.to(tl.float32)
+    finite = finite & (tl.abs(s) < float("inf"))
+    usable = finite & (s > 0)
+    y = tl.where(usable, tl.math.div_rn(shifted, tl.where(usable, s, 1.0)), 0.0)
+    if STOCHASTIC:
+        q = tl.floor(y + _uniform_tile(seed, (g0 * (GS // 4)).to(tl.int32), BG, GS))
+    else:
+        q = (y + _RNE_MAGIC) - _RNE_MAGIC
+    q = tl.minimum(tl.maximum(q, LO), QMAX).to(tl.int32)
+
+    if BITS == 8:
+        pay = out_ptr + g0 * GS
+        tl.store(pay + rows * GS + tl.arange(0, GS)[None, :], q.to(tl.uint8), mask=row_ok)
+    else:
+        if SYMMETRIC:
+            q = q + 8
+        lo_nib, hi_nib = tl.split(tl.reshape(q, (BG, GS // 2, 2)))
+        byte = (lo_nib | (hi_nib << 4)).to(tl.uint8)
+        pay = out_ptr + g0 * (GS // 2)
+        tl.store(pay + rows * (GS // 2) + tl.arange(0, GS // 2)[None, :], byte, mask=row_ok)
+    # a group holding NaN/Inf gets a NaN scale (and zero point): it decodes to NaN
+    scale_ptr = (out_ptr + pay_bytes).to(tl.pointer_type(tl.bfloat16)) + g0
+    nan = tl.full(scale_b.shape, 0x7FC0, tl.uint16).to(tl.bfloat16, bitcast=True)  # torch's NaN bits
+    tl.store(scale_ptr + rows, tl.where(finite, scale_b, nan), mask=row_ok)
+    if not SYMMETRIC:
+        tl.store(scale_ptr + num_groups + rows, tl.where(finite, zero_b, nan), mask=row_ok)
+
+
+@triton.jit
+def _decode_tile(chunk_ptr, g0, num_groups, pay_bytes,
+                 BG: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """Decode groups g0..g0+BG-1 of one wire buffer to an fp32 tile [BG, GS] (rotated domain)."""
+    rows = tl.arange(0, BG)[:, None]
+    row_ok = rows < num_groups - g0
+    if BITS == 8:
+        raw = tl.load(chunk_ptr + g0 * GS + rows * GS + tl.arange(0, GS)[None, :], mask=row_ok, other=0)
+        if SYMMETRIC:
+            q = raw.to(tl.int8, bitcast=True).to(tl.float32)
+        else:
+            q = raw.to(tl.float32)
+    else:
+        raw = tl.load(chunk_ptr + g0 * (GS // 2) + rows * (GS // 2) + tl.arange(0, GS // 2)[None, :],
+                      mask=row_ok, other=0).to(tl.int32)
+        q = tl.reshape(tl.join(raw & 15, raw >> 4), (BG, GS))
+        if SYMMETRIC:
+            q = q - 8
+        q = q.to(tl.float32)
+    scale_ptr = (chunk_ptr + pay_bytes).to(tl.pointer_type(tl.bfloat16)) + g0
+    v = q * tl.load(scale_ptr + rows, mask=row_ok, other=0).to(tl.float32)
+    if not SYMMETRIC:
+        v = v + tl.load(scale_ptr + num_groups + rows, mask=row_ok, other=0).to(tl.float32)
+    return v
+
+
+# ---- kernels ---------------------------------------------------------------------------------------
+@triton.jit
+def _quantize_kernel(x_ptr, sub_ptr, out_ptr, numel, num_groups, pay_bytes, seed,
+                     BG: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
+                     STOCHASTIC: tl.constexpr, LOG2_H: tl.constexpr, HAS_SUB: tl.constexpr):
+    g0 = tl.program_id(0).to(tl.int64) * BG
+    base = g0 * GS
+    local = tl.arange(0, BG)[:, None] * GS + tl.arange(0, GS)[None, :]
+    m = local < numel - base
+    v = tl.load(x_ptr + base + local, mask=m, other=0.0).to(tl.float32)
+    if HAS_SUB:
+        v = v - tl.load(sub_ptr + base + local, mask=m, other=0.0).to(tl.float32)
+    if LOG2_H > 0:
+        v = _fwht(v, LOG2_H)
+    _quantize_tile(v, out_ptr, g0, num_groups, pay_bytes, seed, BG, GS, BITS, SYMMETRIC, STOCHASTIC)
+
+
+@triton.jit
+def _decode_sum_tile(chunks_ptr, chunk_stride, W, g0, num_groups, pay_bytes,
+                     BG: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
+                     UNROLL: tl.constexpr):
+    """Sum of the decoded tiles of chunks 0..W-1, added in chunk order (as the reference does)."""
+    total = _decode_tile(chunks_ptr, g0, num_groups, pay_bytes, BG, GS, BITS, SYMMETRIC)
+    for w0 in range(1, W, UNROLL):
+        for u in tl.static_range(UNROLL):  # independent loads, issued together
+            w = w0 + u
+            ptr = chunks_ptr + tl.minimum(w, W - 1).to(tl.int64) * chunk_stride
+            d = _decode_tile(ptr, g0, num_groups, pay_bytes, BG, GS, BITS, SYMMETRIC)
+            total = tl.where(w < W, total + d, total)
+    return total
+
+
+@triton.jit
+def _dequantize_sum_kernel(chunks_ptr, chunk_stride, W, out_ptr, numel, num_groups, pay_bytes,
+                           BG: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
+                           LOG2_H: tl.constexpr, UNROLL: tl.constexpr, ACCUMULATE: tl.constexpr):
+    g0 = tl.program_id(0).to(tl.int64) * BG
+    v = _decode_sum_tile(chunks_ptr, chunk_stride, W, g0, num_groups, pay_bytes, BG, GS, BITS, SYMMETRIC, UNROLL)
+    if LOG2_H > 0:
+        v = _fwht(v, LOG2_H)
+    base = g0 * GS
+    local = tl.arange(0, BG)[:, None] * GS + tl.arange(0, GS)[None, :]
+    m = local < numel - base
+    ptr = out_ptr + base + local
+    if ACCUMULATE:
+        v = tl.load(ptr, mask=m, other=0.0).to(tl.float32) + v
+    tl.store(ptr, v.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
+
+
+@triton.jit
+def _reduce_requantize_kernel(chunks_ptr, chunk_stride, W, out_ptr, num_groups, in_pay_bytes, out_pay_bytes,
+                              seed, BG: tl.constexpr, GS: tl.constexpr, IN_BITS: tl.constexpr,
+                              IN_SYMMETRIC: tl.constexpr, OUT_BITS: tl.constexpr, OUT_SYMMETRIC: tl.constexpr,
+                              STOCHASTIC: tl.constexpr, UNROLL: tl.constexpr):
+    g0 = tl.program_id(0).to(tl.int64) * BG
+    v = _decode_sum_tile(chunks_ptr, chunk_stride, W, g0, num_groups, in_pay_bytes, BG, GS, IN_BITS,
+                         IN_SYMMETRIC, UNROLL)
+    _quantize_tile(v, out_ptr, g0, num_groups, out_pay_bytes, seed, BG, GS, OUT_BITS, OUT_SYMMETRIC, STOCHASTIC)
+
+
+# ---- host side -------------------------------------------------------------------------------------
+def _on_gpu(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
+def _supported_group(spec: QuantSpec) -> bool:
+    g = spec.group_size
+    return g & (g - 1) == 0 and _MIN_GROUP <= g <= _MAX_GROUP
+
+
+def launch_config(group_size: int, tile_values: int = _TILE_VALUES, num_warps: int | None = None) -> tuple[int, int]:
+    """(groups per program, warps) for a tile of about `tile_values` values (the bench sweeps these)."""
+    groups = max(1, tile_values // group_size)
+    values = groups * group_size
+    if num_warps is None:
+        num_warps = 4 if values <= 2048 else 8 if values <= 8192 else 16
+    return groups, num_warps
+
+
+def _log2_hadamard(spec: QuantSpec, rotate: bool, numel: int) -> int:
+    if not spec.hadamard:
+        return 0
+    if not rotate:
+        reference._check_whole_blocks(numel, spec)
+        return 0
+    return spec.hadamard.bit_length() - 1
+
+
+def _unroll(W: int) -> int:
+    # W <= 9: one fully unrolled pass over chunks 1..W-1; larger W: loop in steps of 8
+    return max(1, W - 1) if W <= 9 else 8
+
+
+def quantize(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    seed: int | None = None,
+    rotate: bool = True,
+    subtract: torch.Tensor | None = None,
+    tile_values: int = _TILE_VALUES,
+    num_warps: int | None = None,
+) -> Packed:
+    if not x.is_floating_point():
+        raise TypeError(f"quantize expects a floating-point tensor, got {x.dtype}")
+    if subtract is not None and subtract.numel() != x.numel():
+        raise ValueError(f"subtract has {subtract.numel()} values, x has {x.numel()}")
+    dtypes_ok = x.dtype in _FLOAT_DTYPES and (subtract is None or subtract.dtype in _FLOAT_DTYPES)
+    if not (_on_gpu(x) and dtypes_ok and _supported_group(spec)):
+        return reference.quantize(x, spec, seed=seed, rotate=rotate, subtract=subtract)
+    numel = x.numel()
+    log2_h = _log2_hadamard(spec, rotate, numel)
+    flat = x.reshape(-1)
+    sub = subtract.reshape(-1) if subtract is not None else flat
+    out = torch.empty(spec.wire_nbytes(numel), dtype=torch.uint8, device=x.device)
+    groups = spec.num_groups(numel)
+    bg, warps = launch_config(spec.group_size, tile_values, num_warps)
+    seed = reference.resolve_seed(seed) if spec.rounding == "stochastic" else 0
+    if groups:
+        _quantize_kernel[(triton.cdiv(groups, bg),)](
+            flat, sub, out, numel, groups, spec.payload_nbytes(numel), seed,
+            BG=bg, GS=spec.group_size, BITS=spec.bits, SYMMETRIC=spec.symmetric,
+            STOCHASTIC=spec.rounding == "stochastic", LOG2_H=log2_h, HAS_SUB=subtract is not None,
+            num_warps=warps, enable_fp_fusion=False,
+        )
+    return Packed(out, spec, numel, x.shape, x.dtype)
+
+
+def _check_chunks(chunks: torch.Tensor, spec: QuantSpec, numel: int) -> None:
+    if (chunks.dim() != 2 or chunks.shape[0] < 1 or chunks.shape[1] != spec.wire_nbytes(numel)
+            or chunks.dtype != torch.uint8):
+        raise ValueError(
+            f"chunks must be [W >= 1, {spec.wire_nbytes(numel)}] uint8 for {numel} values with {spec}, "
+            f"got {tuple(chunks.shape)} {chunks.dtype}"
+        )
+
+
+def _decode_into(chunks: torch.Tensor, spec: QuantSpec, numel: int, out: torch.Tensor, accumulate: bool,
+                 rotate: bool, tile_values: int, num_warps: int | None) -> None:
+    log2_h = _log2_hadamard(spec, rotate, numel)
+    if chunks.stride(1) != 1:
+        chunks = chunks.contiguous()
+    groups = spec.num_groups(numel)
+    bg, warps = launch_config(spec.group_size, tile_values, num_warps)
+    W = chunks.shape[0]
+    if groups:
+        _dequantize_sum_kernel[(triton.cdiv(groups, bg),)](
+            chunks, chunks.stride(0), W, out, numel, groups, spec.payload_nbytes(numel),
+            BG=bg, GS=spec.group_size, BITS=spec.bits, SYMMETRIC=spec.symmetric, LOG2_H=log2_h,
+            UNROLL=_unroll(W), ACCUMULATE=accumulate, num_warps=warps, enable_fp_fusion=False,
+        )
+
+
+def _resolve_out(out: torch.Tensor | None, numel: int, shape: torch.Size, dtype: torch.dtype,
+                 accumulate: bool, device: torch.device) -> torch.Tensor:
+    if out is None:
+        if accumulate:
+            raise ValueError("accumulate=True needs an `out` tensor to add into")
+        return torch.empty(shape, dtype=dtype, device=device)
+    if out.numel() != numel:
+        raise ValueError(f"out has {out.numel()} values, the packed data holds {numel}")
+    return out
+
+
+def _out_supported(out: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    if out is None:
+        return dtype in _FLOAT_DTYPES
+    return _on_gpu(out) and out.dtype in _FLOAT_DTYPES and out.is_contiguous()
+
+
+def dequantize(
+    packed: Packed,
+    *,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+    rotate: bool = True,
+    tile_values: int = _TILE_VALUES,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    spec = packed.spec
+    if not (_on_gpu(packed.data) and _supported_group(spec) and _out_supported(out, packed.dtype)):
+        return reference.dequantize(packed, out=out, accumulate=accumulate, rotate=rotate)
+    result = _resolve_out(out, packed.numel, packed.shape, packed.dtype, accumulate, packed.data.device)
+    _decode_into(packed.data.view(1, -1), spec, packed.numel, result, accumulate, rotate, tile_values, num_warps)
+    return result
+
+
+def dequantize_sum(
+    chunks: torch.Tensor,
+    spec: QuantSpec,
+    numel: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+    rotate: bool = True,
+    tile_values: int = _TILE_VALUES,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    _check_chunks(chunks, spec, numel)
+    if not (_on_gpu(chunks) and _supported_group(spec) and _out_supported(out, dtype)):
+        return reference.dequantize_sum(chunks, spec, numel, dtype=dtype, out=out, accumulate=accumulate,
+                                        rotate=rotate)
+    result = _resolve_out(out, numel, torch.Size([numel]), dtype, accumulate, chunks.device)
+    _decode_into(chunks, spec, numel, result, accumulate, rotate, tile_values, num_warps)
+    return result
+
+
+def reduce_requantize(
+    chunks: torch.Tensor,
+    in_spec: QuantSpec,
+    numel: int,
+    out_spec: QuantSpec,
+    *,
+    seed: int | None = None,
+    tile_values: int = _TILE_VALUES,
+    num_warps: int | None = None,
+) -> Packed:
+    if in_spec.hadamard != out_spec.hadamard:
+        raise ValueError(
+            f"reduce_requantize keeps the rotated domain: in_spec.hadamard ({in_spec.hadamard}) "
+            f"must equal out_spec.hadamard ({out_spec.hadamard})"
+        )
+    _check_chunks(chunks, in_spec, numel)
+    if not (_on_gpu(chunks) and _supported_group(in_spec) and _supported_group(out_spec)):
+        return reference.reduce_requantize(chunks, in_spec, numel, out_spec, seed=seed)
+    if in_spec.group_size != out_spec.group_size:  # tiles differ: two passes, still on the GPU
+        total = dequantize_sum(chunks, in_spec, numel, rotate=False)
+        return quantize(total, out_spec, seed=seed, rotate=False)
+    if in_spec.hadamard:
+        reference._check_whole_blocks(numel, in_spec)
+    if chunks.stride(1) != 1:
+        chunks = chunks.contiguous()
+    out = torch.empty(out_spec.wire_nbytes(numel), dtype=torch.uint8, device=chunks.device)
+    groups = in_spec.num_groups(numel)
+    bg, warps = launch_config(in_spec.group_size, tile_values, num_warps)
+    seed = reference.resolve_seed(seed) if out_spec.rounding == "stochastic" else 0
+    W = chunks.shape[0]
+    if groups:
+        _reduce_requantize_kernel[(triton.cdiv(groups, bg),)](
+            chunks, chunks.stride(0), W, out, groups, in_spec.payload_nbytes(numel),
+            out_spec.payload_nbytes(numel), seed,
+            BG=bg, GS=in_spec.group_size, IN_BITS=in_spec.bits, IN_SYMMETRIC=in_spec.symmetric,
+            OUT_BITS=out_spec.bits, OUT_SYMMETRIC=out_spec.symmetric,
+            STOCHASTIC=out_spec.rounding == "stochastic", UNROLL=_unroll(W),
+            num_warps=warps, enable_fp_fusion=False,
+        )
+    return Packed(out, out_spec, numel, torch.Size([numel]), torch.float32)

@@ -1,0 +1,234 @@
+"""The Triton kernels against the plain-torch reference, on the GPU (skipped without CUDA/Triton).
+
+Nearest rounding: the same wire bytes (Hadamard included, see triton_kernels' docstring; with
+Hadamard on, at most HADAMARD_MISMATCH of the levels may differ, by one level, should a compiler
+reorder the butterflies). Decoding: within 1e-6 relative. Stochastic rounding: a different random
+stream, so the distribution is tested: within one level, unbiased over seeds, reproducible.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from halfbyte.quant import reference
+from halfbyte.quant.spec import QuantSpec
+
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs a CUDA GPU and Triton"),
+]
+
+HADAMARD_MISMATCH = 1e-4  # documented bound on 1-level differences with Hadamard on
+SIZES = [1, 37, 4099, 65536, 1_000_003]
+SPECS = [
+    QuantSpec(bits=8, group_size=128, hadamard=32),
+    QuantSpec(bits=4, group_size=128, hadamard=32),
+    QuantSpec(bits=4, group_size=2048),
+    QuantSpec(bits=8, group_size=64, symmetric=False),
+    QuantSpec(bits=4, group_size=256, symmetric=False, hadamard=16),
+]
+
+
+@pytest.fixture(scope="module")
+def tk():
+    from halfbyte.quant import triton_kernels
+
+    return triton_kernels
+
+
+def _levels(packed) -> torch.Tensor:
+    q, _, _ = reference.unpack(packed.data, packed.spec, packed.numel)
+    return q
+
+
+def assert_same_wire(ours, ref) -> None:
+    """Bytes equal; with Hadamard on, a tiny fraction of levels may be one apart (same scales)."""
+    assert ours.nbytes == ref.nbytes
+    if torch.equal(ours.data, ref.data):
+        return
+    assert ours.spec.hadamard, f"{ours.spec}: wire bytes differ from the reference"
+    torch.testing.assert_close(ours.scales(), ref.scales(), rtol=0, atol=0, equal_nan=True)
+    diff = (_levels(ours) - _levels(ref)).abs()
+    assert diff.max().item() <= 1
+    assert (diff > 0).float().mean().item() <= HADAMARD_MISMATCH
+
+
+def _randn(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    # heavy-ish tails so that group scales vary and Hadamard has outliers to spread
+    x = torch.randn(n, device="cuda", generator=g) * torch.rand(n, device="cuda", generator=g).pow(4) * 10
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("n", SIZES)
+def test_quantize_bytes_match_reference(tk, spec, dtype, n):
+    x = _randn(n, dtype, seed=n)
+    assert_same_wire(tk.quantize(x, spec), reference.quantize(x, spec))
+
+
+@pytest.mark.parametrize("spec", SPECS[1:3], ids=str)
+def test_quantize_subtract_and_shapes(tk, spec):
+    master = _randn(3 * 4099, torch.float32, seed=1).view(3, 4099)
+    replica = (master + _randn(3 * 4099, torch.float32, seed=2).view(3, 4099) * 1e-3).to(torch.bfloat16)
+    ours = tk.quantize(master, spec, subtract=replica)
+    assert ours.shape == master.shape and ours.dtype == torch.float32
+    assert_same_wire(ours, reference.quantize(master, spec, subtract=replica))
+    with pytest.raises(ValueError, match="subtract"):
+        tk.quantize(master, spec, subtract=replica[:2])
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n", [37, 65536, 1_000_003])
+def test_dequantize_matches_reference(tk, spec, out_dtype, n):
+    x = _randn(n, out_dtype, seed=3 + n)
+    packed = reference.quantize(x, spec)
+    ours, ref = tk.dequantize(packed), reference.dequantize(packed)
+    assert ours.dtype == ref.dtype == out_dtype and ours.shape == ref.shape
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-6, atol=1e-6 * ref.float().abs().max().item())
+    if not spec.hadamard:
+        assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("spec", [SPECS[2], SPECS[1], SPECS[3]], ids=str)
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_dequantize_accumulate(tk, spec, out_dtype):
+    n = 100_003
+    packed = reference.quantize(_randn(n, torch.float32, seed=5), spec)
+    base = _randn(n, out_dtype, seed=6)
+    ours, ref = base.clone(), base.clone()
+    assert tk.dequantize(packed, out=ours, accumulate=True) is ours
+    reference.dequantize(packed, out=ref, accumulate=True)
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-6, atol=1e-6)
+    assert not torch.equal(ours, base)
+    with pytest.raises(ValueError, match="accumulate"):
+        tk.dequantize(packed, accumulate=True)
+    with pytest.raises(ValueError, match="out has"):
+        tk.dequantize(packed, out=base[:-1])
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("W", [1, 5, 11])
+@pytest.mark.parametrize("rotate", [True, False])
+def test_dequantize_sum_matches_reference(tk, spec, W, rotate):
+    n = 32 * 3001  # whole Hadamard blocks, not whole groups
+    chunks = torch.stack([reference.quantize(_randn(n, torch.float32, seed=10 + w), spec).data for w in range(W)])
+    ours = tk.dequantize_sum(chunks, spec, n, rotate=rotate)
+    ref = reference.dequantize_sum(chunks, spec, n, rotate=rotate)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+    if not spec.hadamard or not rotate:
+        assert torch.equal(ours, ref)
+    acc_ours, acc_ref = torch.ones(n, device="cuda"), torch.ones(n, device="cuda")
+    tk.dequantize_sum(chunks, spec, n, out=acc_ours, accumulate=True, rotate=rotate)
+    reference.dequantize_sum(chunks, spec, n, out=acc_ref, accumulate=True, rotate=rotate)
+    torch.testing.assert_close(acc_ours, acc_ref, rtol=1e-6, atol=1e-6 * acc_ref.abs().max().item())
+
+
+def test_dequantize_sum_strided_rows_and_bad_shape(tk):
+    spec, n = SPECS[1], 4096
+    nbytes = spec.wire_nbytes(n)
+    big = torch.stack([reference.quantize(_randn(n, torch.float32, seed=w), spec).data for w in range(6)])
+    padded = torch.zeros(6, nbytes + 64, dtype=torch.uint8, device="cuda")
+    padded[:, :nbytes] = big
+    view = padded[:, :nbytes]  # row stride != row length
+    assert torch.equal(tk.dequantize_sum(view, spec, n), reference.dequantize_sum(big, spec, n))
+    with pytest.raises(ValueError, match="chunks must be"):
+        tk.dequantize_sum(big[:, :-1], spec, n)
+
+
+@pytest.mark.parametrize("W", [2, 4, 8, 10])
+@pytest.mark.parametrize(
+    "in_spec,out_spec",
+    [
+        (QuantSpec(8, 128, hadamard=32), QuantSpec(4, 128, hadamard=32)),
+        (QuantSpec(8, 128), QuantSpec(4, 128, symmetric=False)),
+        (QuantSpec(8, 128, hadamard=32), QuantSpec(4, 256, hadamard=32)),  # two-pass path
+    ],
+    ids=str,
+)
+def test_reduce_requantize_matches_reference(tk, W, in_spec, out_spec):
+    n = 32 * 4099
+    chunks = torch.stack([reference.quantize(_randn(n, torch.float32, seed=20 + w), in_spec).data for w in range(W)])
+    ours = tk.reduce_requantize(chunks, in_spec, n, out_spec)
+    assert_same_wire(ours, reference.reduce_requantize(chunks, in_spec, n, out_spec))
+    with pytest.raises(ValueError, match="hadamard"):
+        tk.reduce_requantize(chunks, in_spec, n, QuantSpec(4, 128, hadamard=16))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 2048, rounding="stochastic"),
+                                  QuantSpec(4, 128, rounding="stochastic", hadamard=32),
+                                  QuantSpec(8, 64, symmetric=False, rounding="stochastic")], ids=str)
+def test_stochastic_unbiased_within_one_level(tk, spec):
+    n, seeds = 8192, 256
+    x = _randn(n, torch.float32, seed=7)
+    first = tk.quantize(x, spec, seed=0)
+    assert torch.equal(first.data, tk.quantize(x, spec, seed=0).data), "not reproducible from the seed"
+    assert not torch.equal(first.data, tk.quantize(x, spec, seed=1).data)
+    # the same scales as the reference (only the rounding is random)
+    torch.testing.assert_close(first.scales(), reference.quantize(x, spec, seed=0).scales(), rtol=0, atol=0)
+    step = first.scales().repeat_interleave(spec.group_size)[:n]
+    if spec.hadamard:  # the error bound holds in the rotated domain
+        from halfbyte.quant.hadamard import fwht
+
+        target = fwht(x, spec.hadamard)
+        decode = lambda p: tk.dequantize(p, rotate=False)  # noqa: E731
+    else:
+        target, decode = x, tk.dequantize
+    total = torch.zeros(n, dtype=torch.float64, device="cuda")
+    for seed in range(seeds):
+        d = decode(tk.quantize(x, spec, seed=seed))
+        assert ((d - target).abs() <= step * (1 + 1e-6)).all(), "stochastic rounding moved more than one level"
+        total += d.double()
+    # each value is a Bernoulli step: the mean over seeds has std <= step / (2 sqrt(seeds))
+    z = (total / seeds - target.double()).abs() / (step.double() / (2 * seeds**0.5)).clamp_min(1e-30)
+    assert z.max().item() < 6.0, "biased: mean over seeds strays beyond 6 sigma"
+    assert z.mean().item() < 1.0
+
+
+def test_stochastic_tile_shape_independent(tk):
+    spec = QuantSpec(4, 128, rounding="stochastic")
+    x = _randn(50_000, torch.bfloat16, seed=8)
+    a = tk.quantize(x, spec, seed=123, tile_values=1024, num_warps=4)
+    b = tk.quantize(x, spec, seed=123, tile_values=8192, num_warps=8)
+    assert torch.equal(a.data, b.data)
+
+
+def test_nonfinite_groups_decode_to_nan(tk):
+    spec = QuantSpec(4, 128, hadamard=32)
+    x = _randn(1024, torch.float32, seed=9)
+    x[5], x[700] = float("nan"), float("inf")
+    ours = tk.quantize(x, spec)
+    assert_same_wire(ours, reference.quantize(x, spec))
+    assert ours.has_nonfinite()
+    d = tk.dequantize(ours).view(8, 128)
+    assert d[0].isnan().all() and d[5].isnan().all() and not d[1].isnan().any()
+
+
+def test_rotate_false_needs_whole_blocks(tk):
+    spec = QuantSpec(8, 128, hadamard=32)
+    with pytest.raises(ValueError, match="whole blocks"):
+        tk.quantize(_randn(100, torch.float32, seed=0), spec, rotate=False)
+
+
+def test_fallback_for_unsupported_group_size(tk):
+    spec = QuantSpec(4, 96)
+    x = _randn(1000, torch.float32, seed=11)
+    assert torch.equal(tk.quantize(x, spec).data, reference.quantize(x, spec).data)
+
+
+def test_dispatch_uses_triton_for_cuda(tk):
+    from halfbyte import quant
+
+    x = torch.zeros(4, device="cuda")
+    assert quant.backend_for(x) is tk
+    assert quant.backend_for(x.cpu()) is reference
