@@ -88,13 +88,13 @@ def quantize(
     v = _prepare(x, spec, subtract, rotate)
     qmax = spec.qmax
     if spec.symmetric:
-        scale = _bf16_up(v.abs().amax(dim=1) / qmax)
+        scale = _bf16_up(_div(v.abs().amax(dim=1), qmax))
         zero = None
         shifted = v
     else:
         lo, hi = v.amin(dim=1), v.amax(dim=1)
         zero = _bf16_down(lo)
-        scale = _bf16_up((hi - zero.float()) / qmax)
+        scale = _bf16_up(_div(hi - zero.float(), qmax))
         shifted = v - zero.float()[:, None]
     s = scale.float()
     finite = torch.isfinite(v).all(dim=1) & torch.isfinite(s)
@@ -110,6 +110,12 @@ def quantize(
     if zero is not None:
         parts.append(torch.where(finite, zero, nan).view(torch.uint8))
     return Packed(torch.cat(parts), spec, x.numel(), x.shape, x.dtype)
+
+
+def _div(t: torch.Tensor, qmax: int) -> torch.Tensor:
+    """IEEE t / qmax on every device: CUDA turns division by a Python scalar into multiplication
+    by its reciprocal, which differs in the last bit now and then (and so would the scale)."""
+    return t / torch.full_like(t, qmax)
 
 
 def _bf16_up(t: torch.Tensor) -> torch.Tensor:
