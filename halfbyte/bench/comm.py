@@ -1,0 +1,171 @@
+"""`halfbyte bench comm`: time and bandwidth of each collective and mode on whatever ranks exist.
+
+Runs under torchrun (NCCL on CUDA) or, without a launcher, spawns `--workers N` local gloo processes.
+For every size N (values of the full tensor: the reduce-scatter input, the all-gather output) and
+mode it reports, from rank 0 (time = slowest rank's mean):
+  algbw  = N * 2 bytes (the bf16 tensor the collective stands for) / time: the effective bandwidth
+           in uncompressed bytes/s, comparable across modes;
+  busbw  = algbw * (W-1)/W (nccl-tests convention for all-gather / reduce-scatter);
+  wire   = bytes this rank actually sent per link class (intra/inter), and wire bytes/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from halfbyte.comm import (
+    all_gather_q,
+    build_topology,
+    init_process_group_from_env,
+    reduce_scatter_q,
+    reduce_scatter_two_level,
+    spawn,
+)
+from halfbyte.comm.topology import Topology
+from halfbyte.quant import QuantSpec
+
+H = 32
+MODES: dict[str, tuple[QuantSpec | None, QuantSpec | None]] = {  # name -> (spec, intra spec)
+    "bf16": (None, None),
+    "int8": (QuantSpec(8), None),
+    "int4": (QuantSpec(4), None),
+    "int4+H": (QuantSpec(4, hadamard=H), None),
+    "two-level": (QuantSpec(4, hadamard=H), QuantSpec(8, hadamard=H)),  # int8 intra, int4+H inter
+}
+COLLECTIVES = ("reduce_scatter", "all_gather")
+
+
+def _parse_size(s: str) -> int:
+    m = re.fullmatch(r"(\d+)([KMG]?)", s.strip().upper())
+    if not m:
+        raise argparse.ArgumentTypeError(f"size must look like 4096, 64K, 16M or 1G, got {s!r}")
+    return int(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="halfbyte bench comm", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=lambda s: [_parse_size(x) for x in s.split(",")], default=None,
+                   help="comma-separated values per collective (default 1M..256M on GPU, 64K,1M on CPU)")
+    p.add_argument("--modes", type=lambda s: s.split(","), default=list(MODES),
+                   help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--collectives", type=lambda s: s.split(","), default=list(COLLECTIVES),
+                   help=f"comma-separated subset of {','.join(COLLECTIVES)}")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="ranks per (emulated) node; default: the launcher's LOCAL_WORLD_SIZE")
+    p.add_argument("--workers", type=int, default=2, help="local gloo processes when not under torchrun")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations (default 20 GPU, 5 CPU)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON path (default benchmarks/results/comm-<backend>-w<W>.json)")
+    return p
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _run_once(collective: str, mode: str, x: torch.Tensor, topo: Topology) -> None:
+    spec, intra = MODES[mode]
+    if collective == "all_gather":
+        shard = x[: x.numel() // topo.world_size]
+        all_gather_q(shard, spec, topo)
+    elif intra is not None:
+        reduce_scatter_two_level(x, intra, spec, topo, out_dtype=torch.float32, seed=0)
+    else:
+        reduce_scatter_q(x, spec, topo, out_dtype=torch.float32, seed=0)
+
+
+def _time(collective: str, mode: str, numel: int, topo: Topology, iters: int, warmup: int) -> dict:
+    x = torch.randn(numel, device=topo.device).to(torch.bfloat16)
+    for _ in range(warmup):
+        _run_once(collective, mode, x, topo)
+    _sync(topo.device)
+    dist.barrier()
+    topo.stats.reset()
+    start = time.perf_counter()
+    for _ in range(iters):
+        _run_once(collective, mode, x, topo)
+    _sync(topo.device)
+    seconds = torch.tensor([(time.perf_counter() - start) / iters], dtype=torch.float64, device=topo.device)
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # a collective is as slow as its slowest rank
+    t = seconds.item()
+    W = topo.world_size
+    wire = {link: n // iters for link, n in topo.stats.totals().items()}
+    algbw = numel * 2 / t
+    return {
+        "collective": collective, "mode": mode, "numel": numel, "time_ms": t * 1e3,
+        "algbw_GBps": algbw / 1e9, "busbw_GBps": algbw * (W - 1) / W / 1e9,
+        "wire_intra_bytes": wire["intra"], "wire_inter_bytes": wire["inter"],
+        "wire_GBps": (wire["intra"] + wire["inter"]) / t / 1e9,
+        # wire bits per value sent to another rank (the (W-1)/W of the data that leaves this rank)
+        "wire_bits_per_value": 8 * (wire["intra"] + wire["inter"]) * W / (numel * (W - 1)) if W > 1 else 0.0,
+    }
+
+
+def _bench(args: argparse.Namespace, command: str) -> None:
+    init_process_group_from_env()
+    topo = build_topology(args.gpus_per_node)
+    on_gpu = topo.device.type == "cuda"
+    sizes = args.sizes or ([2**20 * k for k in (1, 4, 16, 64, 256)] if on_gpu else [2**16, 2**20])
+    iters = args.iters or (20 if on_gpu else 5)
+    rows = []
+    for collective in args.collectives:
+        for mode in args.modes:
+            if mode == "two-level" and (collective == "all_gather" or topo.nodes < 2):
+                continue  # two levels exist for the reduce-scatter, across >= 2 nodes
+            for numel in sizes:
+                rows.append(_time(collective, mode, numel, topo, iters, args.warmup))
+    if topo.rank != 0:
+        return
+    _print_table(rows, topo)
+    out = args.out or Path("benchmarks/results") / f"comm-{topo.backend}-w{topo.world_size}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "command": command, "backend": topo.backend, "world_size": topo.world_size,
+        "topology": {"nodes": topo.nodes, "gpus_per_node": topo.gpus_per_node},
+        "device": torch.cuda.get_device_name(topo.device) if on_gpu else platform.processor() or "cpu",
+        "torch": torch.__version__, "iters": iters, "warmup": args.warmup, "input_dtype": "bfloat16",
+        "modes": {name: {"spec": str(s) if s else None, "intra_spec": str(i) if i else None}
+                  for name, (s, i) in MODES.items()},
+    }
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+def _print_table(rows: list[dict], topo: Topology) -> None:
+    print(f"halfbyte bench comm: {topo.describe()}, world {topo.world_size}")
+    head = f"{'collective':<15}{'mode':<11}{'values':>11}{'ms':>10}{'algbw GB/s':>12}{'busbw GB/s':>12}" \
+           f"{'intra MB':>10}{'inter MB':>10}{'bits/val':>9}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['collective']:<15}{r['mode']:<11}{r['numel']:>11}{r['time_ms']:>10.3f}"
+              f"{r['algbw_GBps']:>12.3f}{r['busbw_GBps']:>12.3f}{r['wire_intra_bytes'] / 1e6:>10.3f}"
+              f"{r['wire_inter_bytes'] / 1e6:>10.3f}{r['wire_bits_per_value']:>9.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    for name, allowed in (("modes", MODES), ("collectives", COLLECTIVES)):
+        bad = [v for v in getattr(args, name) if v not in allowed]
+        if bad:
+            print(f"halfbyte bench comm: unknown --{name} {bad}; choose from {', '.join(allowed)}", file=sys.stderr)
+            return 2
+    command = "halfbyte bench comm " + " ".join(argv if argv is not None else sys.argv[1:])
+    if "RANK" in os.environ:
+        _bench(args, command)
+    else:
+        spawn(_bench, args.workers, args, command, backend=None, timeout_s=3600)
+    return 0
