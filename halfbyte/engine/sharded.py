@@ -14,6 +14,7 @@ every bucket: the fp32 master weights and AdamW state for it, nothing else. One 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from halfbyte.comm.topology import Topology
 from halfbyte.engine import seeds
 from halfbyte.engine.buffers import Bucket, build_buckets
 from halfbyte.engine.config import AdamWConfig, CommConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class ShardedDataParallel:
     def __init__(self, model: nn.Module, topo: Topology, optim: AdamWConfig = AdamWConfig(),
                  comm: CommConfig = CommConfig.preset("sdp4bit"), bucket_numel: int = 25_000_000,
                  grad_clip: float | None = 1.0, seed: int = 0) -> None:
-        _validate(topo, comm, grad_clip)  # before anything touches the network
+        _validate(model, topo, comm, grad_clip)  # before anything touches the network
         self.module = model
         self.topo = topo
         self.optim = optim
@@ -125,6 +128,7 @@ class ShardedDataParallel:
             g[b.valid_in_shard(self.topo.rank):] = 0  # codec noise must not leak into the padding
             grads.append(g)
         self._grad_work = [None] * len(self.buckets)
+        self._next_launch = 0
 
         sumsq = torch.stack([g.pow(2).sum() for g in grads]).sum()
         dist.all_reduce(sumsq, group=self.topo.world_group)
@@ -132,6 +136,9 @@ class ShardedDataParallel:
         grad_norm = float(norm)
         if not math.isfinite(grad_norm):
             self.skipped_steps += 1
+            if self.topo.rank == 0:
+                logger.warning("step %d skipped: gradient norm is %s (%d skipped so far)",
+                               self.step_count + 1, grad_norm, self.skipped_steps)
             self.zero_grad()
             return StepResult(skipped=True, grad_norm=grad_norm)
         if self.grad_clip is not None:
@@ -276,9 +283,13 @@ class ShardedDataParallel:
         model.register_forward_hook(lambda *_: self._wait_weights())
 
 
-def _validate(topo: Topology, config: CommConfig, grad_clip: float | None) -> None:
+def _validate(model: nn.Module, topo: Topology, config: CommConfig, grad_clip: float | None) -> None:
     if grad_clip is not None and not grad_clip > 0:
         raise ValueError(f"grad_clip must be > 0 or None (off), got {grad_clip!r}")
+    devices = {p.device for p in model.parameters()}
+    if devices != {torch.device(topo.device)}:
+        raise ValueError(f"the model's parameters are on {sorted(map(str, devices))} but the topology's "
+                         f"collectives use {topo.device}: move the model there first")
     if config.grads == "two-level" and topo.nodes < 2:
         raise ValueError(
             f"CommConfig.grads='two-level' needs at least 2 nodes, but the topology is "

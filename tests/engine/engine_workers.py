@@ -152,6 +152,17 @@ def baseline_vs_ddp() -> dict:
     mse(forward(x), y).backward()
     assert not engine.step().skipped and engine.step_count == 2
     report["skip"] = result.grad_norm
+
+    # check_replicas notices a one-ulp difference on one rank, and names the bucket.
+    engine.check_replicas()
+    if rank == 1:
+        with torch.no_grad():
+            w = model[2].weight.view(-1)
+            w[3] = torch.nextafter(w[3], torch.tensor(1.0))
+    try:
+        engine.check_replicas()
+    except RuntimeError as e:
+        report["mismatch"] = str(e)
     return report
 
 

@@ -69,7 +69,7 @@ def _no_network_topology(nodes: int, gpus_per_node: int) -> SimpleNamespace:
     """A topology without any process group: any collective the engine tried would fail with a
     different error than the ones these tests expect."""
     return SimpleNamespace(rank=0, world_size=nodes * gpus_per_node, nodes=nodes,
-                           gpus_per_node=gpus_per_node, world_group=None)
+                           gpus_per_node=gpus_per_node, device=torch.device("cpu"), world_group=None)
 
 
 @pytest.mark.parametrize("preset", ["zeropp", "sdp4bit", "tlq", "tlq-hs"])
@@ -79,6 +79,13 @@ def test_two_level_on_one_node_raises_before_communicating(preset):
     with pytest.raises(ValueError, match=r"needs at least 2 nodes.*grads='one-level'"):
         ShardedDataParallel(model, _no_network_topology(1, 4), comm=CommConfig.preset(preset))
     assert model.weight.data_ptr() == before  # not even moved into buckets
+
+
+def test_model_on_another_device_raises_before_communicating():
+    topo = _no_network_topology(2, 2)
+    topo.device = torch.device("meta")
+    with pytest.raises(ValueError, match=r"model's parameters are on \['cpu'\].*move the model"):
+        ShardedDataParallel(nn.Linear(4, 4), topo, comm=CommConfig.preset("baseline"))
 
 
 def test_bad_grad_clip_raises_before_communicating():

@@ -19,6 +19,8 @@ def test_baseline_matches_ddp_adamw_with_accumulation_clipping_unused_and_skip()
     the step on both ranks with weights unchanged. Assertions run inside the ranks."""
     reports = spawn(workers.baseline_vs_ddp, 2, timeout_s=200)
     assert all(math.isnan(r["skip"]) or math.isinf(r["skip"]) for r in reports)
+    for r in reports:  # both ranks see the mismatch and name the bucket holding layer 2's weight
+        assert "differs between ranks" in r["mismatch"] and "2.weight" in r["mismatch"], r
     mem = reports[0]["mlp"]["memory"]
     # fp32 replica + grads: 4 bytes per (padded) value each; master and the two Adam moments only
     # for the own half.
