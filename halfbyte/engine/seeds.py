@@ -4,6 +4,8 @@ W ranks) reproduces exactly the noise the real multi-process engine draws.
 The engine passes `collective_seed(...)` as the base seed of each collective call; the collective
 then quantizes rank r's data in hop h with `halfbyte.comm.rank_seed(base, r, h)`. So the seed of
 any quantization is a deterministic function of (engine seed, step, bucket, stream, rank, hop).
+`step` is engine.step_count when the collective starts: for GRADS the optimizer steps completed
+before that backward, for WEIGHTS the step just taken (1, 2, ...). Skipped steps do not count.
 """
 
 from __future__ import annotations

@@ -106,10 +106,13 @@ class ShardedDataParallel:
             self._sync_grads = previous
 
     def zero_grad(self) -> None:
+        """Zero the gradient buffers. Reduce-scatters a backward started without a step() (a
+        discarded batch) are completed and dropped, identically on every rank."""
         self._wait_weights()
-        if any(w is not None for w in self._grad_work):
-            raise RuntimeError("zero_grad() while gradient reduce-scatters are in flight: call step() "
-                               "after the communicating backward")
+        for work in self._grad_work:
+            if work is not None:
+                work.wait()
+        self._grad_work = [None] * len(self.buckets)
         for b in self.buckets:
             b.grad.zero_()
             b.ready.clear()

@@ -138,10 +138,14 @@ def baseline_vs_ddp() -> dict:
     engine.check_replicas()
     torch.testing.assert_close(model.unused.weight, unused_before * (1 - 1e-2 * 0.1), rtol=0, atol=0)
 
+    # A batch discarded after its backward: zero_grad() completes and drops the reduce-scatters.
+    forward = _unused_forward(model)
+    mse(forward(x), y).backward()
+    engine.zero_grad()
+
     # A non-finite gradient on one rank skips the step on every rank and changes no weight.
     before = [p.detach().clone() for p in model.parameters()]
     x, y = regression_batch(1, rank)
-    forward = _unused_forward(model)
     loss = mse(forward(x), y) * (float("inf") if rank == 1 else 1.0)
     loss.backward()
     result = engine.step()

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 
-import engine_workers as workers
 from halfbyte.comm import spawn
+
+# Spawned ranks import the worker bodies by module name; sys.path travels to them.
+sys.path.insert(0, str(Path(__file__).parent))
+import engine_workers as workers  # noqa: E402
 
 COMPRESSED = ["zeropp", "sdp4bit", "qw4", "qwd", "tlq", "tlq-hs"]
 
