@@ -40,7 +40,7 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MIN_GROUP, _MAX_GROUP = 8, 16384
 # Values per program (tile = whole groups). Streaming kernels want a few thousand values per program
 # in flight: enough bytes per load for 16-byte vectors, few enough registers for good occupancy.
-_TILE_VALUES = 4096
+_TILE_VALUES = 2048
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds |y| < 2**22 half-to-even
 
 
@@ -67,6 +67,16 @@ def _fwht(v, LOG2_H: tl.constexpr):
         y = _butterfly(y, NB, H, 1 << s)
     y = y * SCALE
     return tl.reshape(y, (R, C))
+
+
+@triton.jit
+def _max_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _min_nan(a, b):
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -105,22 +115,26 @@ def _quantize_tile(v, out_ptr, g0, num_groups, pay_bytes, seed,
     """
     rows = tl.arange(0, BG)[:, None]
     row_ok = rows < num_groups - g0
-    finite = tl.min((tl.abs(v) < float("inf")).to(tl.int32), axis=1, keep_dims=True) > 0
+    # NaN-propagating extremes: one reduction gives both the scale and the NaN/Inf check
     if SYMMETRIC:
         QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
         LO: tl.constexpr = -QMAX
-        absmax = tl.max(tl.abs(v), axis=1, keep_dims=True)
+        absmax = tl.reduce(tl.abs(v), 1, _max_nan, keep_dims=True)
+        finite = absmax < float("inf")
         scale_b = _bf16_directed(tl.math.div_rn(absmax, QMAX * 1.0), True)
         shifted = v
     else:
         QMAX: tl.constexpr = (1 << BITS) - 1
         LO: tl.constexpr = 0
-        zero_b = _bf16_directed(tl.min(v, axis=1, keep_dims=True), False)
+        lo = tl.reduce(v, 1, _min_nan, keep_dims=True)
+        hi = tl.reduce(v, 1, _max_nan, keep_dims=True)
+        finite = (lo > -float("inf")) & (hi < float("inf"))
+        zero_b = _bf16_directed(lo, False)
         z = zero_b.to(tl.float32)
-        scale_b = _bf16_directed(tl.math.div_rn(tl.max(v, axis=1, keep_dims=True) - z, QMAX * 1.0), True)
+        scale_b = _bf16_directed(tl.math.div_rn(hi - z, QMAX * 1.0), True)
         shifted = v - z
     s = scale_b.to(tl.float32)
-    finite = finite & (tl.abs(s) < float("inf"))
+    finite = finite & (s < float("inf"))
     usable = finite & (s > 0)
     y = tl.where(usable, tl.math.div_rn(shifted, tl.where(usable, s, 1.0)), 0.0)
     if STOCHASTIC:
@@ -248,7 +262,7 @@ def launch_config(group_size: int, tile_values: int = _TILE_VALUES, num_warps: i
     groups = max(1, tile_values // group_size)
     values = groups * group_size
     if num_warps is None:
-        num_warps = 4 if values <= 2048 else 8 if values <= 8192 else 16
+        num_warps = 4 if values <= 4096 else 8 if values <= 8192 else 16
     return groups, num_warps
 
 
