@@ -92,6 +92,7 @@ def make_plan(cfg: Config):
     """Resolve data, tokenizer, world size and batch layout; raise ConfigError & co on bad input."""
     from halfbyte.train.loop import RunPlan
 
+    resume_path = _resume_path(cfg)
     launched = _launched()
     world = int(os.environ["WORLD_SIZE"]) if launched else cfg.train.workers
     gpus_per_node = cfg.train.gpus_per_node or (None if launched else 1)
@@ -133,7 +134,7 @@ def make_plan(cfg: Config):
     return RunPlan(
         cfg=cfg, train_path=str(train_path), val_path=str(val_path) if val_ok else None,
         vocab_size=train.vocab_size, tokenizer=_resolve_tokenizer(cfg, train.vocab_size, builtin, train_path),
-        builtin_data=builtin, resume_path=_resume_path(cfg), world_size=world, gpus_per_node=gpus_per_node,
+        builtin_data=builtin, resume_path=resume_path, world_size=world, gpus_per_node=gpus_per_node,
         micro_batch=micro, accum=accum,
     )
 

@@ -1,0 +1,106 @@
+"""`halfbyte train` / `prepare-data` on bad input: exit code 2 and one line naming the problem, before any
+worker starts; and prepare-data on real files."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import halfbyte.comm
+from halfbyte.cli import main
+from halfbyte.train.data import TokenWriter, open_tokens
+
+
+@pytest.fixture
+def no_workers(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a worker was started")
+
+    monkeypatch.setattr(halfbyte.comm, "spawn", refuse)
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    w = TokenWriter(tmp_path / "tok.bin", 4096)
+    w.write(np.arange(5000) % 4096)
+    return w.close()
+
+
+def _fails(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    # the built-in corpus may print its one-time tokenization progress first
+    errors = [line for line in err.replace("\r", "\n").splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("halfbyte train: error: ") and message in errors[0], err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "int2"], "unknown preset 'int2'; use --preset baseline"),
+    (["--model", "13b"], "unknown model '13b'"),
+    (["--bogus=1"], "unknown option --bogus"),
+    (["--batch-size", "30", "--workers", "4"], "--batch-size=30 is not divisible by workers x micro-batch"),
+    (["--batch-size", "32", "--micro_batch_size", "6"], "not divisible by workers x micro-batch = 2 x 6"),
+    (["--data", "nowhere.bin"], "data file nowhere.bin does not exist; create one with `halfbyte prepare-data`"),
+    (["--seq_len", "256"], "exceeds the model context 128"),
+    (["--tokenizer", "nope.json"], "neither 'builtin', 'gpt2' nor an existing tokenizer.json"),
+    (["--workers", "3", "--gpus_per_node", "2"], "gpus_per_node=2 does not divide the 3 ranks"),
+    (["--model", "tiny", "--d_model", "100", "--n_head", "3"], "must be divisible by model.n_head"),
+])
+def test_bad_train_input(args, message, no_workers, capsys, tmp_path):
+    _fails(["train", "--out", str(tmp_path / "run"), *args], message, capsys)
+
+
+def test_bad_data_and_resume(no_workers, capsys, tmp_path, token_file):
+    (tmp_path / "notes.txt").write_text("plain text, not tokens " * 10)
+    _fails(["train", "--data", str(tmp_path / "notes.txt")], "is not a halfbyte token file", capsys)
+    _fails(["train", "--out", str(tmp_path / "run"), "--resume"], "--resume: no complete checkpoint in", capsys)
+    _fails(["train", "--resume", str(tmp_path)], "is not a complete checkpoint directory", capsys)
+    _fails(["train", "--data", str(token_file), "--seq_len", "128", "--workers", "64", "--batch-size", "64"],
+           "too few for 64 workers", capsys)
+    _fails(["train", "--data", str(token_file), "--tokenizer", "builtin",
+            "--data.val_path", str(tmp_path / "val.bin")], "val.bin does not exist", capsys)
+    if not os.environ.get("HALFBYTE_TEST_HAS_TRANSFORMERS"):
+        _fails(["train", "--model", f"hf:{tmp_path}"], "transformers", capsys)
+
+
+def test_help_exits_zero(capsys):
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--train.steps" in out and "(default: 300)" in out
+
+
+def test_prepare_data(tmp_path, capsys):
+    corpus = tmp_path / "corpus" / "sub"
+    corpus.mkdir(parents=True)
+    (corpus / "a.txt").write_text("KING:\nWhat says the fool?\n" * 200)
+    (corpus / "b.txt").write_text("FOOL:\nNothing, nuncle.\n" * 200)
+    (corpus / "skip.md").write_text("# not matched by the glob\n" * 200)
+    out = tmp_path / "data.bin"
+    assert main(["prepare-data", str(tmp_path / "corpus"), "--out", str(out), "--val-fraction", "0.1"]) == 0
+    train, val = open_tokens(out), open_tokens(tmp_path / "data.val.bin")
+    info = json.loads((tmp_path / "data.bin.json").read_text())
+    assert info["files"] == 2 and info["tokenizer"] == "builtin" and info["train_tokens"] == len(train)
+    assert train.vocab_size == 4096 and train.tokens.dtype == np.uint16
+    assert 0.05 < len(val) / (len(train) + len(val)) < 0.15
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing_dir", "--out", "x.bin"], "input missing_dir does not exist"),
+    (["{tmp}", "--out", "x.bin", "--glob", "*.nothing"], "no files matching --glob '*.nothing'"),
+    (["{tmp}", "--out", "x.bin", "--tokenizer", "nope"], "neither 'builtin', 'gpt2'"),
+    (["{tmp}", "--out", "x.bin", "--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
+    (["{tmp}"], "the following arguments are required: --out"),
+])
+def test_bad_prepare_data_input(args, message, tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("hello\n")
+    argv = ["prepare-data", *[a.replace("{tmp}", str(tmp_path)) for a in args]]
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err

@@ -1,0 +1,100 @@
+import numpy as np
+import pytest
+
+from halfbyte.train.data import (
+    HEADER,
+    TokenFileError,
+    TokenSampler,
+    TokenWriter,
+    eval_batches,
+    open_tokens,
+    prepare,
+    read_builtin_plays,
+    split_document,
+    val_path_for,
+)
+from halfbyte.train.tokenizer import load_tokenizer
+
+
+def _token_file(path, n, vocab=1000):
+    w = TokenWriter(path, vocab)
+    w.write(np.arange(n) % vocab)
+    return open_tokens(w.close())
+
+
+def test_token_file_header_dtype_and_errors(tmp_path):
+    small = _token_file(tmp_path / "a.bin", 100)
+    assert small.tokens.dtype == np.uint16 and len(small) == 100 and small.vocab_size == 1000
+    assert (tmp_path / "a.bin").stat().st_size == HEADER.size + 200
+    big = _token_file(tmp_path / "b.bin", 10, vocab=70_000)
+    assert big.tokens.dtype == np.uint32 and list(big.tokens) == list(range(10))
+    with pytest.raises(TokenFileError, match="does not exist"):
+        open_tokens(tmp_path / "missing.bin")
+    (tmp_path / "text.bin").write_text("just some text, long enough to fill a header......")
+    with pytest.raises(TokenFileError, match="not a halfbyte token file"):
+        open_tokens(tmp_path / "text.bin")
+    (tmp_path / "cut.bin").write_bytes((tmp_path / "a.bin").read_bytes()[:-2])
+    with pytest.raises(TokenFileError, match="truncated"):
+        open_tokens(tmp_path / "cut.bin")
+
+
+def test_builtin_corpus_and_split():
+    plays = read_builtin_plays()
+    assert len(plays) == 38 and 4_000_000 < sum(map(len, plays)) < 6_000_000
+    assert plays[0].startswith("THESEUS:\n")  # A Midsummer Night's Dream, speaker lines kept
+    train, val = split_document(plays[0], 0.05)
+    assert train + val == plays[0] and train.endswith("\n")
+    assert 0.04 < len(val) / len(plays[0]) < 0.06
+
+
+def test_prepare_writes_train_and_val(tmp_path):
+    tok = load_tokenizer("builtin")
+    docs = [f"LINE {i}: to be or not to be\n" * 40 for i in range(3)]
+    train, val = prepare(docs, tok, tmp_path / "d.bin", val_fraction=0.1, progress=False)
+    assert val.path == val_path_for(tmp_path / "d.bin") == tmp_path / "d.val.bin"
+    assert train.tokens.tolist().count(tok.eot_id) == 3 == val.tokens.tolist().count(tok.eot_id)
+    assert 0.05 < len(val) / (len(train) + len(val)) < 0.15
+    text = tok.decode(train.tokens.tolist()) + tok.decode(val.tokens.tolist())
+    assert text.replace("<|endoftext|>", "").count("to be or not to be") == 120
+
+
+def test_sampler_ranks_are_disjoint_deterministic_and_resumable(tmp_path):
+    data = _token_file(tmp_path / "a.bin", 10_001, vocab=20_000)  # token value == position
+    seq = 10
+    starts = {}
+    for rank in range(3):
+        s = TokenSampler(data, seq, rank, 3, seed=1)
+        x, y = s.next_batch(333)  # one whole epoch: 1000 windows // 3 ranks
+        assert torch_equal(x[:, 1:], y[:, :-1]) and (x[:, 0] % seq == 0).all()
+        starts[rank] = set(x[:, 0].tolist())
+    assert all(len(v) == 333 for v in starts.values())
+    assert not (starts[0] & starts[1]) and not (starts[0] & starts[2]) and not (starts[1] & starts[2])
+
+    a = TokenSampler(data, seq, 1, 3, seed=1)
+    b = TokenSampler(data, seq, 1, 3, seed=1)
+    assert torch_equal(a.next_batch(5)[0], b.next_batch(5)[0])  # deterministic from the seed
+    assert not torch_equal(a.next_batch(5)[0], TokenSampler(data, seq, 1, 3, seed=2).next_batch(10)[0][5:])
+    a.next_batch(400)  # crosses into epoch 1
+    state = a.state_dict()
+    assert state["epoch"] == 1
+    resumed = TokenSampler(data, seq, 1, 3, seed=1)
+    resumed.load_state_dict(state)
+    assert torch_equal(a.next_batch(7)[0], resumed.next_batch(7)[0])
+
+
+def test_eval_batches_are_disjoint_across_ranks(tmp_path):
+    data = _token_file(tmp_path / "v.bin", 1001, vocab=20_000)
+    firsts = [set(x[:, 0].tolist()) for r in range(2) for x, _ in eval_batches(data, 10, r, 2, 4, 3)]
+    rank0 = set().union(*firsts[:3])
+    rank1 = set().union(*firsts[3:])
+    assert len(rank0) == len(rank1) == 12 and not rank0 & rank1
+
+
+def test_sampler_rejects_too_little_data(tmp_path):
+    data = _token_file(tmp_path / "a.bin", 15)
+    with pytest.raises(TokenFileError, match="too few for 2 ranks"):
+        TokenSampler(data, 10, 0, 2, seed=0)
+
+
+def torch_equal(a, b):
+    return a.shape == b.shape and bool((a == b).all())
