@@ -21,9 +21,9 @@ the seed and the element index: reproducible from the seed and independent of th
 the reference's torch.Generator stream, so only the distribution matches the reference.
 
 Falls back to the reference for what the kernels do not cover: group_size not a power of two in
-[8, 16384], input/out dtypes other than fp32/bf16/fp16, a non-contiguous `out`, and in
-`reduce_requantize` stochastic or differing group sizes are fused only when in/out group sizes are
-equal (otherwise two Triton passes: dequantize_sum, then quantize).
+[8, 16384], input or `out` dtypes other than fp32/bf16/fp16, a non-contiguous `out`, non-CUDA tensors.
+`reduce_requantize` with different in/out group sizes runs two Triton passes (dequantize_sum, then
+quantize) instead of one fused kernel.
 """
 
 from __future__ import annotations
@@ -315,6 +315,14 @@ def quantize(
     return Packed(out, spec, numel, x.shape, x.dtype)
 
 
+def _aligned_rows(chunks: torch.Tensor) -> torch.Tensor:
+    # the kernels read scales as bf16: every row must start at an even address (a fresh copy does:
+    # allocations are aligned and supported specs have an even wire size)
+    if chunks.stride(1) == 1 and chunks.data_ptr() % 2 == 0 and chunks.stride(0) % 2 == 0:
+        return chunks
+    return chunks.clone(memory_format=torch.contiguous_format)
+
+
 def _check_chunks(chunks: torch.Tensor, spec: QuantSpec, numel: int) -> None:
     if (chunks.dim() != 2 or chunks.shape[0] < 1 or chunks.shape[1] != spec.wire_nbytes(numel)
             or chunks.dtype != torch.uint8):
@@ -327,8 +335,7 @@ def _check_chunks(chunks: torch.Tensor, spec: QuantSpec, numel: int) -> None:
 def _decode_into(chunks: torch.Tensor, spec: QuantSpec, numel: int, out: torch.Tensor, accumulate: bool,
                  rotate: bool, tile_values: int, num_warps: int | None) -> None:
     log2_h = _log2_hadamard(spec, rotate, numel)
-    if chunks.stride(1) != 1:
-        chunks = chunks.contiguous()
+    chunks = _aligned_rows(chunks)
     groups = spec.num_groups(numel)
     bg, warps = launch_config(spec.group_size, tile_values, num_warps)
     W = chunks.shape[0]
@@ -418,8 +425,7 @@ def reduce_requantize(
         return quantize(total, out_spec, seed=seed, rotate=False)
     if in_spec.hadamard:
         reference._check_whole_blocks(numel, in_spec)
-    if chunks.stride(1) != 1:
-        chunks = chunks.contiguous()
+    chunks = _aligned_rows(chunks)
     out = torch.empty(out_spec.wire_nbytes(numel), dtype=torch.uint8, device=chunks.device)
     groups = in_spec.num_groups(numel)
     bg, warps = launch_config(in_spec.group_size, tile_values, num_warps)
