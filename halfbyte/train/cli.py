@@ -135,7 +135,7 @@ def make_plan(cfg: Config):
         cfg=cfg, train_path=str(train_path), val_path=str(val_path) if val_ok else None,
         vocab_size=train.vocab_size, tokenizer=_resolve_tokenizer(cfg, train.vocab_size, builtin, train_path),
         builtin_data=builtin, resume_path=resume_path, world_size=world, gpus_per_node=gpus_per_node,
-        micro_batch=micro, accum=accum,
+        micro_batch=micro, accum=accum, local_workers=not launched,
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -44,6 +45,7 @@ class RunPlan:
     gpus_per_node: int | None  # None: the launcher's LOCAL_WORLD_SIZE
     micro_batch: int
     accum: int
+    local_workers: bool  # started by `halfbyte train` itself (not torchrun)
 
 
 def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
@@ -107,6 +109,10 @@ def run_worker(plan: RunPlan) -> dict[str, Any]:
     """Train on this rank (the process group is initialized). Returns rank 0's summary."""
     cfg, t = plan.cfg, plan.cfg.train
     out_dir = cfg.out_dir
+    if plan.local_workers and "OMP_NUM_THREADS" not in os.environ:
+        # local workers share the CPUs this process may use (taskset / cgroup aware): no oversubscription
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cpus // plan.world_size))
     topo = build_topology(plan.gpus_per_node)
     rank0 = topo.rank == 0
     device, dtype = topo.device, _compute_dtype(t.dtype, topo.device)
