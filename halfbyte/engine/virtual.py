@@ -127,8 +127,7 @@ class VirtualDataParallel:
         # Running sums, [W, chunk] per bucket in destination-rank order; two-level keeps them as
         # [L, M, chunk] (destinations of one local peer contiguous) plus a per-node [L, M * chunk].
         self._sums = [torch.empty(self._sum_shape(b), device=device) for b in self.buckets]
-        self._node_sums = ([torch.empty(L, self._sum_shape(b)[1] * self._sum_shape(b)[2], device=device)
-                            for b in self.buckets] if self._two_hops else [])
+        self._node_sums = [torch.empty_like(s).view(L, -1) for s in self._sums] if self._two_hops else []
         self._active: int | None = None  # the virtual rank whose backward is running
         self._next_rank = 0  # ranks contribute in order: the sums add them like the collectives do
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self._slot]
