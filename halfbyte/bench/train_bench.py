@@ -1,0 +1,514 @@
+"""`halfbyte bench train`: training step profile and tokens/s per communication mode.
+
+Every (model, preset) pair trains the same GPT on the same batch (random tokens) in one run, with the
+engine exactly as `halfbyte train` drives it: forward + backward per micro-batch (no_sync for all but
+the last), `engine.step()`, `engine.zero_grad()`. After --warmup steps it measures --steps steps and
+reports, per rank and step, averaged over ranks:
+
+  step       wall time of one step; tokens/s = global tokens per step / step time
+  forward    model forward + loss (includes waiting for weight all-gathers in the prefetch hooks)
+  backward   loss.backward() (includes encoding and launching the gradient reduce-scatters)
+  optimizer  engine.step(): wait for the reduce-scatters, grad norm, AdamW, launch the all-gathers
+  zero_grad  engine.zero_grad() (it waits for the weight all-gathers still in flight)
+  codec      time inside the collectives' codec steps (encode_chunks, encode_two_level, middle_hop,
+             decode_sum, encode_shard, decode_gathered, pack_messages): quantize/dequantize and the
+             wire layout, nothing else. Overlaps the phases above (it happens inside them).
+  comm wait  exposed communication: time inside CommHandle.wait() minus the codec run inside it
+             (decoding, the two-level middle hop). Also inside the phases above.
+
+Timing method. The codec steps and CommHandle.wait are wrapped for the run (the functions are looked
+up by name at call time, so the engine's own calls go through the wrappers). On CUDA every interval is
+a pair of CUDA events on the current stream, read after the measured steps: the time the stream spent
+between them, which for a wait includes stalling on the NCCL stream. On CPU it is perf_counter (gloo
+waits block the thread). A second run with an identity codec was rejected: it changes the bytes on
+the wire, hence the communication it is meant to hold fixed.
+
+Launch: under torchrun (NCCL on GPUs), `--workers N` local gloo processes on CPU, or (default) one
+process as a world of one rank. Two-level gradient presets need >= 2 nodes; on one node they run
+their inter-node codec as a one-level reduce-scatter instead, and the row says so.
+Wire bytes per step are rank 0's CommStats; `bf16` is what bf16 all-gathers and reduce-scatters of
+the same buckets would send (halfbyte.comm.accounting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import gc
+import json
+import os
+import platform
+import re
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import halfbyte.comm.collectives as collectives
+from halfbyte.comm import build_topology, init_process_group_from_env, spawn
+from halfbyte.comm.accounting import all_gather_bytes, reduce_scatter_bytes
+from halfbyte.comm.launch import default_backend, free_port
+from halfbyte.comm.topology import Topology
+from halfbyte.engine import AdamWConfig, CommConfig, ShardedDataParallel
+from halfbyte.quant import backend_for
+from halfbyte.train.model import PRESETS as MODEL_PRESETS
+from halfbyte.train.model import build_model
+
+BF16_BYTES = 2
+PHASES = ("forward", "backward", "optimizer", "zero_grad")
+CODEC_STEPS = ("encode_chunks", "encode_two_level", "middle_hop", "decode_sum", "encode_shard",
+               "decode_gathered", "pack_messages")
+DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Vocabulary per model when not given: the built-in tokenizer for tiny, GPT-2 padded to 64 otherwise.
+DEFAULT_VOCAB = {"tiny": 4096}
+GPT2_VOCAB = 50304
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="halfbyte bench train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", type=_csv, default=["baseline", "zeropp", "sdp4bit"],
+                   help=f"comma-separated CommConfig presets ({', '.join(CommConfig.preset_names())})")
+    p.add_argument("--models", "--model", type=_csv, default=None,
+                   help=f"comma-separated GPT presets ({', '.join(MODEL_PRESETS)}); default 125m on GPU, tiny on CPU")
+    p.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch (default 8 GPU, 4 CPU)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the model's context)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--steps", type=int, default=None, help="measured steps (default 10 GPU, 3 CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="unmeasured steps first (default 3 GPU, 1 CPU)")
+    p.add_argument("--dtype", default="auto", help="replica dtype: auto (bf16 on GPU, fp32 on CPU), bf16, fp32")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help=f"vocabulary (default {DEFAULT_VOCAB['tiny']} for tiny, {GPT2_VOCAB} otherwise)")
+    p.add_argument("--bucket-numel", type=int, default=25_000_000, help="values per flat bucket")
+    p.add_argument("--workers", type=int, default=1,
+                   help="local gloo CPU processes when not under torchrun (1: this process, world of one)")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="ranks per (emulated) node; default: the launcher's LOCAL_WORLD_SIZE")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON path (default benchmarks/results/bench-train-<device>.json)")
+    return p
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    presets: list[str]
+    models: list[str]
+    micro_batch: int
+    seq_len: int | None
+    grad_accum: int
+    steps: int
+    warmup: int
+    dtype: str
+    vocab_size: int | None
+    bucket_numel: int
+    gpus_per_node: int | None
+    seed: int
+    out: Path | None
+    command: str
+
+    def seq_len_for(self, model: str) -> int:
+        return self.seq_len or MODEL_PRESETS[model][3]
+
+    def vocab_for(self, model: str) -> int:
+        return self.vocab_size or DEFAULT_VOCAB.get(model, GPT2_VOCAB)
+
+
+def _check_positive(name: str, value: int | None, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise ValueError(f"--{name} must be >= {minimum}, got {value}")
+
+
+def resolve(args: argparse.Namespace, command: str, on_gpu: bool) -> BenchConfig:
+    """Fill the device-dependent defaults and validate; ValueError names the bad option."""
+    models = args.models or (["125m"] if on_gpu else ["tiny"])
+    for name, values, allowed in (("presets", args.presets, CommConfig.preset_names()),
+                                  ("models", models, tuple(MODEL_PRESETS))):
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise ValueError(f"--{name} {bad or values}: choose from {', '.join(allowed)}")
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {args.dtype!r}")
+    for name in ("micro_batch", "seq_len", "grad_accum", "steps", "bucket_numel", "workers", "gpus_per_node"):
+        _check_positive(name.replace("_", "-"), getattr(args, name))
+    _check_positive("warmup", args.warmup, 0)
+    _check_positive("vocab-size", args.vocab_size, 2)
+    for m in models:
+        ctx = MODEL_PRESETS[m][3]
+        if args.seq_len is not None and args.seq_len > ctx:
+            raise ValueError(f"--seq-len {args.seq_len} exceeds the context of model {m} ({ctx})")
+    if "RANK" in os.environ and args.workers != 1:
+        raise ValueError("--workers is for local runs; under torchrun the launcher's ranks are used")
+    if "RANK" not in os.environ and args.gpus_per_node is not None and args.workers % args.gpus_per_node:
+        raise ValueError(f"--gpus-per-node {args.gpus_per_node} must divide --workers {args.workers}")
+    return BenchConfig(
+        presets=args.presets, models=models, micro_batch=args.micro_batch or (8 if on_gpu else 4),
+        seq_len=args.seq_len, grad_accum=args.grad_accum, steps=args.steps or (10 if on_gpu else 3),
+        warmup=args.warmup if args.warmup is not None else (3 if on_gpu else 1), dtype=args.dtype,
+        vocab_size=args.vocab_size, bucket_numel=args.bucket_numel, gpus_per_node=args.gpus_per_node,
+        seed=args.seed, out=args.out, command=command)
+
+
+# ---- timing ------------------------------------------------------------------------------------
+class Recorder:
+    """Intervals of the measured steps: phases, codec steps, waits on communication handles.
+
+    Marks are CUDA events (read once after the measured steps) or perf_counter values.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.active = False
+        self.phase = ""
+        self.intervals: list[tuple[str, str, str, Any, Any]] = []  # (kind, name, phase, start, end)
+        self._codec_depth = 0
+        self._wait_depth = 0
+
+    def mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start: Any, end: Any) -> float:
+        return start.elapsed_time(end) / 1e3 if self.cuda else end - start
+
+    def add(self, kind: str, name: str, start: Any, end: Any) -> None:
+        if self.active:
+            self.intervals.append((kind, name, self.phase, start, end))
+
+    def totals(self) -> dict[str, float]:
+        """Seconds per phase; 'codec' and per codec step ('codec:<step>'); 'exposed' (waits minus
+        the codec inside them) in all and per phase ('exposed:<phase>')."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        out: dict[str, float] = {}
+        for kind, name, phase, start, end in self.intervals:
+            s = self.seconds(start, end)
+            keys = {"phase": [(name, 1)], "wait": [("exposed", 1), (f"exposed:{phase}", 1)],
+                    "codec": [("codec", 1), (f"codec:{name}", 1)],
+                    "codec_in_wait": [("codec", 1), (f"codec:{name}", 1), ("exposed", -1),
+                                      (f"exposed:{phase}", -1)]}[kind]
+            for key, sign in keys:
+                out[key] = out.get(key, 0.0) + sign * s
+        return out
+
+    def wrap_codec(self, name: str, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if not self.active or self._codec_depth:  # nested steps count once, in the outermost
+                return fn(*args, **kwargs)
+            self._codec_depth += 1
+            start = self.mark()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._codec_depth -= 1
+                self.add("codec_in_wait" if self._wait_depth else "codec", name, start, self.mark())
+        return timed
+
+    def wrap_wait(self, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def timed(handle: Any) -> Any:
+            if not self.active or self._wait_depth:
+                return fn(handle)
+            self._wait_depth += 1
+            start = self.mark()
+            try:
+                return fn(handle)
+            finally:
+                self._wait_depth -= 1
+                self.add("wait", self.phase, start, self.mark())
+        return timed
+
+
+@contextlib.contextmanager
+def instrumented(rec: Recorder) -> Iterator[None]:
+    """Route the collectives' codec steps and CommHandle.wait through `rec` while inside."""
+    saved = {name: getattr(collectives, name) for name in CODEC_STEPS}
+    saved_wait = collectives.CommHandle.wait
+    try:
+        for name, fn in saved.items():
+            setattr(collectives, name, rec.wrap_codec(name, fn))
+        collectives.CommHandle.wait = rec.wrap_wait(saved_wait)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(collectives, name, fn)
+        collectives.CommHandle.wait = saved_wait
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: the process's peak so far
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+# ---- one (model, preset) -----------------------------------------------------------------------
+def comm_for(preset: str, topo: Topology) -> tuple[CommConfig, str | None]:
+    """The preset, or on a single node its two-level gradients as one level with the inter codec."""
+    comm = CommConfig.preset(preset)
+    if comm.grads == "two-level" and topo.nodes < 2:
+        note = (f"{preset}: 1 node, so two-level grads run one-level with the inter-node codec "
+                f"{comm.grad_spec} (no int8 intra hop, no middle requantize)")
+        return dataclasses.replace(comm, grads="one-level", grad_intra_spec=None), note
+    return comm, None
+
+
+def bf16_bytes(engine: ShardedDataParallel) -> dict[str, int]:
+    """Bytes this rank would send per step with bf16 all-gathers and reduce-scatters."""
+    M, L = engine.topo.nodes, engine.topo.gpus_per_node
+    total = {"intra": 0, "inter": 0}
+    for b in engine.buckets:
+        for sent in (all_gather_bytes(b.shard_numel, BF16_BYTES, M, L),
+                     reduce_scatter_bytes(b.padded_numel, BF16_BYTES, M, L)):
+            for link, n in sent.items():
+                total[link] += n
+    return total
+
+
+def _compute_dtype(cfg: BenchConfig, device: torch.device) -> torch.dtype:
+    return DTYPES[cfg.dtype] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+def bench_one(cfg: BenchConfig, model_name: str, preset: str, topo: Topology, rec: Recorder) -> dict:
+    """Warm up, measure, and return this (model, preset)'s row (same on every rank)."""
+    device, dtype = topo.device, _compute_dtype(cfg, topo.device)
+    comm, note = comm_for(preset, topo)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(cfg.seed)  # same initial weights for every preset
+    vocab, seq = cfg.vocab_for(model_name), cfg.seq_len_for(model_name)
+    with torch.device(device):
+        model = build_model(model_name, vocab).to(dtype)
+    engine = ShardedDataParallel(model, topo, optim=AdamWConfig(), comm=comm,
+                                 bucket_numel=cfg.bucket_numel, seed=cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 1000 * topo.rank)
+    batches = [torch.randint(vocab, (cfg.micro_batch, seq + 1), generator=gen, device=device)
+               for _ in range(cfg.grad_accum)]
+    peak_rss = 0
+
+    def phase_end(name: str, start: Any) -> Any:
+        nonlocal peak_rss
+        end = rec.mark()
+        rec.add("phase", name, start, end)
+        if device.type != "cuda" and rec.active:
+            peak_rss = max(peak_rss, _rss_bytes())
+        return end
+
+    def train_step() -> Any:
+        mark = first = rec.mark()
+        for micro, tokens in enumerate(batches):
+            last = micro == len(batches) - 1
+            with contextlib.nullcontext() if last else engine.no_sync():
+                rec.phase = "forward"
+                logits = model(tokens[:, :-1])
+                loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()) / len(batches)
+                mark = phase_end("forward", mark)
+                rec.phase = "backward"
+                loss.backward()
+                mark = phase_end("backward", mark)
+        rec.phase = "optimizer"
+        engine.step()
+        mark = phase_end("optimizer", mark)
+        rec.phase = "zero_grad"
+        engine.zero_grad()
+        return first, phase_end("zero_grad", mark)
+
+    for _ in range(cfg.warmup):
+        train_step()
+    dist.barrier(group=topo.world_group)
+    topo.stats.reset()
+    rec.intervals.clear()
+    rec.active = True
+    try:
+        start, end = train_step()
+        for _ in range(cfg.steps - 1):
+            _, end = train_step()
+        step_s = rec.seconds(start, end) / cfg.steps
+        totals = rec.totals()
+    finally:
+        rec.active = False
+        rec.intervals.clear()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss
+
+    # Mean over ranks of every time; max of step time and peak memory.
+    keys = ["step", *PHASES, "codec", "exposed", *(f"codec:{n}" for n in CODEC_STEPS),
+            *(f"exposed:{p}" for p in PHASES)]
+    local = [step_s * cfg.steps, *(totals.get(k, 0.0) for k in keys[1:])]
+    vec = torch.tensor(local, dtype=torch.float64, device=device) / cfg.steps
+    mean = vec.clone()
+    dist.all_reduce(mean, group=topo.world_group)
+    mean /= topo.world_size
+    worst = torch.tensor([step_s, float(peak)], dtype=torch.float64, device=device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=topo.world_group)
+    t = dict(zip(keys, mean.tolist()))
+    step_s, peak, exposed = t["step"], int(worst[1].item()), t["exposed"]
+
+    wire = {link: n // cfg.steps for link, n in topo.stats.totals().items()}
+    by_op = {op: {k: v // cfg.steps for k, v in d.items()} for op, d in topo.stats.by_op().items()}
+    tokens = cfg.micro_batch * seq * cfg.grad_accum * topo.world_size
+    row = {
+        "model": model_name, "params": sum(p.numel() for p in model.parameters()), "preset": preset,
+        "comm": comm.describe(), "note": note, "dtype": str(dtype).removeprefix("torch."),
+        "tokens_per_step": tokens, "tokens_per_s": tokens / step_s,
+        "tokens_per_s_per_rank": tokens / step_s / topo.world_size,
+        "step_ms": step_s * 1e3, "step_ms_slowest_rank": worst[0].item() * 1e3,
+        **{f"{p}_ms": t[p] * 1e3 for p in PHASES},
+        "codec_ms": t["codec"] * 1e3, "codec_pct": 100 * t["codec"] / step_s,
+        "codec_ms_by_step": {n: t[f"codec:{n}"] * 1e3 for n in CODEC_STEPS if t[f"codec:{n}"] > 0},
+        "exposed_comm_ms": exposed * 1e3, "exposed_comm_pct": 100 * exposed / step_s,
+        "exposed_comm_ms_by_phase": {p: t[f"exposed:{p}"] * 1e3 for p in PHASES},
+        "peak_mem_bytes": peak,
+        "peak_mem_kind": "cuda max_memory_allocated" if device.type == "cuda" else "RSS max at phase ends",
+        "wire_bytes_per_step": wire, "bf16_bytes_per_step": bf16_bytes(engine),
+        "uncompressed_bytes_per_step": sum(d["baseline"] for d in by_op.values()),
+        "wire_by_op_per_step": by_op,
+        "buckets": [{"padded_numel": b.padded_numel, "shard_numel": b.shard_numel} for b in engine.buckets],
+        "memory_report": engine.memory_report(),
+    }
+    del engine, model, batches
+    gc.collect()
+    return row
+
+
+# ---- the run ------------------------------------------------------------------------------------
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_slug(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def run_rank(cfg: BenchConfig) -> dict:
+    """Every (model, preset) on this rank (process group initialized). Rank 0 prints and writes."""
+    topo = build_topology(cfg.gpus_per_node)
+    rec = Recorder(topo.device)
+    notes: list[str] = []
+    rows = []
+    with instrumented(rec):
+        for model_name in cfg.models:
+            for preset in cfg.presets:
+                row = bench_one(cfg, model_name, preset, topo, rec)
+                if row["note"] and row["note"] not in notes:
+                    notes.append(row["note"])
+                rows.append(row)
+    result = {"meta": _meta(cfg, topo, notes), "rows": rows}
+    if topo.rank == 0:
+        print_table(result)
+        out = cfg.out or Path("benchmarks/results") / f"bench-train-{device_slug(topo.device)}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+    return result
+
+
+def _meta(cfg: BenchConfig, topo: Topology, notes: list[str]) -> dict:
+    return {
+        "command": cfg.command, "device": _device_name(topo.device), "torch": torch.__version__,
+        "backend": topo.backend, "world_size": topo.world_size,
+        "topology": {"nodes": topo.nodes, "gpus_per_node": topo.gpus_per_node},
+        "quant_backend": backend_for(torch.empty(0, device=topo.device)).__name__.rsplit(".", 1)[-1],
+        "micro_batch": cfg.micro_batch, "grad_accum": cfg.grad_accum,
+        "seq_len": {m: cfg.seq_len_for(m) for m in cfg.models},
+        "vocab_size": {m: cfg.vocab_for(m) for m in cfg.models},
+        "steps": cfg.steps, "warmup": cfg.warmup, "bucket_numel": cfg.bucket_numel,
+        "timing": ("mean over ranks of per-step means; "
+                   + ("CUDA events on the compute stream" if topo.device.type == "cuda" else "perf_counter")
+                   + "; codec = time inside the collectives' codec steps; exposed comm = time in "
+                     "CommHandle.wait minus the codec inside it"),
+        "notes": notes,
+    }
+
+
+def print_table(result: dict) -> None:
+    meta = result["meta"]
+    print(f"halfbyte bench train: {meta['device']}, torch {meta['torch']}, {meta['backend']}, world "
+          f"{meta['world_size']} ({meta['topology']['nodes']} node(s) x {meta['topology']['gpus_per_node']}), "
+          f"micro-batch {meta['micro_batch']} x accum {meta['grad_accum']}, seq {meta['seq_len']}, "
+          f"{meta['steps']} steps after {meta['warmup']} warmup")
+    head = (f"{'model':<6}{'preset':<10}{'tok/s':>10}{'step ms':>9}{'fwd':>8}{'bwd':>8}{'opt':>8}{'zero':>7}"
+            f"{'codec ms':>9}{'codec %':>8}{'comm ms':>8}{'comm %':>7}{'peak MB':>9}"
+            f"{'intra MB':>9}{'inter MB':>9}{'bf16 MB':>9}")
+    print(head)
+    print("-" * len(head))
+    for r in result["rows"]:
+        wire, bf16 = r["wire_bytes_per_step"], r["bf16_bytes_per_step"]
+        print(f"{r['model']:<6}{r['preset']:<10}{r['tokens_per_s']:>10,.0f}{r['step_ms']:>9.1f}"
+              f"{r['forward_ms']:>8.1f}{r['backward_ms']:>8.1f}{r['optimizer_ms']:>8.1f}{r['zero_grad_ms']:>7.1f}"
+              f"{r['codec_ms']:>9.2f}{r['codec_pct']:>7.1f}%{r['exposed_comm_ms']:>8.1f}"
+              f"{r['exposed_comm_pct']:>6.1f}%{r['peak_mem_bytes'] / 2**20:>9.0f}"
+              f"{wire['intra'] / 1e6:>9.2f}{wire['inter'] / 1e6:>9.2f}{sum(bf16.values()) / 1e6:>9.2f}")
+    for note in meta["notes"]:
+        print(f"note: {note}")
+    print("codec and comm are inside the fwd/bwd/opt/zero phases (step = fwd + bwd + opt + zero); "
+          "wire MB per rank per step")
+
+
+@contextlib.contextmanager
+def _single_process_group() -> Iterator[None]:
+    """A world of one rank in this process (nccl with CUDA, else gloo), torn down afterwards;
+    an already initialized process group is used as it is."""
+    if dist.is_initialized():
+        yield
+        return
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        init_process_group_from_env(default_backend())
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    command = "halfbyte bench train " + " ".join(argv)
+    launched = "RANK" in os.environ
+    # Spawned workers are gloo CPU processes; under torchrun or alone the default backend decides.
+    on_gpu = default_backend() == "nccl" and (launched or args.workers == 1)
+    try:
+        cfg = resolve(args, command, on_gpu)
+    except ValueError as e:
+        print(f"halfbyte bench train: {e}", file=sys.stderr)
+        return 2
+    if launched:
+        init_process_group_from_env()
+        try:
+            run_rank(cfg)
+        finally:
+            dist.destroy_process_group()
+    elif args.workers == 1:
+        with _single_process_group():
+            run_rank(cfg)
+    else:
+        spawn(run_rank, args.workers, cfg, backend="gloo", timeout_s=3600)
+    return 0

@@ -1,0 +1,123 @@
+"""`halfbyte bench train`: rows for every preset on 2 gloo ranks (2 emulated nodes), wire bytes equal
+to the accounting formulas, phases that add up to the step, the timing of nested codec/wait
+intervals, a world of one rank, and bad options."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+import halfbyte.comm.collectives as collectives
+from halfbyte.bench import train_bench
+from halfbyte.comm import accounting
+from halfbyte.engine.config import CommConfig
+
+PRESETS = ["baseline", "zeropp", "sdp4bit"]
+FP32_BYTES = 4
+
+
+def _expected_wire(comm: CommConfig, buckets: list[dict], nodes: int, gpus: int) -> dict[str, int]:
+    """Bytes one rank sends per step by the accounting formulas: one weight all-gather and one
+    gradient reduce-scatter per bucket (fp32 replica on CPU)."""
+    total = {"intra": 0, "inter": 0}
+    for b in buckets:
+        weights = accounting.all_gather_bytes(b["shard_numel"], comm.weight_spec or FP32_BYTES, nodes, gpus)
+        if comm.grads == "two-level":
+            grads = accounting.reduce_scatter_two_level_bytes(b["padded_numel"], comm.grad_intra_spec,
+                                                              comm.grad_spec, nodes, gpus)
+        else:
+            grads = accounting.reduce_scatter_bytes(b["padded_numel"], comm.grad_spec or FP32_BYTES, nodes, gpus)
+        for link in total:
+            total[link] += weights[link] + grads[link]
+    return total
+
+
+@pytest.mark.timeout(180)
+def test_two_workers_two_nodes_every_preset(tmp_path):
+    out = tmp_path / "bench.json"
+    rc = train_bench.main(["--workers", "2", "--gpus-per-node", "1", "--steps", "2", "--warmup", "1",
+                           "--micro-batch", "2", "--seq-len", "64", "--presets", ",".join(PRESETS),
+                           "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    meta, rows = result["meta"], result["rows"]
+    assert meta["world_size"] == 2 and meta["topology"] == {"nodes": 2, "gpus_per_node": 1}
+    assert meta["command"].startswith("halfbyte bench train --workers 2") and meta["notes"] == []
+    assert [(r["model"], r["preset"]) for r in rows] == [("tiny", p) for p in PRESETS]
+    by_preset = {r["preset"]: r for r in rows}
+    for r in rows:
+        comm = CommConfig.preset(r["preset"])
+        assert r["comm"] == comm.describe() and r["note"] is None
+        assert r["tokens_per_step"] == 2 * 64 * 2
+        assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / (r["step_ms"] / 1e3))
+        phases = sum(r[f"{p}_ms"] for p in train_bench.PHASES)
+        assert phases == pytest.approx(r["step_ms"], rel=0.02)
+        assert 0 <= r["codec_ms"] < r["step_ms"] and 0 <= r["exposed_comm_ms"] < r["step_ms"]
+        assert r["codec_pct"] == pytest.approx(100 * r["codec_ms"] / r["step_ms"])
+        assert sum(r["codec_ms_by_step"].values()) == pytest.approx(r["codec_ms"])
+        assert r["peak_mem_bytes"] > r["memory_report"]["total"]
+        # CommStats (recorded from the actual buffers) == the accounting formulas
+        assert r["wire_bytes_per_step"] == _expected_wire(comm, r["buckets"], 2, 1)
+        # bf16: per bucket, one shard to the other rank in the all-gather and one in the reduce-scatter
+        bf16 = {"intra": 0, "inter": sum(2 * b["shard_numel"] * 2 for b in r["buckets"])}
+        assert r["bf16_bytes_per_step"] == bf16
+        assert r["uncompressed_bytes_per_step"] == 2 * bf16["inter"]  # fp32 on CPU
+    assert by_preset["baseline"]["codec_ms"] == 0 and by_preset["baseline"]["codec_ms_by_step"] == {}
+    # bits per value vs bf16's 16 (weights + grads): zeropp (8 + 4) / 32, sdp4bit (4 + 4) / 32, plus scales
+    for preset, ratio in (("zeropp", 0.40), ("sdp4bit", 0.26)):
+        r = by_preset[preset]
+        assert r["codec_ms"] > 0
+        assert sum(r["wire_bytes_per_step"].values()) < ratio * r["bf16_bytes_per_step"]["inter"]
+    assert set(by_preset["sdp4bit"]["codec_ms_by_step"]) >= {"encode_shard", "decode_gathered", "decode_sum"}
+
+
+@pytest.mark.timeout(120)
+def test_world_of_one_runs_two_level_presets_one_level(tmp_path, capsys):
+    out = tmp_path / "one.json"
+    rc = train_bench.main(["--steps", "1", "--warmup", "0", "--micro-batch", "1", "--seq-len", "32",
+                           "--presets", "sdp4bit", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "sdp4bit: 1 node, so two-level grads run one-level" in printed and "codec %" in printed
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["comm"].startswith("weights qwd") and "grads one-level int4/g128/sr/H32" in row["comm"]
+    assert row["wire_bytes_per_step"] == {"intra": 0, "inter": 0} and row["codec_ms"] > 0
+    # the wrappers are gone afterwards
+    assert collectives.encode_chunks.__module__ == collectives.__name__
+    assert not hasattr(collectives.CommHandle.wait, "__wrapped__")
+
+
+def test_recorder_separates_codec_inside_waits():
+    rec = train_bench.Recorder(train_bench.torch.device("cpu"))
+    codec = rec.wrap_codec("decode_sum", lambda: time.sleep(0.05))
+
+    def transfer_then_decode(_handle):
+        time.sleep(0.1)
+        codec()
+
+    wait = rec.wrap_wait(transfer_then_decode)
+    rec.active, rec.phase = True, "optimizer"
+    codec()  # outside any wait
+    wait(None)
+    rec.active = False
+    codec()  # not recorded
+    t = rec.totals()
+    assert t["codec"] == pytest.approx(0.1, abs=0.03) and t["codec:decode_sum"] == t["codec"]
+    assert t["exposed"] == pytest.approx(0.1, abs=0.03) and t["exposed:optimizer"] == t["exposed"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--presets", "baseline,nope"], "--presets ['nope']: choose from baseline"),
+    (["--models", "7b"], "--models ['7b']: choose from tiny"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--seq-len", "4096"], "--seq-len 4096 exceeds the context of model tiny (128)"),
+    (["--workers", "3", "--gpus-per-node", "2"], "--gpus-per-node 2 must divide --workers 3"),
+    (["--dtype", "fp8"], "--dtype must be one of auto, bf16, fp32"),
+    (["--vocab-size", "1"], "--vocab-size must be >= 2"),
+])
+def test_bad_options_exit_2_naming_the_option(argv, message, capsys):
+    assert train_bench.main(["--models", "tiny", *argv]) == 2  # a later --models wins
+    assert message in capsys.readouterr().err
