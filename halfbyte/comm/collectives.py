@@ -266,7 +266,8 @@ def reduce_scatter_two_level(full: torch.Tensor, intra_spec: QuantSpec, inter_sp
     inter_spec.hadamard: the rotation is applied before the first quantization and undone after the
     last one. With one rank per node there is no intra hop (inter_spec directly).
 
-    Async: `wait()` waits for the intra hop, then runs the middle hop and the inter hop.
+    Async: on NCCL the middle hop and the inter hop are queued at once (stream-ordered, the host
+    does not block); on gloo `wait()` runs them.
     """
     _check_op(op)
     _check_float(full, "full")
@@ -283,31 +284,39 @@ def reduce_scatter_two_level(full: torch.Tensor, intra_spec: QuantSpec, inter_sp
     base = _base_seed(seed, intra_spec, inter_spec)
     baseline = _sent(topo, c * full.element_size())
 
-    def inter_hop(send: torch.Tensor) -> torch.Tensor:
+    def launch_inter(send: torch.Tensor) -> CommHandle:
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=topo.inter_group)
-        return decode_sum(recv, inter_spec, c, W, op=op, out_dtype=out_dtype)
+        work = dist.all_to_all_single(recv, send, group=topo.inter_group, async_op=True)
+        return CommHandle(work, lambda: decode_sum(recv, inter_spec, c, W, op=op, out_dtype=out_dtype))
 
     if L == 1:
         send = pack_messages(split_chunks(full, W, cp), inter_spec, seed=rank_seed(base, topo.rank, HOP_INTER))
-        recv = torch.empty_like(send)
-        work = dist.all_to_all_single(recv, send, group=topo.inter_group, async_op=True)
         topo.stats.record("reduce_scatter_two_level", _sent(topo, send.shape[1], "inter"), baseline)
-        return _done(CommHandle(work, lambda: decode_sum(recv, inter_spec, c, W, op=op,
-                                                         out_dtype=out_dtype)), async_op)
+        return _done(launch_inter(send), async_op)
 
     send = encode_two_level(full, intra_spec, inter_spec, M, L, rank_seed(base, topo.rank, HOP_INTRA))
     recv = torch.empty_like(send)
     work = dist.all_to_all_single(recv, send, group=topo.intra_group, async_op=True)
 
-    def finish() -> torch.Tensor:
+    def middle_and_inter() -> CommHandle:
+        work.wait()
         middle = middle_hop(recv, intra_spec, inter_spec, M, cp, rank_seed(base, topo.rank, HOP_INTER))
         topo.stats.record("reduce_scatter_two_level",
                           {"intra": (L - 1) * send.shape[1], "inter": (M - 1) * middle.shape[1]},
                           baseline)
-        return inter_hop(middle)
+        return launch_inter(middle)
 
-    return _done(CommHandle(work, finish), async_op)
+    if _stream_ordered(topo.intra_group):
+        # NCCL's wait() only orders the current stream after the transfer, without blocking the
+        # host: chain the middle hop and the inter-node all-to-all now, so both overlap backward.
+        return _done(middle_and_inter(), async_op)
+    # Elsewhere (gloo) wait() blocks the host: defer both hops to the caller's wait().
+    return _done(CommHandle(None, lambda: middle_and_inter().wait()), async_op)
+
+
+def _stream_ordered(group: dist.ProcessGroup) -> bool:
+    """True when Work.wait() is a device-stream dependency rather than a host block."""
+    return dist.get_backend(group) == "nccl"
 
 
 def all_gather_q(shard: torch.Tensor, spec: QuantSpec | None, topo: Topology, *,
@@ -326,7 +335,7 @@ def all_gather_q(shard: torch.Tensor, spec: QuantSpec | None, topo: Topology, *,
     elif out.numel() != W * s:
         raise ValueError(f"all_gather_q: out has {out.numel()} values, expected world_size * "
                          f"shard.numel() = {W} * {s} = {W * s}")
-    baseline = _sent(topo, s * shard.element_size())
+    baseline = _sent(topo, s * out.element_size())  # uncompressed = a gather in out's dtype
     if spec is None:
         direct = not accumulate and out.dtype == shard.dtype and out.is_contiguous()
         buf = out.view(-1) if direct else torch.empty(W * s, dtype=shard.dtype, device=shard.device)
