@@ -1,0 +1,353 @@
+"""Local updates across islands (halfbyte/engine/local.py): multi-process tests on gloo (CPU, fp32).
+
+Worker bodies are module-level functions of this file; spawned ranks import it by module name
+(its folder is put on sys.path, which travels to them). Assertions that need every rank's data run
+in the parent; per-rank invariants run inside the ranks and surface as WorkerError.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from halfbyte.comm import build_topology, spawn
+from halfbyte.engine import AdamWConfig, CommConfig, ShardedDataParallel
+from halfbyte.engine.local import (
+    LocalUpdates,
+    OuterConfig,
+    PseudoGradientExchange,
+    build_island_engine,
+    build_islands,
+    check_islands,
+)
+from halfbyte.quant import QuantSpec
+
+sys.path.insert(0, str(Path(__file__).parent))
+import test_local as workers  # noqa: E402  (this file, importable by name in the spawned ranks)
+
+INT4 = QuantSpec(bits=4, group_size=128, rounding="stochastic", hadamard=32)
+INT4_NEAREST = QuantSpec(bits=4, group_size=128, rounding="nearest")
+
+
+# ---- model, data, loop --------------------------------------------------------------------------
+def make_mlp(width: int = 24) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1))
+
+
+_teacher = torch.Generator().manual_seed(4242)
+TEACHER = (torch.randn(8, 4, generator=_teacher) / 8**0.5, torch.randn(4, 1, generator=_teacher))
+
+
+def batch(step: int, rank: int, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data of one global rank at one step, independent of the global RNG; a fixed random teacher
+    gives the loss a floor of 0."""
+    g = torch.Generator().manual_seed(7919 * step + 31 * rank + 1)
+    x = torch.randn(n, 8, generator=g)
+    return x, torch.tanh(x @ TEACHER[0]) @ TEACHER[1]
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+
+
+def train_step(engine, local, model: nn.Module, step: int, lr: float) -> bool:
+    x, y = batch(step, dist.get_rank())
+    ((model(x) - y) ** 2).mean().backward()
+    engine.step(lr=lr)
+    synced = local.step(lr) if local is not None else False
+    engine.zero_grad()  # also waits for the weight all-gathers: params are readable after it
+    return synced
+
+
+def islands_agree(model: nn.Module) -> bool:
+    """All ranks of the world hold bit-identical parameters."""
+    mine = flat_params(model)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return all(torch.equal(mine, other) for other in every)
+
+
+# Adam divides by sqrt(v) + eps; with eps >> |grad| it is SGD with (bias-corrected) momentum, which
+# is linear in the gradients: then averaging the islands' weights after every step (tau = 1) is the
+# same as averaging their gradients (data parallel). Without it, Adam's normalization makes local
+# averaging a different algorithm, so no equality is expected.
+LINEAR_ADAM = AdamWConfig(lr=1e5, betas=(0.9, 0.95), eps=1e6, weight_decay=0.0)
+
+
+# ---- workers ------------------------------------------------------------------------------------
+def dp_equivalence_worker() -> dict:
+    """4 ranks: tau=1 `average` uncompressed == the engine on the whole world, for 2 islands x 2
+    ranks and 4 islands x 1 rank; then sign-momentum over int4 pseudo-gradients with the sdp4bit
+    preset inside islands of 2 emulated nodes: islands restart identical after every outer step."""
+    steps = 5
+    model = make_mlp()
+    dp = ShardedDataParallel(model, build_topology(), optim=LINEAR_ADAM, comm=CommConfig.preset("baseline"),
+                             grad_clip=None, bucket_numel=300)
+    for step in range(steps):
+        train_step(dp, None, model, step, LINEAR_ADAM.lr)
+    reference = flat_params(model)
+
+    report: dict = {}
+    for K in (2, 4):
+        model = make_mlp()
+        islands = build_islands(K)
+        engine = build_island_engine(model, islands, optim=LINEAR_ADAM, comm=CommConfig.preset("baseline"),
+                                     grad_clip=None, bucket_numel=300)
+        local = LocalUpdates(engine, islands, OuterConfig("average", local_steps=1))
+        for step in range(steps):
+            assert train_step(engine, local, model, step, LINEAR_ADAM.lr)
+            assert islands_agree(model), f"islands differ after outer step {step} (K={K})"
+        err = (flat_params(model) - reference).abs().max().item()
+        report[K] = {"err": err, "moved": (reference - flat_params(make_mlp())).abs().max().item(),
+                     "outer_steps": local.outer_steps, "inter_bytes": local.stats.totals()["inter"]}
+
+    # sdp4bit inside islands of 2 emulated nodes x 1 rank, int4 + Hadamard pseudo-gradients + EF.
+    model = make_mlp()
+    islands = build_islands(2, gpus_per_node=1)
+    assert (islands.island.nodes, islands.island.gpus_per_node) == (2, 1)
+    engine = build_island_engine(model, islands, optim=AdamWConfig(lr=1e-2), comm=CommConfig.preset("sdp4bit"),
+                                 bucket_numel=300)
+    local = LocalUpdates(engine, islands, OuterConfig("sign-momentum", local_steps=3, spec=INT4))
+    losses = []
+    for step in range(12):
+        x, y = batch(1000, dist.get_rank(), n=64)  # a fixed evaluation batch
+        with torch.no_grad():
+            losses.append(((model(x) - y) ** 2).mean().item())
+        if train_step(engine, local, model, step, 1e-2):
+            assert islands_agree(model), f"islands differ after the compressed outer step at {step}"
+    engine.check_replicas()
+    report["sdp4bit"] = {"losses": losses, "outer_steps": local.outer_steps,
+                         "inter": local.stats.totals()["inter"], "calls": local.stats.summary()["calls"]}
+    return report
+
+
+def sign_momentum_worker(tau: int, lrs: list[float]) -> dict:
+    """2 islands of 1 rank, sign-momentum: record start, end-of-round and post-outer weights."""
+    model = make_mlp()
+    islands = build_islands(2)
+    engine = build_island_engine(model, islands, optim=AdamWConfig(lr=1e-2), comm=CommConfig.preset("baseline"),
+                                 grad_clip=None, bucket_numel=300)
+    local = LocalUpdates(engine, islands, OuterConfig("sign-momentum", local_steps=tau))
+    rounds = []
+    start = flat_params(model)
+    for step, lr in enumerate(lrs):
+        x, y = batch(step, dist.get_rank())
+        ((model(x) - y) ** 2).mean().backward()
+        engine.step(lr=lr)
+        engine.zero_grad()
+        end = flat_params(model)
+        if local.step(lr):
+            engine.zero_grad()
+            after = flat_params(model)
+            rounds.append({"start": start, "end": end, "after": after, "lr": lr})
+            start = after
+    return {"rounds": rounds, "momentum_numel": local.optimizer.state["momentum"].numel()}
+
+
+def checkpoint_worker(path: str) -> dict:
+    """Save mid-round (after step 3 of tau=2 rounds), keep going; a fresh engine + LocalUpdates
+    that loads the checkpoint and runs the same steps must end bit-identical."""
+    steps, save_at = 7, 3
+    lr = 1e-2
+    config = OuterConfig("sign-momentum", local_steps=2, spec=INT4)
+
+    def build():
+        model = make_mlp()
+        islands = build_islands(2)
+        engine = build_island_engine(model, islands, optim=AdamWConfig(lr=lr), comm=CommConfig.preset("qwd"),
+                                     bucket_numel=300, seed=5)
+        return model, engine, LocalUpdates(engine, islands, config)
+
+    model, engine, local = build()
+    for step in range(steps):
+        train_step(engine, local, model, step, lr)
+        if step + 1 == save_at:
+            local.save_checkpoint(path, {"step": step + 1})
+            saved_state = local.state_dict()
+    final, final_state = flat_params(model), local.state_dict()
+
+    model, engine, local = build()
+    extra = local.load_checkpoint(path)
+    resumed_state = local.state_dict()
+    for step in range(extra["step"], steps):
+        train_step(engine, local, model, step, lr)
+    return {
+        "final_equal": torch.equal(final, flat_params(model)),
+        "state_restored": _states_equal(saved_state, resumed_state),
+        "final_state_equal": _states_equal(final_state, local.state_dict()),
+        "saved_mid_round": saved_state["steps_since_sync"],
+        "outer_steps": local.outer_steps,
+        "has_residual": saved_state["residual"] is not None and saved_state["residual"].abs().sum().item() > 0,
+    }
+
+
+def _states_equal(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, dict):
+            if not _states_equal(x, y):
+                return False
+        elif isinstance(x, torch.Tensor):
+            if not torch.equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def bad_layout_worker() -> dict:
+    """Errors raised before any communication, on every rank alike; the group still works after."""
+    errors = {}
+    for name, call in {
+        "islands_3": lambda: build_islands(3),
+        "islands_0": lambda: build_islands(0),
+        "foreign_engine": lambda: LocalUpdates(
+            ShardedDataParallel(make_mlp(), build_topology(), comm=CommConfig.preset("baseline")),
+            build_islands(2), OuterConfig()),
+    }.items():
+        try:
+            call()
+            errors[name] = None
+        except ValueError as e:
+            errors[name] = str(e)
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    errors["alive"] = t.item()
+    return errors
+
+
+def error_feedback_worker(rounds: int, numel: int) -> dict:
+    """Biased random pseudo-gradients over `rounds` outer steps: running sums of the decoded
+    averages with and without error feedback vs the exact one."""
+    islands = build_islands(2)
+    exact = PseudoGradientExchange(islands.outer, numel, None, False)
+    with_ef = PseudoGradientExchange(islands.outer, numel, INT4_NEAREST, True)
+    without = PseudoGradientExchange(islands.outer, numel, INT4_NEAREST, False)
+    sums = {"exact": 0.0, "ef": 0.0, "no_ef": 0.0}
+    err_ef, err_no, step_err = [], [], []
+    for t in range(rounds):
+        g = torch.Generator().manual_seed(1000 * t + dist.get_rank())
+        p = 0.01 * (1.0 + torch.randn(numel, generator=g))  # a bias makes rounding errors add up
+        e = exact.average(p, seed=t)
+        q_ef, q_no = with_ef.average(p, seed=t), without.average(p, seed=t)
+        step_err.append((q_no - e).abs().max().item())
+        sums = {"exact": sums["exact"] + e, "ef": sums["ef"] + q_ef, "no_ef": sums["no_ef"] + q_no}
+        err_ef.append((sums["ef"] - sums["exact"]).abs().max().item())
+        err_no.append((sums["no_ef"] - sums["exact"]).abs().max().item())
+    # Telescoping: sum of what was sent = sum of the inputs - the last residual, so the running sum
+    # of averages differs from the exact one by the average residual of the own chunk.
+    mean_residual = exact.average(with_ef.residual, seed=0)
+    identity_err = (sums["ef"] - (sums["exact"] - mean_residual)).abs().max().item()
+    return {"err_ef": err_ef, "err_no": err_no, "step_err": step_err, "identity_err": identity_err,
+            "residual_max": with_ef.residual.abs().max().item()}
+
+
+# ---- tests --------------------------------------------------------------------------------------
+@pytest.mark.timeout(180)
+def test_tau1_average_equals_data_parallel_and_compressed_islands_stay_identical():
+    reports = spawn(workers.dp_equivalence_worker, 4, timeout_s=170)
+    for K in (2, 4):
+        r = reports[0][K]
+        assert r["outer_steps"] == 5
+        assert r["moved"] > 1e-2  # training moved the weights, so equality is not vacuous
+        assert r["err"] < 1e-5 * r["moved"] + 1e-7, (K, r)
+        assert r["inter_bytes"] > 0
+    s = reports[0]["sdp4bit"]
+    assert s["outer_steps"] == 4 and s["inter"] > 0
+    assert s["losses"][-1] < 0.8 * s["losses"][0], s["losses"]
+
+
+@pytest.mark.timeout(120)
+def test_sign_momentum_matches_hand_computed_reference_for_two_outer_steps():
+    """x_{t+1} = x_t (1 - wd*lr*eta) - lr*eta*sign(b1 m + (1-b1) d), m <- b2 m + (1-b2) d, with
+    d = mean_i(x_t - x_end_i) / eta and eta the inner lr of the round's last step (defaults:
+    lr 1.0, betas (0.95, 0.98), wd 0.2); m carries over from the first outer step to the second."""
+    lrs = [1e-2, 2e-2, 1.5e-2, 3e-2]
+    reports = spawn(workers.sign_momentum_worker, 2, 2, lrs, timeout_s=110)
+    cfg = OuterConfig("sign-momentum", local_steps=2)
+    assert (cfg.lr, cfg.betas, cfg.weight_decay) == (1.0, (0.95, 0.98), 0.2)
+    beta1, beta2 = cfg.betas
+    rounds0, rounds1 = reports[0]["rounds"], reports[1]["rounds"]
+    assert len(rounds0) == len(rounds1) == 2
+    m = torch.zeros_like(rounds0[0]["start"])
+    for r0, r1 in zip(rounds0, rounds1):
+        assert torch.equal(r0["start"], r1["start"]) and torch.equal(r0["after"], r1["after"])
+        assert not torch.equal(r0["end"], r1["end"])  # the islands really trained apart
+        eta = r0["lr"]
+        gamma = cfg.lr * eta
+        x = r0["start"]
+        d = ((x - r0["end"]) + (x - r1["end"])) / 2 / eta
+        c = beta1 * m + (1 - beta1) * d
+        expected = x * (1 - cfg.weight_decay * gamma) - gamma * torch.sign(c)
+        m = beta2 * m + (1 - beta2) * d
+        torch.testing.assert_close(r0["after"], expected, rtol=0, atol=1e-6)
+        # every coordinate with a nonzero direction moved by exactly gamma beyond the decay
+        moved = (r0["after"] - x * (1 - cfg.weight_decay * gamma)).abs()
+        assert torch.allclose(moved[c != 0], torch.full_like(moved[c != 0], gamma), atol=1e-6)
+    # outer state sharded: each of the 2 ranks keeps half of the (padded) model's momentum
+    assert reports[0]["momentum_numel"] * 2 >= rounds0[0]["start"].numel()
+    assert reports[0]["momentum_numel"] < rounds0[0]["start"].numel()
+
+
+@pytest.mark.timeout(120)
+def test_outer_state_survives_checkpoint_resume_exactly(tmp_path):
+    reports = spawn(workers.checkpoint_worker, 2, str(tmp_path / "ckpt"), timeout_s=110)
+    for r in reports:
+        assert r["saved_mid_round"] == 1  # saved inside a round: the start snapshot must survive
+        assert r["has_residual"]
+        assert r["state_restored"] and r["final_state_equal"] and r["final_equal"], r
+        assert r["outer_steps"] == 3
+    assert (tmp_path / "ckpt" / "island0" / "COMPLETE").exists()
+    assert (tmp_path / "ckpt" / "island1" / "COMPLETE").exists()
+
+
+def test_bad_configs_raise_value_errors():
+    with pytest.raises(ValueError, match="local_steps"):
+        OuterConfig(local_steps=0)
+    with pytest.raises(ValueError, match="local_steps"):
+        OuterConfig(local_steps=2.5)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        OuterConfig(optimizer="adam")
+    with pytest.raises(ValueError, match="lr"):
+        OuterConfig(lr=0.0)
+    with pytest.raises(ValueError, match="weight_decay is only used"):
+        OuterConfig("nesterov", weight_decay=0.1)
+    with pytest.raises(ValueError, match="spec"):
+        OuterConfig(spec="int4")
+    with pytest.raises(ValueError, match=r"must divide the world size \(8\): choose one of \[1, 2, 4, 8\]"):
+        check_islands(8, 3)
+    assert check_islands(8, 4) == 2
+    assert (OuterConfig("nesterov").lr, OuterConfig("nesterov").momentum) == (0.7, 0.9)
+    assert OuterConfig("average").lr == 1.0
+
+
+@pytest.mark.timeout(120)
+def test_bad_layouts_raise_before_communicating():
+    reports = spawn(workers.bad_layout_worker, 2, timeout_s=110)
+    for r in reports:
+        assert "must divide the world size (2)" in r["islands_3"]
+        assert "positive integer" in r["islands_0"]
+        assert "must be built on islands.island" in r["foreign_engine"]
+        assert r["alive"] == 2.0
+
+
+@pytest.mark.timeout(120)
+def test_error_feedback_keeps_accumulated_update_close_to_uncompressed():
+    rounds = 30
+    reports = spawn(workers.error_feedback_worker, 2, rounds, 1000, timeout_s=110)
+    for r in reports:
+        one_step = max(r["step_err"])
+        assert one_step > 0  # int4 really loses something
+        # bounded: never more than about one step's error, at any point of the run
+        assert max(r["err_ef"]) <= 1.5 * one_step, (max(r["err_ef"]), one_step)
+        # without error feedback the errors add up
+        assert r["err_no"][-1] > 3 * r["err_ef"][-1], (r["err_no"][-1], r["err_ef"][-1])
+        assert r["identity_err"] < 1e-6
