@@ -24,6 +24,7 @@ from halfbyte.engine.local import (
     build_island_engine,
     build_islands,
     check_islands,
+    make_outer_optimizer,
 )
 from halfbyte.quant import QuantSpec
 
@@ -351,3 +352,23 @@ def test_error_feedback_keeps_accumulated_update_close_to_uncompressed():
         # without error feedback the errors add up
         assert r["err_no"][-1] > 3 * r["err_ef"][-1], (r["err_no"][-1], r["err_ef"][-1])
         assert r["identity_err"] < 1e-6
+
+
+def test_nesterov_and_average_match_torch_sgd():
+    """DiLoCo's outer step is torch.optim.SGD(lr 0.7, momentum 0.9, nesterov=True) fed with the
+    pseudo-gradient as the gradient; `average` with lr 1 lands on x - Delta."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(50, generator=g)
+    deltas = [torch.randn(50, generator=g) for _ in range(3)]
+    ours = x0.clone()
+    outer = make_outer_optimizer(OuterConfig("nesterov"), 50, torch.device("cpu"))
+    ref = x0.clone().requires_grad_()
+    sgd = torch.optim.SGD([ref], lr=0.7, momentum=0.9, nesterov=True)
+    for delta in deltas:
+        outer.step(ours, delta, inner_lr=3e-4)
+        ref.grad = delta.clone()
+        sgd.step()
+    torch.testing.assert_close(ours, ref.detach(), rtol=1e-6, atol=1e-6)
+    avg = x0.clone()
+    make_outer_optimizer(OuterConfig("average"), 50, torch.device("cpu")).step(avg, deltas[0], inner_lr=3e-4)
+    torch.testing.assert_close(avg, x0 - deltas[0])
