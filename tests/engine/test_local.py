@@ -62,7 +62,8 @@ def train_step(engine, local, model: nn.Module, step: int, lr: float) -> bool:
     ((model(x) - y) ** 2).mean().backward()
     engine.step(lr=lr)
     synced = local.step(lr) if local is not None else False
-    engine.zero_grad()  # also waits for the weight all-gathers: params are readable after it
+    engine.zero_grad()
+    engine.check_replicas()  # waits for the weight all-gathers step() started: params are readable
     return synced
 
 
@@ -142,10 +143,10 @@ def sign_momentum_worker(tau: int, lrs: list[float]) -> dict:
         ((model(x) - y) ** 2).mean().backward()
         engine.step(lr=lr)
         engine.zero_grad()
+        engine.check_replicas()  # waits for the weight all-gathers
         end = flat_params(model)
         if local.step(lr):
-            engine.zero_grad()
-            after = flat_params(model)
+            after = flat_params(model)  # the outer step leaves the replicas complete
             rounds.append({"start": start, "end": end, "after": after, "lr": lr})
             start = after
     return {"rounds": rounds, "momentum_numel": local.optimizer.state["momentum"].numel()}
