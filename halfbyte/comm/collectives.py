@@ -133,9 +133,11 @@ def middle_hop(received: torch.Tensor, intra_spec: QuantSpec, inter_spec: QuantS
     return to_message_major(packed.data, inter_spec, nodes, chunk_pad)
 
 
-def encode_shard(shard: torch.Tensor, spec: QuantSpec, seed: int | None) -> torch.Tensor:
-    """All-gather, send side: the shard's wire bytes (1-D uint8)."""
-    return quant.quantize(shard.reshape(-1), spec, seed=seed).data
+def encode_shard(shard: torch.Tensor, spec: QuantSpec, seed: int | None,
+                 subtract: torch.Tensor | None = None) -> torch.Tensor:
+    """All-gather, send side: the wire bytes (1-D uint8) of the shard, or of shard - subtract (qWD:
+    the codec fuses the difference)."""
+    return quant.quantize(shard.reshape(-1), spec, seed=seed, subtract=subtract).data
 
 
 def decode_gathered(received: torch.Tensor, spec: QuantSpec, shard_numel: int, out: torch.Tensor,
@@ -321,11 +323,14 @@ def _stream_ordered(group: dist.ProcessGroup) -> bool:
 
 def all_gather_q(shard: torch.Tensor, spec: QuantSpec | None, topo: Topology, *,
                  out: torch.Tensor | None = None, accumulate: bool = False, seed: int | None = None,
+                 subtract: torch.Tensor | None = None,
                  async_op: bool = False) -> torch.Tensor | CommHandle:
     """Gather every rank's shard (equal sizes) into `out` (W * shard.numel() values, rank order);
     accumulate=True adds the gathered values into `out` (qWD). spec None: all_gather_into_tensor in
     the shard's dtype; else each rank's shard travels quantized and every rank (the owner included)
-    decodes the same bytes. Returns out (a new 1-D tensor of shard's dtype when not given)."""
+    decodes the same bytes. subtract (quantized specs only): send shard - subtract instead, fused
+    into the codec (qWD sends master - replica shard). Returns out (a new 1-D tensor of shard's
+    dtype when not given)."""
     _check_float(shard, "shard")
     W, s = topo.world_size, shard.numel()
     if out is None:
@@ -337,6 +342,8 @@ def all_gather_q(shard: torch.Tensor, spec: QuantSpec | None, topo: Topology, *,
                          f"shard.numel() = {W} * {s} = {W * s}")
     baseline = _sent(topo, s * out.element_size())  # uncompressed = a gather in out's dtype
     if spec is None:
+        if subtract is not None:
+            raise ValueError("all_gather_q: subtract is fused into the codec and needs a spec")
         direct = not accumulate and out.dtype == shard.dtype and out.is_contiguous()
         buf = out.view(-1) if direct else torch.empty(W * s, dtype=shard.dtype, device=shard.device)
         work = _all_gather_tensor(buf, shard.reshape(-1).contiguous(), group=topo.world_group,
@@ -350,7 +357,8 @@ def all_gather_q(shard: torch.Tensor, spec: QuantSpec | None, topo: Topology, *,
         topo.stats.record("all_gather", baseline, baseline)
         return _done(CommHandle(work, finish), async_op)
 
-    send = encode_shard(shard, spec, rank_seed(_base_seed(seed, spec), topo.rank, HOP_ALL_GATHER))
+    send = encode_shard(shard, spec, rank_seed(_base_seed(seed, spec), topo.rank, HOP_ALL_GATHER),
+                        subtract)
     recv = torch.empty(W, send.numel(), dtype=torch.uint8, device=send.device)
     work = _all_gather_tensor(recv.view(-1), send, group=topo.world_group, async_op=True)
     topo.stats.record("all_gather", _sent(topo, send.numel()), baseline)

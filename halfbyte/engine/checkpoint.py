@@ -70,7 +70,7 @@ def save_checkpoint(engine: ShardedDataParallel, path: str | Path, extra: dict) 
     if any(w is not None for w in engine._grad_work):
         raise RuntimeError("save_checkpoint() while gradient reduce-scatters are in flight: call "
                            "step() first")
-    engine._wait_weights()
+    engine.wait_weights()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     group = engine.topo.world_group
@@ -106,7 +106,7 @@ def load_checkpoint(engine: ShardedDataParallel, path: str | Path) -> dict:
 
     if any(w is not None for w in engine._grad_work):
         raise RuntimeError("load_checkpoint() while gradient reduce-scatters are in flight")
-    engine._wait_weights()
+    engine.wait_weights()
     r = engine.topo.rank
     state = _state(engine, None)
     dcp.load(state, checkpoint_id=str(path), process_group=engine.topo.world_group)

@@ -44,7 +44,7 @@ Outer optimizers (one interface, `OuterOptimizer.step(params, pseudo_grad, inner
 
 Usage (every rank; `lr` is the inner learning rate of this step):
     islands = build_islands(num_islands=K)                        # collective
-    engine = build_island_engine(model, islands, optim=..., comm=CommConfig.preset("sdp4bit"))
+    engine = ShardedDataParallel(model, islands.island, optim=..., comm=CommConfig.preset("sdp4bit"))
     local = LocalUpdates(engine, islands, OuterConfig("sign-momentum", local_steps=tau))
     for step ...:
         loss.backward(); engine.step(lr); local.step(lr); engine.zero_grad()
@@ -54,14 +54,12 @@ Inter-island bytes are counted in `local.stats` (islands.outer.stats), every out
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
 from halfbyte import quant
@@ -273,33 +271,6 @@ def build_islands(num_islands: int, gpus_per_node: int | None = None, *,
     return Islands(index=index, num_islands=K, island=island, outer=outer)
 
 
-@contextlib.contextmanager
-def _broadcast_src_as_group_rank() -> Iterator[None]:
-    # torch.distributed.broadcast takes src as a *global* rank; ShardedDataParallel.__init__ passes
-    # src=0 with its topology's group, which only island 0 contains. Read it as the group rank.
-    original = dist.broadcast
-
-    def broadcast(tensor: torch.Tensor, src: int | None = None, group: Any = None,
-                  async_op: bool = False, group_src: int | None = None) -> Any:
-        if group is not None and src is not None and group_src is None:
-            src, group_src = None, src
-        return original(tensor, src=src, group=group, async_op=async_op, group_src=group_src)
-
-    dist.broadcast = broadcast
-    try:
-        yield
-    finally:
-        dist.broadcast = original
-
-
-def build_island_engine(model: nn.Module, islands: Islands, **engine_kwargs: Any) -> ShardedDataParallel:
-    """ShardedDataParallel on this rank's island (engine_kwargs: optim, comm, bucket_numel,
-    grad_clip, seed). Temporary shim: equals ShardedDataParallel(model, islands.island, ...) once
-    the engine's initial broadcast passes group_src=0 instead of the global src=0."""
-    with _broadcast_src_as_group_rank():
-        return ShardedDataParallel(model, islands.island, **engine_kwargs)
-
-
 # ---- pseudo-gradient exchange -------------------------------------------------------------------
 class PseudoGradientExchange:
     """The two collectives of an outer step over the outer group (K ranks, one per island).
@@ -358,7 +329,7 @@ class LocalUpdates:
     def __init__(self, engine: ShardedDataParallel, islands: Islands, config: OuterConfig) -> None:
         if engine.topo is not islands.island:
             raise ValueError("LocalUpdates: the engine must be built on islands.island "
-                             "(build_island_engine(model, islands, ...))")
+                             "(ShardedDataParallel(model, islands.island, ...))")
         if not isinstance(config, OuterConfig):
             raise ValueError(f"LocalUpdates: config must be an OuterConfig, got {config!r}")
         self.engine, self.islands, self.config = engine, islands, config
@@ -446,7 +417,7 @@ class LocalUpdates:
     def _sync_islands(self) -> None:
         """Global rank 0's replica and buffers everywhere; masters rebuilt from the replica."""
         engine = self.engine
-        engine._wait_weights()
+        engine.wait_weights()
         for b, master in zip(engine.buckets, engine.master):
             dist.broadcast(b.replica, src=0)
             master.copy_(b.shard(b.replica, engine.topo.rank))
@@ -456,7 +427,7 @@ class LocalUpdates:
     @torch.no_grad()
     def _outer_step(self, inner_lr: float) -> None:
         engine, seed_base = self.engine, self.engine.seed
-        engine._wait_weights()
+        engine.wait_weights()
         pseudo_grad = self.start[: self.numel] - self._flat_master()
         mean = self.exchange.average(pseudo_grad, seeds.collective_seed(seed_base, self.outer_steps, 0, OUTER_GRADS))
         self.optimizer.step(self.outer_params, mean, inner_lr)
@@ -475,6 +446,6 @@ class LocalUpdates:
 
 __all__ = [
     "OUTER_OPTIMIZERS", "Islands", "LocalUpdates", "OuterConfig", "OuterOptimizer",
-    "PseudoGradientExchange", "build_island_engine", "build_islands", "check_islands",
+    "PseudoGradientExchange", "build_islands", "check_islands",
     "make_outer_optimizer",
 ]

@@ -72,11 +72,12 @@ class ShardedDataParallel:
         self._slot: dict[nn.Parameter, tuple[Bucket, int]] = {
             p: (b, i) for b in self.buckets for i, p in enumerate(b.params)}
 
-        # Start from rank 0's weights and buffers everywhere, as torch DDP does.
+        # Start from the group's first rank's weights and buffers everywhere, as torch DDP does
+        # (group_src: the topology may be a sub-group, e.g. one island of local updates).
         for b in self.buckets:
-            dist.broadcast(b.replica, src=0, group=topo.world_group)
+            dist.broadcast(b.replica, group_src=0, group=topo.world_group)
         for buf in model.buffers():
-            dist.broadcast(buf, src=0, group=topo.world_group)
+            dist.broadcast(buf, group_src=0, group=topo.world_group)
 
         r = topo.rank
         self.master = [b.shard(b.replica, r).float().clone() for b in self.buckets]
@@ -107,8 +108,8 @@ class ShardedDataParallel:
 
     def zero_grad(self) -> None:
         """Zero the gradient buffers. Reduce-scatters a backward started without a step() (a
-        discarded batch) are completed and dropped, identically on every rank."""
-        self._wait_weights()
+        discarded batch) are completed and dropped, identically on every rank. Weight all-gathers
+        stay in flight: the gradient buffers are separate, and forward waits for them per bucket."""
         for work in self._grad_work:
             if work is not None:
                 work.wait()
@@ -123,7 +124,7 @@ class ShardedDataParallel:
     def step(self, lr: float | None = None) -> StepResult:
         """Finish the gradient reduction, update the owned master shards, start the weight
         all-gathers. lr: this step's learning rate (None: AdamWConfig.lr)."""
-        self._wait_weights()
+        self.wait_weights()
         self._launch_ready(force=True)  # buckets holding params that backward never reached
         grads = []
         for b, work in zip(self.buckets, self._grad_work):
@@ -156,7 +157,7 @@ class ShardedDataParallel:
     def check_replicas(self) -> None:
         """Raise RuntimeError naming the first bucket whose replica differs between ranks (bit-exact
         checksum, one all-reduce)."""
-        self._wait_weights()
+        self.wait_weights()
         sums = []
         for b in self.buckets:
             bits = _as_int(b.replica).to(torch.int64)
@@ -263,12 +264,15 @@ class ShardedDataParallel:
                 work = hcomm.all_gather_q(master, c.weight_spec, topo, out=b.replica, seed=seed,
                                          async_op=True)
             else:  # qwd: every rank, owner included, adds the same decoded delta
-                delta = master - b.shard(b.replica, topo.rank).float()
-                work = hcomm.all_gather_q(delta, c.weight_spec, topo, out=b.replica, accumulate=True,
-                                         seed=seed, async_op=True)
+                work = hcomm.all_gather_q(master, c.weight_spec, topo, out=b.replica, accumulate=True,
+                                         subtract=b.shard(b.replica, topo.rank), seed=seed,
+                                         async_op=True)
             self._weight_work[b.index] = work
 
-    def _wait_weights(self, indices: Any = None) -> None:
+    def wait_weights(self, indices: Any = None) -> None:
+        """Finish the weight all-gathers started by step() (of the given bucket indices, default
+        all). Forward does this by itself, bucket by bucket; call it before reading the parameters
+        any other way (e.g. comparing or exporting them right after step())."""
         for k in range(len(self.buckets)) if indices is None else indices:
             work = self._weight_work[k]
             if work is not None:
@@ -282,8 +286,8 @@ class ShardedDataParallel:
             owned = sorted({self._slot[p][0].index for p in module.parameters(recurse=False)
                             if p in self._slot})
             if owned:
-                module.register_forward_pre_hook(lambda _m, _args, ks=tuple(owned): self._wait_weights(ks))
-        model.register_forward_hook(lambda *_: self._wait_weights())
+                module.register_forward_pre_hook(lambda _m, _args, ks=tuple(owned): self.wait_weights(ks))
+        model.register_forward_hook(lambda *_: self.wait_weights())
 
 
 def _validate(model: nn.Module, topo: Topology, config: CommConfig, grad_clip: float | None) -> None:

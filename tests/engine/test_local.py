@@ -21,7 +21,6 @@ from halfbyte.engine.local import (
     LocalUpdates,
     OuterConfig,
     PseudoGradientExchange,
-    build_island_engine,
     build_islands,
     check_islands,
     make_outer_optimizer,
@@ -99,7 +98,7 @@ def dp_equivalence_worker() -> dict:
     for K in (2, 4):
         model = make_mlp()
         islands = build_islands(K)
-        engine = build_island_engine(model, islands, optim=LINEAR_ADAM, comm=CommConfig.preset("baseline"),
+        engine = ShardedDataParallel(model, islands.island, optim=LINEAR_ADAM, comm=CommConfig.preset("baseline"),
                                      grad_clip=None, bucket_numel=300)
         local = LocalUpdates(engine, islands, OuterConfig("average", local_steps=1))
         for step in range(steps):
@@ -113,7 +112,7 @@ def dp_equivalence_worker() -> dict:
     model = make_mlp()
     islands = build_islands(2, gpus_per_node=1)
     assert (islands.island.nodes, islands.island.gpus_per_node) == (2, 1)
-    engine = build_island_engine(model, islands, optim=AdamWConfig(lr=1e-2), comm=CommConfig.preset("sdp4bit"),
+    engine = ShardedDataParallel(model, islands.island, optim=AdamWConfig(lr=1e-2), comm=CommConfig.preset("sdp4bit"),
                                  bucket_numel=300)
     local = LocalUpdates(engine, islands, OuterConfig("sign-momentum", local_steps=3, spec=INT4))
     losses = []
@@ -133,7 +132,7 @@ def sign_momentum_worker(tau: int, lrs: list[float]) -> dict:
     """2 islands of 1 rank, sign-momentum: record start, end-of-round and post-outer weights."""
     model = make_mlp()
     islands = build_islands(2)
-    engine = build_island_engine(model, islands, optim=AdamWConfig(lr=1e-2), comm=CommConfig.preset("baseline"),
+    engine = ShardedDataParallel(model, islands.island, optim=AdamWConfig(lr=1e-2), comm=CommConfig.preset("baseline"),
                                  grad_clip=None, bucket_numel=300)
     local = LocalUpdates(engine, islands, OuterConfig("sign-momentum", local_steps=tau))
     rounds = []
@@ -162,7 +161,7 @@ def checkpoint_worker(path: str) -> dict:
     def build():
         model = make_mlp()
         islands = build_islands(2)
-        engine = build_island_engine(model, islands, optim=AdamWConfig(lr=lr), comm=CommConfig.preset("qwd"),
+        engine = ShardedDataParallel(model, islands.island, optim=AdamWConfig(lr=lr), comm=CommConfig.preset("qwd"),
                                      bucket_numel=300, seed=5)
         return model, engine, LocalUpdates(engine, islands, config)
 
