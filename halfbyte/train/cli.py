@@ -14,6 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
+from halfbyte.engine import CommConfig
 from halfbyte.train.config import Config, ConfigError, batch_layout, help_text, parse_args
 from halfbyte.train.data import (
     TokenFileError,
@@ -88,6 +89,29 @@ def _resume_path(cfg: Config) -> str | None:
     return resume
 
 
+def _gpus_per_node(cfg: Config, world: int, launched: bool) -> int | None:
+    """Ranks per (emulated) node; None: the launcher's LOCAL_WORLD_SIZE."""
+    two_level = CommConfig.preset(cfg.train.preset).grads == "two-level"
+    per_node = cfg.train.gpus_per_node
+    if not per_node and not launched:
+        per_node = 1  # each local worker is its own node, so the inter-node hop is exercised
+    if not per_node and two_level and int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world:
+        # one real node: emulate one node per rank so that the two-level gradient path has two levels
+        if os.environ.get("RANK") == "0":
+            print(f"note: one node of {world} ranks; preset {cfg.train.preset} emulates one node per rank "
+                  "(set --train.gpus_per_node to choose)", file=sys.stderr)
+        per_node = 1
+    if per_node and world % per_node:
+        raise ConfigError(f"--train.gpus_per_node={per_node} does not divide the {world} ranks; "
+                          f"use a divisor of {world}")
+    nodes = world // per_node if per_node else world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if two_level and nodes < 2:
+        raise ConfigError(f"preset {cfg.train.preset} reduces gradients over two levels and needs at least 2 "
+                          f"(emulated) nodes, but has {nodes}: use --workers 2 or more, a smaller "
+                          f"--train.gpus_per_node, or --preset qwd")
+    return per_node or None
+
+
 def make_plan(cfg: Config):
     """Resolve data, tokenizer, world size and batch layout; raise ConfigError & co on bad input."""
     from halfbyte.train.loop import RunPlan
@@ -95,10 +119,7 @@ def make_plan(cfg: Config):
     resume_path = _resume_path(cfg)
     launched = _launched()
     world = int(os.environ["WORLD_SIZE"]) if launched else cfg.train.workers
-    gpus_per_node = cfg.train.gpus_per_node or (None if launched else 1)
-    if gpus_per_node is not None and world % gpus_per_node:
-        raise ConfigError(f"--train.gpus_per_node={gpus_per_node} does not divide the {world} ranks; "
-                          f"use a divisor of {world}")
+    gpus_per_node = _gpus_per_node(cfg, world, launched)
     micro, accum = batch_layout(cfg, world)
 
     m = cfg.model

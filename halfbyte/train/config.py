@@ -50,7 +50,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = opt(2e-3, "peak learning rate")
+    lr: float = opt(4e-3, "peak learning rate")
     min_lr: float = opt(2e-4, "learning rate at the end of the cosine decay")
     warmup_steps: int = opt(20, "linear warm-up steps")
     weight_decay: float = opt(0.1, "AdamW weight decay")
@@ -63,12 +63,12 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     preset: str = opt("sdp4bit", f"communication preset: {' | '.join(COMM_PRESETS)}")
-    steps: int = opt(300, "optimizer steps")
-    batch_size: int = opt(32, "global batch size in sequences (all workers, all micro-batches)")
+    steps: int = opt(500, "optimizer steps")
+    batch_size: int = opt(16, "global batch size in sequences (all workers, all micro-batches)")
     micro_batch_size: int = opt(0, "sequences per worker per forward pass (0: no gradient accumulation)")
     seq_len: int = opt(128, "tokens per training sequence")
     eval_interval: int = opt(50, "evaluate validation loss every N steps (0: only at the end)")
-    eval_iters: int = opt(4, "validation micro-batches per worker per evaluation")
+    eval_iters: int = opt(8, "validation micro-batches per worker per evaluation")
     log_interval: int = opt(10, "write metrics every N steps")
     checkpoint_interval: int = opt(100, "save a checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = opt(1, "how many recent checkpoints to keep")

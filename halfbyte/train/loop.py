@@ -210,7 +210,7 @@ def run_worker(plan: RunPlan) -> dict[str, Any]:
             tok_s = (step - window_start) * tokens_per_step / max(window_time, 1e-9)
             log.progress(step, f"loss {train_loss:.3f} | {tok_s:,.0f} tok/s | wire {fmt_bytes(wire.sum())} "
                                f"(bf16 {fmt_bytes(bf16_total)})")
-            if final or stopped or evaluated or step % t.log_interval == 0:
+            if final or stopped or evaluated or step == 1 or step % t.log_interval == 0:
                 record = {"step": step, "loss": round(loss_sum / loss_steps, 5), "lr": lr,
                           "tokens_per_s": round(tok_s, 1), "grad_norm": round(result.grad_norm, 5),
                           "wire_intra_bytes": int(wire[0]), "wire_inter_bytes": int(wire[1]),
@@ -225,7 +225,8 @@ def run_worker(plan: RunPlan) -> dict[str, Any]:
 
     summary = {"step": step, "stopped": stopped, "loss": train_loss, "val_loss": val_loss,
                "wire_bytes": wire.tolist(), "wire_bf16_bytes": bf16_step * step, "elapsed_s": elapsed,
-               "skipped_steps": engine.skipped_steps, "checkpoint": str(checkpoint) if checkpoint else None}
+               "skipped_steps": engine.skipped_steps, "checkpoint": str(checkpoint) if checkpoint else None,
+               "dtype": str(dtype).removeprefix("torch.")}
     if log is not None:
         log.close()
         _finish(plan, model, summary, out_dir, device)
@@ -284,8 +285,10 @@ def _finish(plan: RunPlan, model: torch.nn.Module, summary: dict[str, Any], out_
         f"done: step {summary['step']}/{t.steps} in {fmt_time(summary['elapsed_s'])} | train loss "
         f"{summary['loss']:.3f} | val loss {summary['val_loss']:.3f} | skipped steps {summary['skipped_steps']}",
         f"wire (all ranks): {fmt_bytes(sent)} sent (inter-node {fmt_bytes(inter)}, intra-node {fmt_bytes(intra)}) "
-        f"vs {fmt_bytes(bf16)} with bf16 communication: "
-        + (f"{bf16 / sent:.1f}x less, {fmt_bytes(bf16 - sent)} saved" if sent else "nothing sent"),
+        + (f"vs {fmt_bytes(bf16)} with bf16 communication: {bf16 / sent:.1f}x less, {fmt_bytes(bf16 - sent)} saved"
+           if sent < bf16 else
+           f"= {sent / max(bf16, 1):.1f}x what bf16 communication would send: preset {t.preset} sends "
+           f"{summary['dtype']} values uncompressed"),
         f"outputs: {out_dir}/ (metrics.jsonl, loss.png, checkpoints/)",
     ]
     print("\n".join(lines), flush=True)

@@ -18,7 +18,7 @@ class GPTConfig:
     vocab_size: int
     n_layer: int = 4
     n_head: int = 4
-    d_model: int = 256
+    d_model: int = 128
     ctx: int = 128  # longest sequence the model accepts
     rope: bool = True  # rotary position embedding; False = learned absolute positions
     dropout: float = 0.0
@@ -32,7 +32,7 @@ class GPTConfig:
 
 # name -> (n_layer, n_head, d_model, ctx)
 PRESETS: dict[str, tuple[int, int, int, int]] = {
-    "tiny": (4, 4, 256, 128),
+    "tiny": (4, 4, 128, 128),  # 1.3M parameters: the CPU demo (`halfbyte train`, ~3 min on 2 cores)
     "125m": (12, 12, 768, 2048),
     "350m": (24, 16, 1024, 2048),
     "1.3b": (24, 16, 2048, 2048),

@@ -69,7 +69,7 @@ def test_bad_data_and_resume(no_workers, capsys, tmp_path, token_file):
 def test_help_exits_zero(capsys):
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
-    assert "--train.steps" in out and "(default: 300)" in out
+    assert "--train.steps" in out and "(default: 500)" in out
 
 
 def test_prepare_data(tmp_path, capsys):

@@ -42,7 +42,7 @@ def test_weight_tying():
 def test_tiny_preset_learns_a_batch():
     torch.manual_seed(0)
     model = build_model("tiny", 4096, n_layer=1)
-    assert model.cfg.d_model == 256 and model.cfg.ctx == 128 and model.cfg.n_layer == 1
+    assert model.cfg.d_model == 128 and model.cfg.ctx == 128 and model.cfg.n_layer == 1
     idx = torch.randint(0, 4096, (2, 33))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
