@@ -384,15 +384,13 @@ class VirtualDataParallel:
                 mine.copy_(master)
                 continue
             # qWD: rank r sends master - replica shard; every rank adds the same decoded delta.
-            x = master if c.weights == "direct" else master - mine.float()
-            send = encode_shard(x, c.weight_spec, rank_seed(seed, r, HOP_ALL_GATHER))
-            decode_gathered(send.view(1, -1), c.weight_spec, s, mine, accumulate=c.weights == "qwd")
-        if c.weights == "full":
-            sent = all_gather_bytes(s, b.replica.element_size(), M, L)
-            self.stats.record("all_gather", sent, sent)
-        else:  # the baseline of a quantized all-gather is its fp32 input
-            self.stats.record("all_gather", all_gather_bytes(s, c.weight_spec, M, L),
-                              all_gather_bytes(s, 4, M, L))
+            qwd = c.weights == "qwd"
+            send = encode_shard(master, c.weight_spec, rank_seed(seed, r, HOP_ALL_GATHER),
+                                subtract=mine if qwd else None)
+            decode_gathered(send.view(1, -1), c.weight_spec, s, mine, accumulate=qwd)
+        baseline = all_gather_bytes(s, b.replica.element_size(), M, L)  # a gather in the replica dtype
+        sent = baseline if c.weights == "full" else all_gather_bytes(s, c.weight_spec, M, L)
+        self.stats.record("all_gather", sent, baseline)
 
     # ---- checkpoints --------------------------------------------------------------------------
     def _meta(self) -> dict:
