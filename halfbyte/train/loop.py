@@ -109,6 +109,7 @@ def run_worker(plan: RunPlan) -> dict[str, Any]:
     """Train on this rank (the process group is initialized). Returns rank 0's summary."""
     cfg, t = plan.cfg, plan.cfg.train
     out_dir = cfg.out_dir
+    stop = StopRequest()  # first: a Ctrl-C during start-up also ends in a clean stop after one step
     if plan.local_workers and "OMP_NUM_THREADS" not in os.environ:
         # local workers share the CPUs this process may use (taskset / cgroup aware): no oversubscription
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -158,7 +159,6 @@ def run_worker(plan: RunPlan) -> dict[str, Any]:
         log = RunLogger(out_dir, t.steps, start_step, resumed=bool(plan.resume_path))
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         log.note(_banner(plan, engine, model, train_data, val_batches, start_step))
-    stop = StopRequest()
 
     def save(step: int, wire: torch.Tensor) -> Path:
         path = out_dir / "checkpoints" / f"step_{step:06d}"

@@ -42,8 +42,9 @@ def _wait_for_steps(out: Path, proc: subprocess.Popen, n: int, timeout: float = 
 @pytest.mark.timeout(300)
 def test_train_writes_outputs_and_resume_continues_the_curve(tmp_path):
     out = tmp_path / "run"
+    # micro-batch 2 of a per-rank 4: two accumulation passes per step, only the second communicates
     run = _train("--steps=8", "--eval_interval=4", "--checkpoint_interval=4", "--keep_checkpoints=2",
-                 f"--out={out}")
+                 "--micro_batch_size=2", f"--out={out}")
     assert run.returncode == 0, run.stderr
     first = _metrics(out)
     assert [r["step"] for r in first] == list(range(1, 9))
@@ -59,7 +60,7 @@ def test_train_writes_outputs_and_resume_continues_the_curve(tmp_path):
 
     # resuming from step 4 retraces steps 5..8: same data, same optimizer state, same rounding seeds
     run = _train("--steps=8", "--eval_interval=4", "--checkpoint_interval=4", "--keep_checkpoints=2",
-                 f"--out={out}", f"--resume={out / 'checkpoints' / 'step_000004'}")
+                 "--micro_batch_size=2", f"--out={out}", f"--resume={out / 'checkpoints' / 'step_000004'}")
     assert run.returncode == 0, run.stderr
     again = _metrics(out)
     assert [r["step"] for r in again] == list(range(1, 9))
@@ -68,7 +69,7 @@ def test_train_writes_outputs_and_resume_continues_the_curve(tmp_path):
         assert a["wire_inter_bytes"] == b["wire_inter_bytes"]
 
     # --resume alone takes the newest checkpoint; the step count goes on
-    run = _train("--steps=10", f"--out={out}", "--resume")
+    run = _train("--steps=10", "--micro_batch_size=2", f"--out={out}", "--resume")
     assert run.returncode == 0, run.stderr
     assert [r["step"] for r in _metrics(out)] == list(range(1, 11))
     assert "resuming from" in run.stderr + run.stdout
