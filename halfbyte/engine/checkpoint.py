@@ -30,7 +30,7 @@ FORMAT_VERSION = 1
 MARKER = "COMPLETE"
 
 
-def _meta(engine: ShardedDataParallel) -> dict[str, Any]:
+def engine_meta(engine: ShardedDataParallel) -> dict[str, Any]:
     return {
         "format": FORMAT_VERSION,
         "world_size": engine.topo.world_size,
@@ -82,7 +82,7 @@ def save_checkpoint(engine: ShardedDataParallel, path: str | Path, extra: dict) 
     dcp.save(_state(engine, dict(extra)), checkpoint_id=str(tmp), process_group=group)
     dist.barrier(group=group)
     if is_rank0:
-        (tmp / "meta.json").write_text(json.dumps(_meta(engine), indent=1))
+        (tmp / "meta.json").write_text(json.dumps(engine_meta(engine), indent=1))
         old = path.with_name(path.name + ".old")
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -102,7 +102,7 @@ def load_checkpoint(engine: ShardedDataParallel, path: str | Path) -> dict:
         raise ValueError(f"checkpoint {path} is missing or incomplete (no {MARKER} marker): it was "
                          "never finished, e.g. the run stopped while saving")
     saved = json.loads((path / "meta.json").read_text())
-    _check_compatible(saved, _meta(engine), path)
+    check_compatible(saved, engine_meta(engine), path)
 
     if any(w is not None for w in engine._grad_work):
         raise RuntimeError("load_checkpoint() while gradient reduce-scatters are in flight")
@@ -119,7 +119,7 @@ def load_checkpoint(engine: ShardedDataParallel, path: str | Path) -> dict:
     return pickle.loads(state[f"extra.rank{r}"])
 
 
-def _check_compatible(saved: dict, current: dict, path: Path) -> None:
+def check_compatible(saved: dict, current: dict, path: Path) -> None:
     if saved.get("format") != FORMAT_VERSION:
         raise ValueError(f"checkpoint {path} has format {saved.get('format')!r}, this version reads "
                          f"{FORMAT_VERSION}")

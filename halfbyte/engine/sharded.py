@@ -30,6 +30,7 @@ from halfbyte.comm.topology import Topology
 from halfbyte.engine import seeds
 from halfbyte.engine.buffers import Bucket, build_buckets
 from halfbyte.engine.config import AdamWConfig, CommConfig
+from halfbyte.engine.optim import adamw_, clip_
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class ShardedDataParallel:
     def __init__(self, model: nn.Module, topo: Topology, optim: AdamWConfig = AdamWConfig(),
                  comm: CommConfig = CommConfig.preset("sdp4bit"), bucket_numel: int = 25_000_000,
                  grad_clip: float | None = 1.0, seed: int = 0) -> None:
-        _validate(model, topo, comm, grad_clip)  # before anything touches the network
+        validate_engine(model, topo, comm, grad_clip)  # before anything touches the network
         self.module = model
         self.topo = topo
         self.optim = optim
@@ -146,11 +147,11 @@ class ShardedDataParallel:
             self.zero_grad()
             return StepResult(skipped=True, grad_norm=grad_norm)
         if self.grad_clip is not None:
-            # Same arithmetic as torch.nn.utils.clip_grad_norm_.
-            torch._foreach_mul_(grads, (self.grad_clip / (norm + 1e-6)).clamp(max=1.0))
+            clip_(grads, norm, self.grad_clip)
 
         self.step_count += 1
-        self._adamw(grads, self.optim.lr if lr is None else lr)
+        adamw_(self.master, self.exp_avg, self.exp_avg_sq, grads,
+               lr=self.optim.lr if lr is None else lr, step=self.step_count, config=self.optim)
         self._launch_weight_gathers()
         return StepResult(skipped=False, grad_norm=grad_norm)
 
@@ -234,23 +235,6 @@ class ShardedDataParallel:
         spec = c.grad_spec if c.grads == "one-level" else None
         return hcomm.reduce_scatter_q(b.grad, spec, topo, seed=seed if spec is not None else None, **kw)
 
-    # ---- optimizer ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def _adamw(self, grads: list[torch.Tensor], lr: float) -> None:
-        """torch.optim.AdamW's arithmetic (decoupled decay, bias correction) on the master shards."""
-        beta1, beta2 = self.optim.betas
-        t = self.step_count
-        params = self.master
-        torch._foreach_mul_(params, 1 - lr * self.optim.weight_decay)
-        torch._foreach_lerp_(self.exp_avg, grads, 1 - beta1)
-        torch._foreach_mul_(self.exp_avg_sq, beta2)
-        torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, 1 - beta2)
-        step_size = lr / (1 - beta1**t)
-        denom = torch._foreach_sqrt(self.exp_avg_sq)
-        torch._foreach_div_(denom, math.sqrt(1 - beta2**t))
-        torch._foreach_add_(denom, self.optim.eps)
-        torch._foreach_addcdiv_(params, self.exp_avg, denom, -step_size)
-
     # ---- weights ------------------------------------------------------------------------------
     @torch.no_grad()
     def _launch_weight_gathers(self) -> None:
@@ -290,7 +274,8 @@ class ShardedDataParallel:
         model.register_forward_hook(lambda *_: self.wait_weights())
 
 
-def _validate(model: nn.Module, topo: Topology, config: CommConfig, grad_clip: float | None) -> None:
+def validate_engine(model: nn.Module, topo: Topology, config: CommConfig, grad_clip: float | None) -> None:
+    """Every check that needs no communication: raise ValueError before the first collective."""
     if grad_clip is not None and not grad_clip > 0:
         raise ValueError(f"grad_clip must be > 0 or None (off), got {grad_clip!r}")
     devices = {p.device for p in model.parameters()}

@@ -59,7 +59,8 @@ from halfbyte.comm.collectives import to_section_major
 from halfbyte.engine import checkpoint, seeds
 from halfbyte.engine.buffers import Bucket, build_buckets
 from halfbyte.engine.config import AdamWConfig, CommConfig
-from halfbyte.engine.sharded import ShardedDataParallel, StepResult, _validate
+from halfbyte.engine.optim import adamw_, clip_
+from halfbyte.engine.sharded import StepResult, validate_engine
 from halfbyte.quant import Packed, QuantSpec
 
 STATE_FILE = "virtual.pt"
@@ -104,7 +105,7 @@ class VirtualDataParallel:
         _check_layout(world_size, L)
         device = next(model.parameters()).device
         self.topo = VirtualTopology(nodes=world_size // L, gpus_per_node=L, device=device)
-        _validate(model, self.topo, comm, grad_clip)
+        validate_engine(model, self.topo, comm, grad_clip)
         self.module = model
         self.world_size = world_size
         self.optim = optim
@@ -118,7 +119,7 @@ class VirtualDataParallel:
         self.buckets: list[Bucket] = build_buckets(model, bucket_numel, world_size, comm.alignment)
         self._slot = {p: (b, i) for b in self.buckets for i, p in enumerate(b.params)}
         # Rank r's shard of bucket b lives at index r * B + b of the flat lists (the order in which
-        # ShardedDataParallel._adamw walks them does not matter: it is elementwise).
+        # optim.adamw_ walks them does not matter: it is elementwise).
         self.master = [b.shard(b.replica, r).float().clone()
                        for r in range(world_size) for b in self.buckets]
         self.exp_avg = [torch.zeros_like(m) for m in self.master]
@@ -200,11 +201,11 @@ class VirtualDataParallel:
             self.zero_grad()
             return StepResult(skipped=True, grad_norm=grad_norm)
         if self.grad_clip is not None:
-            # Same arithmetic as ShardedDataParallel.step (torch.nn.utils.clip_grad_norm_).
-            torch._foreach_mul_(grads, (self.grad_clip / (norm + 1e-6)).clamp(max=1.0))
+            clip_(grads, norm, self.grad_clip)
 
         self.step_count += 1
-        ShardedDataParallel._adamw(self, grads, self.optim.lr if lr is None else lr)  # type: ignore[arg-type]
+        adamw_(self.master, self.exp_avg, self.exp_avg_sq, grads,
+               lr=self.optim.lr if lr is None else lr, step=self.step_count, config=self.optim)
         for b in self.buckets:
             self._gather_weights(b)
         return StepResult(skipped=False, grad_norm=grad_norm)
@@ -264,7 +265,7 @@ class VirtualDataParallel:
                              f"marker) or not a virtual-rank checkpoint (no {STATE_FILE})")
         saved = json.loads((path / "meta.json").read_text())
         current = self._meta()
-        checkpoint._check_compatible(saved, current, path)
+        checkpoint.check_compatible(saved, current, path)
         if saved["gpus_per_node"] != current["gpus_per_node"]:
             raise ValueError(f"checkpoint {path} was written with {saved['gpus_per_node']} virtual ranks "
                              f"per node, this run has {current['gpus_per_node']}")
@@ -394,7 +395,7 @@ class VirtualDataParallel:
 
     # ---- checkpoints --------------------------------------------------------------------------
     def _meta(self) -> dict:
-        return {**checkpoint._meta(self), "gpus_per_node": self.topo.gpus_per_node}  # type: ignore[arg-type]
+        return {**checkpoint.engine_meta(self), "gpus_per_node": self.topo.gpus_per_node}  # type: ignore[arg-type]
 
 
 def _decode_rows(send: torch.Tensor, spec: QuantSpec, row_numel: int, out: torch.Tensor, *,
