@@ -224,7 +224,7 @@ def train_main(argv: list[str]) -> int:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit code 2
-        print(f"halfbyte {self.prog}: error: {message} (see halfbyte {self.prog} --help)", file=sys.stderr)
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
 
 
@@ -244,7 +244,7 @@ def _input_files(inputs: list[str], pattern: str) -> list[Path]:
 
 
 def prepare_data_main(argv: list[str]) -> int:
-    parser = _Parser(prog="prepare-data", description=(
+    parser = _Parser(prog="halfbyte prepare-data", description=(
         "Tokenize text files into a memory-mapped token file for `halfbyte train --data OUT`. Writes OUT "
         "(training tokens), OUT's .val twin (the last --val-fraction of every file) and OUT.json (what made it)."))
     parser.add_argument("inputs", nargs="+", help="text files, or directories searched recursively")

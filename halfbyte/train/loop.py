@@ -156,9 +156,9 @@ def run_worker(plan: RunPlan) -> dict[str, Any]:
 
     log = None
     if rank0:
-        log = RunLogger(out_dir, t.steps, start_step, resumed=bool(plan.resume_path))
+        print(_banner(plan, engine, model, train_data, val_batches, start_step), flush=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-        log.note(_banner(plan, engine, model, train_data, val_batches, start_step))
+        log = RunLogger(out_dir, t.steps, start_step, resumed=bool(plan.resume_path))
 
     def save(step: int, wire: torch.Tensor) -> Path:
         path = out_dir / "checkpoints" / f"step_{step:06d}"

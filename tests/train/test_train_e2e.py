@@ -102,3 +102,19 @@ def test_a_crashed_worker_stops_the_run_with_an_error(tmp_path):
     assert time.monotonic() - start < 60
     # the parent names the first rank that reported: the killed one, or its peer whose link broke
     assert proc.returncode == 1 and "a worker failed" in stderr and "rank " in stderr, stderr
+
+
+@pytest.mark.timeout(300)
+def test_train_on_prepared_data(tmp_path):
+    from halfbyte.train.data import read_builtin_plays
+
+    (tmp_path / "corpus").mkdir()
+    for i, play in enumerate(read_builtin_plays()[:2]):
+        (tmp_path / "corpus" / f"play{i}.txt").write_text(play)
+    prep = subprocess.run([sys.executable, "-m", "halfbyte", "prepare-data", str(tmp_path / "corpus"),
+                           "--out", str(tmp_path / "data.bin")], capture_output=True, text=True, timeout=120)
+    assert prep.returncode == 0, prep.stderr
+    out = tmp_path / "run"
+    run = _train("--steps=3", f"--data={tmp_path / 'data.bin'}", f"--out={out}")
+    assert run.returncode == 0, run.stderr
+    assert "val_loss" in _metrics(out)[-1] and (out / "sample.txt").exists()  # val file and tokenizer found
