@@ -311,7 +311,7 @@ def bench_one(cfg: BenchConfig, model_name: str, preset: str, topo: Topology, re
             peak_rss = max(peak_rss, _rss_bytes())
         return end
 
-    def train_step() -> Any:
+    def train_step() -> tuple[Any, Any]:  # marks at its start and end
         mark = first = rec.mark()
         for micro, tokens in enumerate(batches):
             last = micro == len(batches) - 1
@@ -350,9 +350,8 @@ def bench_one(cfg: BenchConfig, model_name: str, preset: str, topo: Topology, re
     # Mean over ranks of every time; max of step time and peak memory.
     keys = ["step", *PHASES, "codec", "exposed", *(f"codec:{n}" for n in CODEC_STEPS),
             *(f"exposed:{p}" for p in PHASES)]
-    local = [step_s * cfg.steps, *(totals.get(k, 0.0) for k in keys[1:])]
-    vec = torch.tensor(local, dtype=torch.float64, device=device) / cfg.steps
-    mean = vec.clone()
+    per_step = [step_s, *(totals.get(k, 0.0) / cfg.steps for k in keys[1:])]
+    mean = torch.tensor(per_step, dtype=torch.float64, device=device)
     dist.all_reduce(mean, group=topo.world_group)
     mean /= topo.world_size
     worst = torch.tensor([step_s, float(peak)], dtype=torch.float64, device=device)
