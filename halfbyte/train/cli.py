@@ -94,7 +94,7 @@ def _gpus_per_node(cfg: Config, world: int, launched: bool) -> int | None:
     two_level = CommConfig.preset(cfg.train.preset).grads == "two-level"
     per_node = cfg.train.gpus_per_node
     if not per_node and not launched:
-        per_node = 1  # each local worker is its own node, so the inter-node hop is exercised
+        per_node = 1  # each local worker (virtual rank) is its own node: the inter-node hop is exercised
     if not per_node and two_level and int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world:
         # one real node: emulate one node per rank so that the two-level gradient path has two levels
         if os.environ.get("RANK") == "0":
@@ -102,8 +102,8 @@ def _gpus_per_node(cfg: Config, world: int, launched: bool) -> int | None:
                   "(set --train.gpus_per_node to choose)", file=sys.stderr)
         per_node = 1
     if per_node and world % per_node:
-        raise ConfigError(f"--train.gpus_per_node={per_node} does not divide the {world} ranks; "
-                          f"use a divisor of {world}")
+        raise ConfigError(f"--train.gpus_per_node (--virtual-gpus-per-node)={per_node} does not divide the "
+                          f"{world} ranks; use a divisor of {world}")
     nodes = world // per_node if per_node else world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if two_level and nodes < 2:
         raise ConfigError(f"preset {cfg.train.preset} reduces gradients over two levels and needs at least 2 "
@@ -112,15 +112,43 @@ def _gpus_per_node(cfg: Config, world: int, launched: bool) -> int | None:
     return per_node or None
 
 
+def _islands(cfg: Config, world: int, gpus_per_node: int | None) -> int:
+    """Number of islands for local updates (0: off), checked like build_islands checks it."""
+    from halfbyte.engine.local import check_islands
+
+    if not cfg.outer.enabled:
+        return 0
+    per_node = gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    islands = cfg.outer.islands or world // per_node
+    try:
+        size = check_islands(world, islands)
+    except ValueError as e:
+        raise ConfigError(f"--islands: {e}") from None
+    if size % per_node and per_node % size:
+        raise ConfigError(f"--islands={islands}: an island of {size} ranks must hold whole nodes of {per_node} "
+                          f"ranks or lie inside one node; choose islands so that {size} divides {per_node} "
+                          "or is a multiple of it")
+    island_nodes = size // min(size, per_node)
+    if CommConfig.preset(cfg.train.preset).grads == "two-level" and island_nodes < 2:
+        raise ConfigError(f"preset {cfg.train.preset} reduces gradients over two levels inside an island, "
+                          f"but each of the {islands} islands has {island_nodes} node: use fewer --islands, "
+                          "a smaller --train.gpus_per_node, or --preset qwd")
+    return islands
+
+
 def make_plan(cfg: Config):
     """Resolve data, tokenizer, world size and batch layout; raise ConfigError & co on bad input."""
     from halfbyte.train.loop import RunPlan
 
     resume_path = _resume_path(cfg)
     launched = _launched()
-    world = int(os.environ["WORLD_SIZE"]) if launched else cfg.train.workers
+    virtual = cfg.train.virtual_ranks > 0
+    if virtual and launched:
+        raise ConfigError("--virtual-ranks runs one process and emulates the ranks: start it without torchrun")
+    world = cfg.train.virtual_ranks if virtual else int(os.environ["WORLD_SIZE"]) if launched else cfg.train.workers
     gpus_per_node = _gpus_per_node(cfg, world, launched)
-    micro, accum = batch_layout(cfg, world)
+    islands = _islands(cfg, world, gpus_per_node)
+    micro, accum = batch_layout(cfg, world, "virtual ranks" if virtual else "workers")
 
     m = cfg.model
     if m.name.startswith("hf:"):
@@ -156,7 +184,8 @@ def make_plan(cfg: Config):
         cfg=cfg, train_path=str(train_path), val_path=str(val_path) if val_ok else None,
         vocab_size=train.vocab_size, tokenizer=_resolve_tokenizer(cfg, train.vocab_size, builtin, train_path),
         builtin_data=builtin, resume_path=resume_path, world_size=world, gpus_per_node=gpus_per_node,
-        micro_batch=micro, accum=accum, local_workers=not launched,
+        micro_batch=micro, accum=accum, local_workers=not launched and not virtual, virtual=virtual,
+        islands=islands,
     )
 
 
@@ -195,7 +224,11 @@ def train_main(argv: list[str]) -> int:
         return 2
 
     from halfbyte.comm import WorkerError, init_process_group_from_env, spawn
-    from halfbyte.train.loop import run_worker
+    from halfbyte.train.loop import run_virtual, run_worker
+
+    if plan.virtual:
+        run_virtual(plan)  # this process; Ctrl-C / SIGTERM save a checkpoint and stop
+        return 0
 
     if _launched():
         import torch.distributed as dist

@@ -19,6 +19,7 @@ except ModuleNotFoundError:  # Python 3.10
 from halfbyte.train.model import PRESETS as MODEL_PRESETS
 
 COMM_PRESETS = ("baseline", "zeropp", "sdp4bit", "qw4", "qwd", "tlq", "tlq-hs")
+OUTER_CHOICES = ("none", "sign-momentum", "nesterov", "average")
 DTYPES = ("auto", "fp32", "bf16")
 
 
@@ -74,7 +75,10 @@ class TrainConfig:
     keep_checkpoints: int = opt(1, "how many recent checkpoints to keep")
     seed: int = opt(0, "seed for initialization, data order and stochastic rounding")
     workers: int = opt(2, "local worker processes when not started by torchrun")
-    gpus_per_node: int = opt(0, "ranks per (emulated) node (0: 1 for local workers, LOCAL_WORLD_SIZE under torchrun)")
+    virtual_ranks: int = opt(0, "emulate this many data-parallel ranks in one process, same data and "
+                                "communication math as real ranks (0: off)")
+    gpus_per_node: int = opt(0, "ranks per (emulated) node (0: 1 for local workers and virtual ranks, "
+                                "LOCAL_WORLD_SIZE under torchrun)")
     dtype: str = opt("auto", f"compute dtype: {' | '.join(DTYPES)} (auto: bf16 on GPU, fp32 on CPU)")
     name: str = opt("", "run name (empty: <model>-<preset>)")
     out_dir: str = opt("", "output directory (empty: runs/<name>)")
@@ -84,11 +88,48 @@ class TrainConfig:
 
 
 @dataclass
+class LocalUpdatesConfig:
+    """Local updates (halfbyte.engine.local): defaults are the engine's, i.e. the sign-momentum paper's
+    (Yu et al. 2024, authors' code) and DiLoCo's for nesterov."""
+
+    optimizer: str = opt("none", f"outer optimizer across islands: {' | '.join(OUTER_CHOICES)} (none: every "
+                                 "step synchronous data parallel)")
+    local_steps: int = opt(12, "tau: inner steps between outer steps")
+    islands: int = opt(0, "islands of consecutive ranks (0: one per (emulated) node)")
+    lr: float | None = opt(None, "outer learning rate (none: sign-momentum 1.0 x inner lr, nesterov 0.7, average 1.0)")
+    beta1: float = opt(0.95, "sign-momentum: beta1 of the update direction")
+    beta2: float = opt(0.98, "sign-momentum: beta2 of the momentum")
+    momentum: float = opt(0.9, "nesterov: momentum")
+    weight_decay: float | None = opt(None, "sign-momentum: decoupled weight decay (none: 0.2; others: 0)")
+    bits: int = opt(0, "pseudo-gradient exchange across islands: 0 (fp32, exact) | 4 | 8")
+    group_size: int = opt(128, "values per quantization group of the exchange")
+    hadamard: int = opt(32, "Hadamard block of the exchange (0: off)")
+    rounding: str = opt("stochastic", "rounding of the exchange: stochastic | nearest")
+    error_feedback: bool = opt(True, "keep the exchange's quantization residual and add it to the next one")
+
+    @property
+    def enabled(self) -> bool:
+        return self.optimizer != "none"
+
+    def engine_config(self) -> Any:
+        """The engine's OuterConfig (raises ValueError on bad values)."""
+        from halfbyte.engine.local import OuterConfig as EngineOuterConfig
+        from halfbyte.quant import QuantSpec
+
+        spec = None if not self.bits else QuantSpec(bits=self.bits, group_size=self.group_size,
+                                                     rounding=self.rounding, hadamard=self.hadamard)
+        return EngineOuterConfig(self.optimizer, local_steps=self.local_steps, lr=self.lr,
+                                 betas=(self.beta1, self.beta2), momentum=self.momentum,
+                                 weight_decay=self.weight_decay, spec=spec, error_feedback=self.error_feedback)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    outer: LocalUpdatesConfig = field(default_factory=LocalUpdatesConfig)
 
     @property
     def run_name(self) -> str:
@@ -102,16 +143,20 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
+            "outer": LocalUpdatesConfig}
 SHORT_FLAGS = {
     "config": "config", "preset": "train.preset", "steps": "train.steps", "workers": "train.workers",
     "seed": "train.seed", "out": "train.out_dir", "resume": "train.resume", "model": "model.name",
     "data": "data.path", "tokenizer": "data.tokenizer", "batch-size": "train.batch_size", "lr": "optim.lr",
+    "virtual-ranks": "train.virtual_ranks", "virtual-gpus-per-node": "train.gpus_per_node",
+    "outer": "outer.optimizer", "local-steps": "outer.local_steps", "islands": "outer.islands",
+    "outer-lr": "outer.lr", "outer-bits": "outer.bits",
 }
 
 
 def _section_fields(section: str) -> dict[str, tuple[Any, dataclasses.Field]]:
-    cls = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}[section]
+    cls = SECTIONS[section]
     hints = typing.get_type_hints(cls)
     return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls)}
 
@@ -162,7 +207,8 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
     setattr(getattr(cfg, section), name, _convert(key, ALL_KEYS[key], value))
 
 
-def load_toml(cfg: Config, path: str | Path) -> None:
+def load_toml(cfg: Config, path: str | Path) -> set[str]:
+    """Apply a TOML file to cfg; returns the keys it set."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing --config file.toml")
@@ -178,6 +224,7 @@ def load_toml(cfg: Config, path: str | Path) -> None:
             if key not in ALL_KEYS:
                 raise ConfigError(f"{path}: unknown key {name!r} in [{section}]; see `halfbyte train --help`")
             set_value(cfg, key, value)
+    return {f"{section}.{name}" for section, values in table.items() for name in values}
 
 
 def parse_args(argv: list[str]) -> Config | None:
@@ -207,16 +254,17 @@ def parse_args(argv: list[str]) -> Config | None:
             overrides.append((key, value))
         i += 1
     cfg = Config()
+    given = {key for key, _ in overrides}
     if config_file is not None:
-        load_toml(cfg, config_file)
+        given |= load_toml(cfg, config_file)
     for key, value in overrides:
         set_value(cfg, key, value)
-    validate(cfg)
+    validate(cfg, given)
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    """Checks that need no data, no model and no processes."""
+def validate(cfg: Config, given: set[str] = frozenset()) -> None:
+    """Checks that need no data, no model and no processes. given: the keys set explicitly."""
     m, o, t = cfg.model, cfg.optim, cfg.train
     if not m.name.startswith("hf:") and m.name not in MODEL_PRESETS:
         raise ConfigError(f"unknown model {m.name!r}; use --model {' | '.join(MODEL_PRESETS)} or hf:<local path>")
@@ -243,6 +291,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"--{key} must be >= 0, got {value}")
     if o.min_lr > o.lr:
         raise ConfigError(f"--optim.min_lr={o.min_lr} exceeds --lr={o.lr}; lower min_lr")
+    _validate_parallelism(cfg, given)
     if not m.name.startswith("hf:"):
         ctx = m.ctx or MODEL_PRESETS[m.name][3]
         if t.seq_len > ctx:
@@ -250,13 +299,46 @@ def validate(cfg: Config) -> None:
                               f"lower seq_len or raise --model.ctx")
 
 
-def batch_layout(cfg: Config, world_size: int) -> tuple[int, int]:
+def _validate_parallelism(cfg: Config, given: set[str]) -> None:
+    """Virtual ranks and local updates: the checks that need no world size."""
+    t, u = cfg.train, cfg.outer
+    if t.virtual_ranks < 0:
+        raise ConfigError(f"--virtual-ranks must be >= 1 (or 0: off), got {t.virtual_ranks}")
+    if t.virtual_ranks:
+        if "train.workers" in given and t.workers > 1:
+            raise ConfigError(f"--virtual-ranks={t.virtual_ranks} runs one process: drop --workers={t.workers} "
+                              "(virtual ranks replace local workers)")
+        if t.gpus_per_node and t.virtual_ranks % t.gpus_per_node:
+            divisors = [d for d in range(1, t.virtual_ranks + 1) if t.virtual_ranks % d == 0]
+            raise ConfigError(f"--virtual-gpus-per-node={t.gpus_per_node} does not divide --virtual-ranks="
+                              f"{t.virtual_ranks}; use one of {divisors}")
+    if u.optimizer not in OUTER_CHOICES:
+        raise ConfigError(f"unknown outer optimizer {u.optimizer!r}; use --outer {' | '.join(OUTER_CHOICES)}")
+    if not u.enabled:
+        return
+    if u.local_steps < 1:
+        raise ConfigError(f"--local-steps (tau) must be >= 1, got {u.local_steps}")
+    if u.islands < 0:
+        raise ConfigError(f"--islands must be >= 1 (or 0: one per node), got {u.islands}")
+    if u.bits not in (0, 4, 8):
+        raise ConfigError(f"--outer-bits must be 0 (fp32), 4 or 8, got {u.bits}")
+    if u.rounding not in ("nearest", "stochastic"):
+        raise ConfigError(f"--outer.rounding must be nearest or stochastic, got {u.rounding!r}")
+    if u.weight_decay and u.optimizer != "sign-momentum":
+        raise ConfigError(f"--outer.weight_decay is only used by --outer sign-momentum; drop it for {u.optimizer}")
+    try:
+        u.engine_config()
+    except ValueError as e:  # the engine's own checks (lr, betas, momentum, codec)
+        raise ConfigError(f"--outer options: {e}") from None
+
+
+def batch_layout(cfg: Config, world_size: int, ranks: str = "workers") -> tuple[int, int]:
     """(micro-batch size per rank, accumulation steps), or ConfigError if the global batch does not split."""
     t = cfg.train
     micro = t.micro_batch_size or t.batch_size // world_size
     if micro == 0 or t.batch_size % (world_size * micro):
         raise ConfigError(
-            f"--batch-size={t.batch_size} is not divisible by workers x micro-batch = {world_size} x "
+            f"--batch-size={t.batch_size} is not divisible by {ranks} x micro-batch = {world_size} x "
             f"{t.micro_batch_size or micro}; use a batch size that is a multiple of {world_size * max(micro, 1)}"
         )
     return micro, t.batch_size // (world_size * micro)
@@ -268,8 +350,11 @@ def help_text() -> str:
         "",
         "Trains a GPT with sharded data parallelism and 4-bit communication. Without a launcher it starts",
         "--workers local CPU processes (gloo), each its own emulated node; under torchrun it uses the",
-        "launcher's ranks (NCCL on GPUs). Options apply in order: defaults (configs/default.toml),",
-        "then --config, then the others. Keys may be written without their section when unique.",
+        "launcher's ranks (NCCL on GPUs). --virtual-ranks W emulates W ranks in this one process (GPU if",
+        "available) with the data order and communication math of W real ranks. --outer turns on local",
+        "updates: islands of ranks train on their own and meet every --local-steps steps (an outer step).",
+        "Options apply in order: defaults (configs/default.toml), then --config, then the others.",
+        "Keys may be written without their section when unique.",
         "",
         "  --config FILE                  TOML file with [model] [data] [optim] [train] tables",
         "short flags:",
