@@ -2,16 +2,24 @@
 
 Runs under torchrun (NCCL on CUDA) or, without a launcher, spawns `--workers N` local gloo processes.
 For every size N (values of the full tensor: the reduce-scatter input, the all-gather output) and
-mode it reports, from rank 0 (time = slowest rank's mean):
+mode it reports, from rank 0 (time = slowest rank's mean over --iters calls; the sweep runs
+--repeats times and a record keeps the fastest pass, the least disturbed on a shared machine):
   algbw  = N * 2 bytes (the bf16 tensor the collective stands for) / time: the effective bandwidth
            in uncompressed bytes/s, comparable across modes;
   busbw  = algbw * (W-1)/W (nccl-tests convention for all-gather / reduce-scatter);
   wire   = bytes this rank actually sent per link class (intra/inter), and wire bytes/s.
+
+The JSON is {"meta": {...}, "records": [...]}. A record is self-describing, so that
+`halfbyte simulate --calibrate` prices it with the cost model directly: collective, mode (a label),
+spec / intra_spec (QuantSpec fields, or null for the uncompressed dtype; intra_spec only for the
+two-level reduce-scatter), dtype_bytes (uncompressed element bytes), nodes, gpus_per_node, numel,
+seconds (fastest pass) and seconds_repeats (every pass).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -66,8 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="local gloo processes when not under torchrun")
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default 20 GPU, 5 CPU)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="passes over the whole sweep; a record keeps the fastest and lists all")
     p.add_argument("--out", type=Path, default=None,
-                   help="JSON path (default benchmarks/results/comm-<backend>-w<W>.json)")
+                   help="JSON path (default benchmarks/results/comm-<device>-<backend>-<M>x<L>.json)")
     return p
 
 
@@ -87,7 +97,8 @@ def _run_once(collective: str, mode: str, x: torch.Tensor, topo: Topology) -> No
         reduce_scatter_q(x, spec, topo, out_dtype=torch.float32, seed=0)
 
 
-def _time(collective: str, mode: str, numel: int, topo: Topology, iters: int, warmup: int) -> dict:
+def _time(collective: str, mode: str, numel: int, topo: Topology, iters: int, warmup: int) -> tuple[float, dict]:
+    """(seconds per call on the slowest rank, bytes this rank sent per call and link class)."""
     x = torch.randn(numel, device=topo.device).to(torch.bfloat16)
     for _ in range(warmup):
         _run_once(collective, mode, x, topo)
@@ -100,12 +111,22 @@ def _time(collective: str, mode: str, numel: int, topo: Topology, iters: int, wa
     _sync(topo.device)
     seconds = torch.tensor([(time.perf_counter() - start) / iters], dtype=torch.float64, device=topo.device)
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)  # a collective is as slow as its slowest rank
-    t = seconds.item()
-    W = topo.world_size
-    wire = {link: n // iters for link, n in topo.stats.totals().items()}
+    return seconds.item(), {link: n // iters for link, n in topo.stats.totals().items()}
+
+
+def make_record(collective: str, mode: str, numel: int, nodes: int, gpus_per_node: int,
+                seconds: list[float], wire: dict[str, int]) -> dict:
+    """One measurement in the format `halfbyte simulate --calibrate` reads (see the module doc)."""
+    spec, intra = MODES[mode]
+    W = nodes * gpus_per_node
+    t = min(seconds)
     algbw = numel * 2 / t
     return {
-        "collective": collective, "mode": mode, "numel": numel, "time_ms": t * 1e3,
+        "collective": collective, "mode": mode,
+        "spec": dataclasses.asdict(spec) if spec else None,
+        "intra_spec": dataclasses.asdict(intra) if intra and collective == "reduce_scatter" else None,
+        "dtype_bytes": 2, "nodes": nodes, "gpus_per_node": gpus_per_node, "numel": numel,
+        "seconds": t, "seconds_repeats": seconds, "spread": max(seconds) / t - 1,
         "algbw_GBps": algbw / 1e9, "busbw_GBps": algbw * (W - 1) / W / 1e9,
         "wire_intra_bytes": wire["intra"], "wire_inter_bytes": wire["inter"],
         "wire_GBps": (wire["intra"] + wire["inter"]) / t / 1e9,
@@ -114,46 +135,64 @@ def _time(collective: str, mode: str, numel: int, topo: Topology, iters: int, wa
     }
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def _bench(args: argparse.Namespace, command: str) -> None:
     init_process_group_from_env()
     topo = build_topology(args.gpus_per_node)
     on_gpu = topo.device.type == "cuda"
     sizes = args.sizes or ([2**20 * k for k in (1, 4, 16, 64, 256)] if on_gpu else [2**16, 2**20])
     iters = args.iters or (20 if on_gpu else 5)
-    rows = []
-    for collective in args.collectives:
-        for mode in args.modes:
-            if mode == "two-level" and (collective == "all_gather" or topo.nodes < 2):
-                continue  # two levels exist for the reduce-scatter, across >= 2 nodes
-            for numel in sizes:
-                rows.append(_time(collective, mode, numel, topo, iters, args.warmup))
+    cases = [(collective, mode, numel) for collective in args.collectives for mode in args.modes
+             # two levels exist for the reduce-scatter, across >= 2 nodes
+             if mode != "two-level" or (collective == "reduce_scatter" and topo.nodes >= 2)
+             for numel in sizes]
+    seconds: dict[tuple, list[float]] = {case: [] for case in cases}
+    wire: dict[tuple, dict[str, int]] = {}
+    for _ in range(args.repeats):  # whole passes, so a burst of load elsewhere hits one pass only
+        for case in cases:
+            t, wire[case] = _time(*case, topo, iters, args.warmup)
+            seconds[case].append(t)
     if topo.rank != 0:
         return
-    _print_table(rows, topo)
-    out = args.out or Path("benchmarks/results") / f"comm-{topo.backend}-w{topo.world_size}.json"
+    records = [make_record(*case, topo.nodes, topo.gpus_per_node, seconds[case], wire[case]) for case in cases]
+    _print_table(records, topo)
+    device = torch.cuda.get_device_name(topo.device) if on_gpu else _cpu_name()
+    out = args.out or Path("benchmarks/results") / \
+        f"comm-{topo.device.type}-{topo.backend}-{topo.nodes}x{topo.gpus_per_node}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "command": command, "backend": topo.backend, "world_size": topo.world_size,
+        "command": command, "backend": topo.backend, "device": device, "world_size": topo.world_size,
         "topology": {"nodes": topo.nodes, "gpus_per_node": topo.gpus_per_node},
-        "device": torch.cuda.get_device_name(topo.device) if on_gpu else platform.processor() or "cpu",
-        "torch": torch.__version__, "iters": iters, "warmup": args.warmup, "input_dtype": "bfloat16",
-        "modes": {name: {"spec": str(s) if s else None, "intra_spec": str(i) if i else None}
-                  for name, (s, i) in MODES.items()},
+        # what the ranks of one host share: on CPU the codec runs on these cores
+        "host_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "threads_per_rank": torch.get_num_threads(),
+        "torch": torch.__version__, "iters": iters, "warmup": args.warmup, "repeats": args.repeats,
+        "input_dtype": "bfloat16",
     }
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"meta": meta, "records": records}, indent=1) + "\n")
     print(f"wrote {out}")
 
 
 def _print_table(rows: list[dict], topo: Topology) -> None:
     print(f"halfbyte bench comm: {topo.describe()}, world {topo.world_size}")
-    head = f"{'collective':<15}{'mode':<11}{'values':>11}{'ms':>10}{'algbw GB/s':>12}{'busbw GB/s':>12}" \
-           f"{'intra MB':>10}{'inter MB':>10}{'bits/val':>9}"
+    head = f"{'collective':<15}{'mode':<11}{'values':>11}{'ms':>10}{'spread':>8}{'algbw GB/s':>12}" \
+           f"{'busbw GB/s':>12}{'intra MB':>10}{'inter MB':>10}{'bits/val':>9}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['collective']:<15}{r['mode']:<11}{r['numel']:>11}{r['time_ms']:>10.3f}"
-              f"{r['algbw_GBps']:>12.3f}{r['busbw_GBps']:>12.3f}{r['wire_intra_bytes'] / 1e6:>10.3f}"
-              f"{r['wire_inter_bytes'] / 1e6:>10.3f}{r['wire_bits_per_value']:>9.3f}")
+        print(f"{r['collective']:<15}{r['mode']:<11}{r['numel']:>11}{r['seconds'] * 1e3:>10.3f}"
+              f"{r['spread']:>8.1%}{r['algbw_GBps']:>12.3f}{r['busbw_GBps']:>12.3f}"
+              f"{r['wire_intra_bytes'] / 1e6:>10.3f}{r['wire_inter_bytes'] / 1e6:>10.3f}"
+              f"{r['wire_bits_per_value']:>9.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             print(f"halfbyte bench comm: unknown --{name} {bad}; choose from {', '.join(allowed)}", file=sys.stderr)
             return 2
+    for name in ("repeats", "workers"):
+        if getattr(args, name) < 1:
+            print(f"halfbyte bench comm: --{name} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
+            return 2
     command = "halfbyte bench comm " + " ".join(argv if argv is not None else sys.argv[1:])
+    if "LOCAL_WORLD_SIZE" in os.environ:  # torchrun's arguments are not visible here: name the launcher
+        command = f"torchrun --nproc_per_node={os.environ['LOCAL_WORLD_SIZE']} -m {command}"
     if "RANK" in os.environ:
         _bench(args, command)
     else:

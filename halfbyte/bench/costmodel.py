@@ -233,50 +233,68 @@ def _wire_time(intra: float, inter: float, intra_steps: int, inter_steps: int, c
     return latency * 1e-6 + bandwidth
 
 
-def weight_gather_cost(comm: CommConfig, shard: int, buckets: int, M: int, L: int,
-                       cluster: Cluster, wl: Workload) -> CollectiveCost:
-    """All-gather of `buckets` buckets whose per-rank shard is `shard` values (ring)."""
+def all_gather_cost(spec: QuantSpec | None, shard: int, buckets: int, M: int, L: int, cluster: Cluster,
+                    wl: Workload, *, elem_bytes: int, source_bytes: int, accumulate: bool = False) -> CollectiveCost:
+    """All-gather (ring) of `buckets` buckets whose per-rank shard is `shard` values: packed with
+    `spec`, or uncompressed elements of `elem_bytes`. The codec reads `source_bytes` per shard value
+    and writes the gathered values as `elem_bytes`; accumulate (qWD) adds them, reading the output too."""
     W = M * L
-    spec = comm.weight_spec
-    logical = accounting.all_gather_bytes(shard, _elem(spec, wl.weight_bytes), M, L)
+    logical = accounting.all_gather_bytes(shard, _elem(spec, elem_bytes), M, L)
     intra, inter = _ring_loads(logical, L, M)
-    steps = W - 1
     codec = 0.0
     if spec is not None:
         packed = spec.wire_nbytes(shard)
-        qwd = comm.weights == "qwd"
-        read_in = shard * (wl.master_bytes + (wl.weight_bytes if qwd else 0))  # qWD: master - replica
-        replica = W * shard * wl.weight_bytes * (2 if qwd else 1)  # qWD adds into the replica
-        codec = read_in + packed + W * packed + replica
-    return _total("weight all-gather", "ring", steps, intra, inter, codec, buckets, M, cluster, wl)
+        codec = shard * source_bytes + packed + W * packed + W * shard * elem_bytes * (2 if accumulate else 1)
+    return _total("all-gather", "ring", W - 1, intra, inter, codec, buckets, M, cluster, wl)
+
+
+def reduce_scatter_cost(spec: QuantSpec | None, intra_spec: QuantSpec | None, numel: int, buckets: int,
+                        M: int, L: int, cluster: Cluster, wl: Workload, *, elem_bytes: int) -> CollectiveCost:
+    """Reduce-scatter of `buckets` buckets of `numel` values of `elem_bytes` each, into fp32 chunks.
+
+    spec None: uncompressed ring. intra_spec None: one quantized all-to-all with `spec`. Both: two
+    levels (`intra_spec` inside nodes, `spec` across); with one GPU per node only the inter hop
+    exists, on one node only the intra hop (a single all-to-all with that hop's spec).
+    """
+    W = M * L
+    chunk = accounting.chunk_numel(numel, W)
+    if spec is None:
+        logical = accounting.reduce_scatter_bytes(numel, elem_bytes, M, L)
+        intra, inter = _ring_loads(logical, L, M)
+        return _total("reduce-scatter", "ring", W - 1, intra, inter, 0.0, buckets, M, cluster, wl)
+    if intra_spec is None or L == 1 or M == 1:
+        one = intra_spec if (intra_spec is not None and M == 1) else spec
+        logical = accounting.reduce_scatter_bytes(numel, one, M, L)
+        packed = one.wire_nbytes(chunk)
+        codec = numel * elem_bytes + W * packed + W * packed + chunk * 4
+        return _total("reduce-scatter", "all-to-all", 1, logical["intra"], logical["inter"],
+                      codec, buckets, M, cluster, wl)
+    logical = accounting.reduce_scatter_two_level_bytes(numel, intra_spec, spec, M, L)
+    hop1 = intra_spec.wire_nbytes(M * spec.padded_numel(chunk))
+    hop2 = spec.wire_nbytes(chunk)
+    quantize = numel * elem_bytes + L * hop1
+    requantize = L * hop1 + M * hop2  # dequantize the L node chunks, sum, requantize M chunks
+    decode = M * hop2 + chunk * 4
+    return _total("reduce-scatter", "two-level", 2, logical["intra"], logical["inter"],
+                  quantize + requantize + decode, buckets, M, cluster, wl)
+
+
+def weight_gather_cost(comm: CommConfig, shard: int, buckets: int, M: int, L: int,
+                       cluster: Cluster, wl: Workload) -> CollectiveCost:
+    """The engine's weight all-gather: the fp32 master shard (qWD: minus the replica's) quantized,
+    gathered into the replica in the weight dtype (qWD: added to it)."""
+    qwd = comm.weights == "qwd"
+    cost = all_gather_cost(comm.weight_spec, shard, buckets, M, L, cluster, wl, elem_bytes=wl.weight_bytes,
+                           source_bytes=wl.master_bytes + (wl.weight_bytes if qwd else 0), accumulate=qwd)
+    return replace(cost, name="weight all-gather")
 
 
 def grad_reduce_cost(comm: CommConfig, numel: int, buckets: int, M: int, L: int,
                      cluster: Cluster, wl: Workload) -> CollectiveCost:
-    """Reduce-scatter of `buckets` buckets of `numel` values each."""
-    W = M * L
-    chunk = accounting.chunk_numel(numel, W)
-    if comm.grads == "full":
-        logical = accounting.reduce_scatter_bytes(numel, wl.grad_bytes, M, L)
-        intra, inter = _ring_loads(logical, L, M)
-        return _total("grad reduce-scatter", "ring", W - 1, intra, inter, 0.0, buckets, M, cluster, wl)
-    if comm.grads == "one-level" or L == 1 or M == 1:
-        # With one GPU per node (or one node) the two-level scheme has a single hop; price it
-        # as one all-to-all with the codec of the hop that remains.
-        spec = comm.grad_spec if (comm.grads == "one-level" or L == 1) else comm.grad_intra_spec
-        logical = accounting.reduce_scatter_bytes(numel, spec, M, L)
-        packed = spec.wire_nbytes(chunk)
-        codec = numel * wl.grad_bytes + W * packed + W * packed + chunk * 4
-        return _total("grad reduce-scatter", "all-to-all", 1, logical["intra"], logical["inter"],
-                      codec, buckets, M, cluster, wl)
-    logical = accounting.reduce_scatter_two_level_bytes(numel, comm.grad_intra_spec, comm.grad_spec, M, L)
-    hop1 = comm.grad_intra_spec.wire_nbytes(M * comm.grad_intra_spec.padded_numel(chunk))
-    hop2 = comm.grad_spec.wire_nbytes(chunk)
-    quantize = numel * wl.grad_bytes + L * hop1
-    requantize = L * hop1 + M * hop2  # dequantize the L node chunks, sum, requantize M chunks
-    decode = M * hop2 + chunk * 4
-    return _total("grad reduce-scatter", "two-level", 2, logical["intra"], logical["inter"],
-                  quantize + requantize + decode, buckets, M, cluster, wl)
+    """The engine's gradient reduce-scatter of `buckets` buckets of `numel` values each."""
+    cost = reduce_scatter_cost(comm.grad_spec, comm.grad_intra_spec, numel, buckets, M, L, cluster, wl,
+                               elem_bytes=wl.grad_bytes)
+    return replace(cost, name="grad reduce-scatter")
 
 
 def _total(name: str, algorithm: str, steps: int, intra: float, inter: float, codec: float,

@@ -4,7 +4,8 @@
     halfbyte simulate --model 1.3b --nodes 2 --gpus-per-node 4 --sweep-inter-gbps 10,25,50,100,200,400 \
         --plot sweep.png --json sweep.json
     halfbyte simulate --sdp4bit-table --json table.json --plot table.png
-    halfbyte simulate --calibrate benchmarks/results/comm-cpu.json
+    halfbyte simulate --calibrate benchmarks/results/comm-cpu-gloo-2x1.json \
+        --predict benchmarks/results/comm-cpu-gloo-2x2.json
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from halfbyte.bench import costmodel as cm
 from halfbyte.engine.config import CommConfig
+from halfbyte.quant import QuantSpec
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--sweep-clusters", help="with --sweep-inter-gbps: comma-separated NODESxGPUS, e.g. 2x4,16x8")
     o.add_argument("--sdp4bit-table", action="store_true", help="reproduce SDP4Bit's Table 2 setting")
     o.add_argument("--calibrate", type=Path, help="fit alpha-beta to a `halfbyte bench comm` JSON and compare")
+    o.add_argument("--predict", type=Path,
+                   help="with --calibrate: predict another `halfbyte bench comm` JSON with the fitted numbers")
     o.add_argument("--json", type=Path, help="write results here")
     o.add_argument("--plot", type=Path, help="write a PNG here (sweep or table)")
     return p
@@ -209,72 +213,142 @@ def run_sdp4bit_table(args: argparse.Namespace) -> dict:
 
 
 # ---- calibration against measured collectives --------------------------------------------------
+RECORD_KEYS = ("collective", "mode", "spec", "intra_spec", "dtype_bytes", "nodes", "gpus_per_node", "numel",
+               "seconds")
+FIT_TERMS = ("alpha", "link", "codec")  # seconds per latency step, per wire byte, per codec byte
+
+
+def _spec(fields: dict | None, where: str) -> QuantSpec | None:
+    if fields is None:
+        return None
+    try:
+        return QuantSpec(**fields)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: not QuantSpec fields ({err})") from None
+
+
 def load_comm_records(path: Path) -> list[dict]:
-    """Records of a comm benchmark JSON: a list, or {"records": [...]}. Each needs mode (a preset),
-    collective ("all_gather" | "reduce_scatter"), numel (the full tensor: gathered output or
-    reduce-scatter input), nodes, gpus_per_node, and seconds (or ms)."""
+    """The records of a `halfbyte bench comm` JSON ({"records": [...]}, or a bare list of records;
+    the format is described in halfbyte/bench/comm.py)."""
     data = json.loads(Path(path).read_text())
     records = data.get("records") if isinstance(data, dict) else data
     if not isinstance(records, list) or not records:
-        raise ValueError(f"{path}: expected a list of records or {{'records': [...]}}")
-    out = []
+        raise ValueError(f"{path}: expected {{'records': [...]}} from `halfbyte bench comm`, or a list of records")
     for i, rec in enumerate(records):
-        missing = [k for k in ("mode", "collective", "numel", "nodes", "gpus_per_node") if k not in rec]
-        if missing or ("seconds" not in rec and "ms" not in rec):
-            raise ValueError(f"{path}: record {i} lacks {missing or ['seconds or ms']}")
+        missing = [k for k in RECORD_KEYS if k not in rec]
+        if missing:
+            raise ValueError(f"{path}: record {i} lacks {missing}")
         if rec["collective"] not in ("all_gather", "reduce_scatter"):
             raise ValueError(f"{path}: record {i} collective must be all_gather or reduce_scatter, "
                              f"got {rec['collective']!r}")
-        out.append(rec | {"seconds": rec.get("seconds", rec.get("ms", 0) / 1e3)})
-    return out
+        if rec["dtype_bytes"] not in (1, 2, 4):
+            raise ValueError(f"{path}: record {i} dtype_bytes must be 1, 2 or 4, got {rec['dtype_bytes']!r}")
+        if not rec["seconds"] > 0:
+            raise ValueError(f"{path}: record {i} seconds must be > 0, got {rec['seconds']!r}")
+        _spec(rec["spec"], f"{path}: record {i} spec")
+        if _spec(rec["intra_spec"], f"{path}: record {i} intra_spec") and rec["spec"] is None:
+            raise ValueError(f"{path}: record {i} has an intra_spec but no spec (the inter-node hop's)")
+    return records
+
+
+def record_cost(rec: dict) -> cm.CollectiveCost:
+    """The cost model's view of one measured collective: the same accounting and algorithm (ring,
+    all-to-all or two-level) as the simulation, with unit link speeds (only bytes and steps are used)."""
+    M, L, db = int(rec["nodes"]), int(rec["gpus_per_node"]), int(rec["dtype_bytes"])
+    cluster, wl = cm.Cluster(M, L), cm.Workload(compute_s=0.0, tokens_per_step=1)
+    spec, intra = _spec(rec["spec"], "spec"), _spec(rec["intra_spec"], "intra_spec")
+    if rec["collective"] == "all_gather":
+        shard = int(rec["numel"]) // (M * L)
+        return cm.all_gather_cost(spec, shard, 1, M, L, cluster, wl, elem_bytes=db, source_bytes=db)
+    return cm.reduce_scatter_cost(spec, intra, int(rec["numel"]), 1, M, L, cluster, wl, elem_bytes=db)
 
 
 def _features(rec: dict) -> tuple[float, float, float]:
     """(latency steps, bytes sent by this rank, codec bytes) of one measured collective."""
-    cluster = cm.Cluster(int(rec["nodes"]), int(rec["gpus_per_node"]))
-    comm, W = CommConfig.preset(rec["mode"]), cluster.world
-    wl = cm.Workload(compute_s=0.0, tokens_per_step=1, weight_bytes=int(rec.get("dtype_bytes", 4)),
-                     grad_bytes=int(rec.get("dtype_bytes", 4)))
-    numel = -(-int(rec["numel"]) // W) * W
-    if rec["collective"] == "all_gather":
-        cost = cm.weight_gather_cost(comm, numel // W, 1, cluster.nodes, cluster.gpus_per_node, cluster, wl)
-    else:
-        cost = cm.grad_reduce_cost(comm, numel, 1, cluster.nodes, cluster.gpus_per_node, cluster, wl)
+    cost = record_cost(rec)
     return float(cost.steps), cost.intra_bytes + cost.inter_bytes, cost.codec_bytes
 
 
+def _compare(records: list[dict], coef: list[float]) -> dict:
+    """Each record's predicted seconds (and its codec part) next to the measured ones."""
+    import numpy as np
+
+    features = np.array([_features(r) for r in records])
+    predicted = features @ np.asarray(coef)
+    measured = np.array([r["seconds"] for r in records])
+    rel = predicted / measured - 1
+    rows = []
+    for r, f, p, e in zip(records, features, predicted, rel):
+        measured_wire = r.get("wire_intra_bytes", 0) + r.get("wire_inter_bytes", 0)
+        rows.append(r | {"predicted_seconds": float(p), "predicted_codec_seconds": float(f[2] * coef[2]),
+                         "rel_error": float(e), "model_wire_bytes": float(f[1]),
+                         "wire_bytes_match": "wire_intra_bytes" not in r or measured_wire == f[1]})
+    by_mode = {}
+    for mode in dict.fromkeys(r["mode"] for r in records):  # where the model errs shows why
+        errors = [row["rel_error"] for row in rows if row["mode"] == mode]
+        by_mode[mode] = {"median_rel_error": float(np.median(errors)), "records": len(errors)}
+    return {"median_abs_rel_error": float(np.median(np.abs(rel))), "max_abs_rel_error": float(np.abs(rel).max()),
+            "by_mode": by_mode, "rows": rows}
+
+
 def calibrate(records: list[dict]) -> dict:
-    """Fit seconds = alpha * steps + bytes / bandwidth + codec_bytes / codec_rate by least squares
-    (emulated nodes share one host, so one link class) and report each record's error."""
+    """Fit seconds = alpha * steps + bytes / link bandwidth + codec bytes / codec rate to measured
+    collectives and report each record's error.
+
+    Emulated nodes share one host's loopback, so one link class. Least squares on the relative
+    error (sizes span decades: absolute residuals would fit the largest records only), with every
+    coefficient >= 0: the best of the fits on each subset of terms whose coefficients all are.
+    """
     import numpy as np
 
     features = np.array([_features(r) for r in records])
     measured = np.array([r["seconds"] for r in records])
-    used = features.any(axis=0)
-    coef = np.zeros(3)
-    coef[used] = np.linalg.lstsq(features[:, used], measured, rcond=None)[0]
-    predicted = features @ coef
-    rel = (predicted - measured) / measured
+    weighted = features / measured[:, None]
+    best, coef = np.inf, np.zeros(3)
+    for mask in range(1, 8):
+        cols = [j for j in range(3) if mask >> j & 1 and features[:, j].any()]
+        if not cols:
+            continue
+        c = np.linalg.lstsq(weighted[:, cols], np.ones(len(records)), rcond=None)[0]
+        residual = float(np.sum((weighted[:, cols] @ c - 1) ** 2))
+        if (c >= 0).all() and residual < best:
+            best, coef = residual, np.zeros(3)
+            coef[cols] = c
     return {
-        "alpha_us": coef[0] * 1e6,
-        "bandwidth_GBps": 1 / coef[1] / 1e9 if coef[1] > 0 else math.inf,
-        "codec_GBps": 1 / coef[2] / 1e9 if coef[2] > 0 else math.inf,
-        "max_abs_rel_error": float(np.abs(rel).max()),
-        "rows": [r | {"predicted_seconds": float(p), "rel_error": float(e)}
-                 for r, p, e in zip(records, predicted, rel)],
+        "alpha_us": float(coef[0] * 1e6),
+        "link_GBps": float(1 / coef[1] / 1e9) if coef[1] > 0 else math.inf,
+        "codec_GBps": float(1 / coef[2] / 1e9) if coef[2] > 0 else math.inf,
+        "coefficients": dict(zip(FIT_TERMS, map(float, coef))),
+        **_compare(records, list(coef)),
     }
+
+
+def _print_rows(title: str, result: dict) -> None:
+    print(f"{title}: median |error| {result['median_abs_rel_error']:.1%}, max {result['max_abs_rel_error']:.1%}")
+    print(f"  {'collective':<15}{'mode':<11}{'values':>9}{'layout':>7}{'measured ms':>13}{'spread':>8}"
+          f"{'model ms':>10}{'codec':>7}{'error':>8}  wire bytes")
+    for r in result["rows"]:
+        spread = f"{r['spread']:.0%}" if "spread" in r else "-"
+        print(f"  {r['collective']:<15}{r['mode']:<11}{r['numel']:>9}{r['nodes']:>4}x{r['gpus_per_node']:<2}"
+              f"{r['seconds'] * 1e3:>13.2f}{spread:>8}{r['predicted_seconds'] * 1e3:>10.2f}"
+              f"{r['predicted_codec_seconds'] / r['predicted_seconds']:>7.0%}{r['rel_error']:>+8.1%}  "
+              f"{'= model' if r['wire_bytes_match'] else 'DIFFER from the model'}")
+    print("  median signed error per mode: " + ", ".join(
+        f"{mode} {m['median_rel_error']:+.0%}" for mode, m in result["by_mode"].items()))
 
 
 def run_calibrate(args: argparse.Namespace) -> dict:
     fit = calibrate(load_comm_records(args.calibrate))
-    print(f"calibrated on {len(fit['rows'])} records from {args.calibrate}: alpha {fit['alpha_us']:.1f} us, "
-          f"link {fit['bandwidth_GBps']:.2f} GB/s, codec {fit['codec_GBps']:.2f} GB/s, "
-          f"max |error| {fit['max_abs_rel_error']:.1%}")
-    for r in fit["rows"]:
-        print(f"  {r['mode']:<9}{r['collective']:<15}{r['numel']:>12} {r['nodes']}x{r['gpus_per_node']}"
-              f"  measured {r['seconds'] * 1e3:8.2f} ms  model {r['predicted_seconds'] * 1e3:8.2f} ms"
-              f"  ({r['rel_error']:+.1%})")
-    return {"calibrate": str(args.calibrate), **fit}
+    print(f"fitted on {len(fit['rows'])} records of {args.calibrate}: alpha {fit['alpha_us']:.1f} us per step, "
+          f"link {fit['link_GBps']:.3g} GB/s, codec {fit['codec_GBps']:.3g} GB/s (bytes read + written)")
+    _print_rows("in sample", fit)
+    out = {"calibrate": str(args.calibrate), "fit": fit}
+    if args.predict:
+        coef = [fit["coefficients"][t] for t in FIT_TERMS]
+        predicted = _compare(load_comm_records(args.predict), coef)
+        _print_rows(f"out of sample, {args.predict}", predicted)
+        out |= {"predict": str(args.predict), "prediction": predicted}
+    return out
 
 
 # ---- plots -------------------------------------------------------------------------------------
@@ -328,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.plot and not (args.sdp4bit_table or args.sweep_inter_gbps):
         print("halfbyte simulate: --plot needs --sweep-inter-gbps or --sdp4bit-table", file=sys.stderr)
+        return 2
+    if args.predict and not args.calibrate:
+        print("halfbyte simulate: --predict needs --calibrate (the file to fit on)", file=sys.stderr)
         return 2
     try:
         if args.calibrate:

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from halfbyte.bench import comm as comm_bench
 from halfbyte.bench import costmodel as cm
 from halfbyte.bench import simulate
 from halfbyte.comm import accounting
@@ -156,35 +157,109 @@ def test_implied_bandwidth_reproduces_both_published_step_times():
     assert sdp.step_s == pytest.approx(imp["sdp4bit_step_s"], rel=1e-4)
 
 
-# ---- calibration -------------------------------------------------------------------------------
-def test_calibrate_recovers_synthetic_alpha_beta(tmp_path):
-    alpha, bw, codec = 50e-6, 2e9, 0.5e9  # seconds, bytes/s, bytes/s
+# ---- calibration against `halfbyte bench comm` records ------------------------------------------
+def _wire(collective: str, mode: str, numel: int, M: int, L: int) -> dict[str, int]:
+    """Bytes the collective records, straight from the accounting (what bench comm measures)."""
+    spec, intra = comm_bench.MODES[mode]
+    if collective == "all_gather":
+        return accounting.all_gather_bytes(numel // (M * L), spec or 2, M, L)
+    if intra is not None and L > 1:
+        return accounting.reduce_scatter_two_level_bytes(numel, intra, spec, M, L)
+    return accounting.reduce_scatter_bytes(numel, spec or 2, M, L)
+
+
+def _synthetic_bench_file(path, M, L, alpha, link, codec) -> list[dict]:
+    """A bench-comm JSON whose times follow the cost model exactly (s/step, s/byte, s/codec byte)."""
     records = []
-    for mode in ("baseline", "sdp4bit", "zeropp", "qwd"):
-        for coll in ("all_gather", "reduce_scatter"):
+    for collective in comm_bench.COLLECTIVES:
+        for mode in comm_bench.MODES:
+            if mode == "two-level" and collective == "all_gather":
+                continue
             for numel in (1 << 16, 1 << 20, 1 << 22):
-                rec = {"mode": mode, "collective": coll, "numel": numel, "nodes": 2, "gpus_per_node": 2}
+                rec = comm_bench.make_record(collective, mode, numel, M, L, [1.0], _wire(collective, mode, numel, M, L))
                 steps, nbytes, cbytes = simulate._features(rec)
-                records.append(rec | {"ms": 1e3 * (alpha * steps + nbytes / bw + cbytes / codec)})
-    path = tmp_path / "comm.json"
-    path.write_text(json.dumps({"records": records}))
-    fit = simulate.calibrate(simulate.load_comm_records(path))
-    assert fit["alpha_us"] == pytest.approx(50, rel=1e-3)
-    assert fit["bandwidth_GBps"] == pytest.approx(2.0, rel=1e-3)
-    assert fit["codec_GBps"] == pytest.approx(0.5, rel=1e-3)
-    assert fit["max_abs_rel_error"] < 1e-6
-    assert simulate.main(["--calibrate", str(path), "--json", str(tmp_path / "cal.json")]) == 0
+                t = alpha * steps + link * nbytes + codec * cbytes
+                records.append(comm_bench.make_record(collective, mode, numel, M, L, [t * 1.1, t],
+                                                      _wire(collective, mode, numel, M, L)))
+    path.write_text(json.dumps({"meta": {"backend": "gloo"}, "records": records}))
+    return records
+
+
+def test_record_cost_models_each_bench_mode_with_its_algorithm(tmp_path):
+    records = _synthetic_bench_file(tmp_path / "c.json", 2, 2, 1e-4, 1e-9, 1e-9)
+    algorithms = {(r["collective"], r["mode"]): simulate.record_cost(r).algorithm for r in records}
+    assert algorithms == {
+        ("reduce_scatter", "bf16"): "ring", ("reduce_scatter", "int8"): "all-to-all",
+        ("reduce_scatter", "int4"): "all-to-all", ("reduce_scatter", "int4+H"): "all-to-all",
+        ("reduce_scatter", "two-level"): "two-level", ("all_gather", "bf16"): "ring",
+        ("all_gather", "int8"): "ring", ("all_gather", "int4"): "ring", ("all_gather", "int4+H"): "ring"}
+    # One GPU per node: the two-level reduce-scatter is its inter hop alone, as the collective runs it.
+    rec = comm_bench.make_record("reduce_scatter", "two-level", 1 << 20, 2, 1, [1.0], {"intra": 0, "inter": 0})
+    one = comm_bench.make_record("reduce_scatter", "int4+H", 1 << 20, 2, 1, [1.0], {"intra": 0, "inter": 0})
+    assert simulate._features(rec) == simulate._features(one)
+
+
+def test_calibrate_fits_one_layout_and_predicts_the_other(tmp_path):
+    alpha, link, codec = 50e-6, 1 / 2e9, 1 / 0.5e9
+    fit_path, other = tmp_path / "2x1.json", tmp_path / "2x2.json"
+    _synthetic_bench_file(fit_path, 2, 1, alpha, link, codec)
+    _synthetic_bench_file(other, 2, 2, alpha, link, codec)
+    out = tmp_path / "cal.json"
+    assert simulate.main(["--calibrate", str(fit_path), "--predict", str(other), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    fit, prediction = data["fit"], data["prediction"]
+    assert fit["alpha_us"] == pytest.approx(50, rel=1e-6)
+    assert fit["link_GBps"] == pytest.approx(2.0, rel=1e-6)
+    assert fit["codec_GBps"] == pytest.approx(0.5, rel=1e-6)
+    assert fit["max_abs_rel_error"] < 1e-6 and prediction["max_abs_rel_error"] < 1e-6
+    assert all(r["wire_bytes_match"] for r in fit["rows"] + prediction["rows"])
+    assert {r["nodes"] * r["gpus_per_node"] for r in prediction["rows"]} == {4}
+    assert set(prediction["by_mode"]) == set(comm_bench.MODES)
+
+
+def test_calibrate_keeps_coefficients_non_negative():
+    # Times that fall with size would need a negative cost per byte: that term drops out instead.
+    records = [comm_bench.make_record("all_gather", "bf16", n, 2, 1, [t], {"intra": 0, "inter": n})
+               for n, t in ((1 << 16, 3e-3), (1 << 20, 2e-3), (1 << 22, 1e-3))]
+    fit = simulate.calibrate(records)
+    assert all(c >= 0 for c in fit["coefficients"].values())
+    assert fit["link_GBps"] == float("inf") and fit["alpha_us"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_bench_comm_output_feeds_calibrate(tmp_path):
+    """A real (tiny) `halfbyte bench comm` run on 2 gloo ranks as 2 nodes, read by --calibrate as is:
+    the bytes the collectives sent are the bytes the cost model prices."""
+    bench = tmp_path / "comm.json"
+    assert comm_bench.main(["--workers", "2", "--gpus-per-node", "1", "--sizes", "4K,16K", "--iters", "1",
+                            "--warmup", "0", "--repeats", "2", "--out", str(bench)]) == 0
+    data = json.loads(bench.read_text())
+    assert data["meta"]["backend"] == "gloo" and data["meta"]["repeats"] == 2
+    assert all(len(r["seconds_repeats"]) == 2 and r["seconds"] == min(r["seconds_repeats"])
+               for r in data["records"])
+    out = tmp_path / "cal.json"
+    assert simulate.main(["--calibrate", str(bench), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["fit"]["rows"]
+    assert len(rows) == 2 * 9  # 5 reduce-scatter + 4 all-gather modes, 2 sizes
+    assert all(r["wire_bytes_match"] for r in rows)
 
 
 def test_calibrate_rejects_bad_records(tmp_path):
+    good = comm_bench.make_record("all_gather", "int4", 4096, 2, 1, [1e-3], {"intra": 0, "inter": 1056})
     path = tmp_path / "bad.json"
-    path.write_text(json.dumps([{"mode": "baseline", "collective": "broadcast", "numel": 4,
-                                 "nodes": 1, "gpus_per_node": 2, "seconds": 1.0}]))
-    with pytest.raises(ValueError, match="collective"):
-        simulate.load_comm_records(path)
-    path.write_text(json.dumps([{"mode": "baseline"}]))
+    for change, message in (({"collective": "broadcast"}, "collective"),
+                            ({"spec": {"bits": 3}}, "spec"),
+                            ({"spec": {"bits": 4, "colour": 1}}, "not QuantSpec fields"),
+                            ({"spec": None, "intra_spec": good["spec"]}, "intra_spec but no spec"),
+                            ({"seconds": 0}, "seconds must be > 0"),
+                            ({"dtype_bytes": 3}, "dtype_bytes")):
+        path.write_text(json.dumps({"records": [good | change]}))
+        with pytest.raises(ValueError, match=message):
+            simulate.load_comm_records(path)
+    path.write_text(json.dumps([{"mode": "sdp4bit", "collective": "all_gather"}]))
     with pytest.raises(ValueError, match="lacks"):
         simulate.load_comm_records(path)
+    assert simulate.main(["--predict", str(path)]) == 2
 
 
 # ---- CLI ---------------------------------------------------------------------------------------
