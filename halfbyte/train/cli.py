@@ -102,8 +102,8 @@ def _gpus_per_node(cfg: Config, world: int, launched: bool) -> int | None:
                   "(set --train.gpus_per_node to choose)", file=sys.stderr)
         per_node = 1
     if per_node and world % per_node:
-        raise ConfigError(f"--train.gpus_per_node (--virtual-gpus-per-node)={per_node} does not divide the "
-                          f"{world} ranks; use a divisor of {world}")
+        raise ConfigError(f"--train.gpus_per_node={per_node} does not divide the {world} ranks; "
+                          f"use a divisor of {world}")
     nodes = world // per_node if per_node else world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if two_level and nodes < 2:
         raise ConfigError(f"preset {cfg.train.preset} reduces gradients over two levels and needs at least 2 "

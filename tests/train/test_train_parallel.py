@@ -1,0 +1,147 @@
+"""`halfbyte train --virtual-ranks` and local updates (`--outer`): virtual ranks against real gloo workers,
+outer steps, checkpoints, and the errors. Runs call train_main in this process (virtual ranks stay here;
+real workers are spawned), single-threaded so that real and virtual ranks do the same float arithmetic."""
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from halfbyte.train.cli import train_main
+
+SMALL = ["--model.n_layer=2", "--model.d_model=64", "--model.n_head=2", "--seq_len=32", "--batch-size=8",
+         "--lr=1e-2", "--warmup_steps=2", "--min_lr=1e-3", "--eval_iters=2", "--log_interval=1",
+         "--sample_tokens=0"]
+# metrics.jsonl keeps 5 decimals of the loss: equal runs agree to its last digit
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_and_signals(monkeypatch):
+    """One thread here and in spawned workers; keep pytest's signal handlers (training installs its own)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads, handlers = torch.get_num_threads(), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def _train(out: Path, *args: str) -> list[dict]:
+    assert train_main([*SMALL, f"--out={out}", *args]) == 0
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_losses(a: list[dict], b: list[dict]) -> None:
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], abs=TOL), (x, y)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], abs=TOL), (x, y)
+
+
+@pytest.mark.timeout(240)
+def test_virtual_ranks_equal_real_workers_and_resume(tmp_path, capfd):
+    steps = ["--steps=4", "--preset=baseline", "--eval_interval=4"]
+    real = _train(tmp_path / "real", *steps, "--workers=2", "--train.gpus_per_node=1")
+    virtual = _train(tmp_path / "virtual", *steps, "--virtual-ranks=2", "--checkpoint_interval=2",
+                     "--keep_checkpoints=2")
+    _same_losses(real, virtual)
+    assert virtual[-1]["val_loss"] == pytest.approx(real[-1]["val_loss"], abs=TOL)
+    # wire bytes: emulated as W x one real rank's, equal to what the 2 workers counted
+    for key in ("wire_intra_bytes", "wire_inter_bytes", "wire_bf16_bytes"):
+        assert virtual[-1][key] == real[-1][key]
+    assert real[-1]["wire_inter_bytes"] > 0
+    assert "emulated: 2 x what one real rank would send" in capfd.readouterr().out
+
+    # resume from step 2 retraces steps 3..4
+    _train(tmp_path / "virtual", *steps, "--virtual-ranks=2",
+           f"--resume={tmp_path / 'virtual' / 'checkpoints' / 'step_000002'}")
+    _same_losses(virtual, [json.loads(l) for l in (tmp_path / "virtual" / "metrics.jsonl").read_text().splitlines()])
+
+
+@pytest.mark.timeout(120)
+def test_virtual_two_level_preset_on_2x2_layout(tmp_path, capfd):
+    metrics = _train(tmp_path / "run", "--steps=6", "--preset=sdp4bit", "--virtual-ranks=4",
+                     "--virtual-gpus-per-node=2", "--eval_interval=0")
+    out = capfd.readouterr().out
+    assert "4 virtual ranks: 2 node(s) x 2 rank(s) per node" in out
+    last = metrics[-1]
+    assert last["loss"] < metrics[0]["loss"] - 0.5
+    # int8 inside a node and int4 across: both links used, far below bf16
+    assert last["wire_intra_bytes"] > 0 and last["wire_inter_bytes"] > 0
+    assert last["wire_intra_bytes"] + last["wire_inter_bytes"] < last["wire_bf16_bytes"] / 2.5
+
+
+@pytest.mark.timeout(240)
+def test_islands_average_every_step_trains(tmp_path, capfd):
+    metrics = _train(tmp_path / "run", "--steps=6", "--preset=baseline", "--workers=2", "--islands=2",
+                     "--outer=average", "--local-steps=1", "--eval_interval=0")
+    assert [r["outer_steps"] for r in metrics] == list(range(1, 7))
+    assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.5
+    # islands of one rank: no traffic inside them, every step an fp32 exchange across them
+    assert metrics[-1]["wire_inter_bytes"] == 0 and metrics[-1]["wire_island_bytes"] > 0
+    assert "local updates: 6 outer steps (average, every 1 steps, 2 islands)" in capfd.readouterr().out
+
+
+@pytest.mark.timeout(300)
+def test_sign_momentum_resume_and_virtual_islands(tmp_path):
+    outer = ["--steps=8", "--preset=qwd", "--islands=2", "--outer=sign-momentum", "--local-steps=4",
+             "--outer-bits=4", "--eval_interval=0"]
+    first = _train(tmp_path / "real", *outer, "--workers=2", "--checkpoint_interval=6", "--keep_checkpoints=2")
+    assert [r["outer_steps"] for r in first] == [0, 0, 0, 1, 1, 1, 1, 2]
+    # int4 pseudo-gradients (+ their qWD gather): an outer step sends < 1/3 of one every-step bf16 step
+    assert 0 < first[-1]["wire_island_bytes"] / 2 < first[0]["wire_bf16_bytes"] / 3
+
+    # resuming mid-round (step 6: residual, momentum and round start saved) continues identically
+    resumed = _train(tmp_path / "real", *outer, "--workers=2",
+                     f"--resume={tmp_path / 'real' / 'checkpoints' / 'step_000006'}")
+    _same_losses(first, resumed)
+    assert [r["outer_steps"] for r in resumed] == [r["outer_steps"] for r in first]
+
+    # two islands of one virtual rank each follow the two real islands
+    virtual = _train(tmp_path / "virtual", *outer, "--virtual-ranks=2")
+    _same_losses(first, virtual)
+    assert [(r["outer_steps"], r["wire_island_bytes"]) for r in virtual] == \
+        [(r["outer_steps"], r["wire_island_bytes"]) for r in first]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--virtual-ranks=-1"], "--virtual-ranks must be >= 1"),
+    (["--virtual-ranks=4", "--virtual-gpus-per-node=3"], "--virtual-gpus-per-node=3 does not divide"),
+    (["--virtual-ranks=2", "--workers=4"], "drop --workers=4"),
+    (["--virtual-ranks=3"], "--batch-size=8 is not divisible by virtual ranks x micro-batch = 3 x"),
+    (["--virtual-ranks=2", "--virtual-gpus-per-node=2", "--preset=tlq"], "needs at least 2 (emulated) nodes"),
+    (["--outer=average", "--local-steps=0"], "--local-steps (tau) must be >= 1"),
+    (["--outer=adam"], "unknown outer optimizer 'adam'"),
+    (["--outer=average", "--outer-bits=3"], "--outer-bits must be 0 (fp32), 4 or 8"),
+    (["--outer=nesterov", "--outer.weight_decay=0.1"], "only used by --outer sign-momentum"),
+    (["--outer=average", "--workers=2", "--islands=3"], "islands (3) must divide the world size (2)"),
+    (["--outer=average", "--workers=2", "--islands=2"], "each of the 2 islands has 1 node"),
+    (["--outer=average", "--virtual-ranks=12", "--virtual-gpus-per-node=4", "--islands=2", "--preset=qwd"],
+     "an island of 6 ranks must hold whole nodes of 4 ranks"),
+])
+def test_bad_parallel_options(args, message, capsys):
+    assert train_main([*SMALL, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+
+
+def test_virtual_ranks_under_torchrun_is_an_error(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert train_main([*SMALL, "--virtual-ranks=2"]) == 2
+    assert "start it without torchrun" in capsys.readouterr().err
+
+
+def test_help_lists_the_new_options():
+    from halfbyte.train.config import help_text
+
+    text = help_text()
+    for flag in ("--virtual-ranks", "--virtual-gpus-per-node", "--outer ", "--local-steps", "--islands",
+                 "--outer-bits", "--outer.error_feedback"):
+        assert flag in text, flag
+    assert "--outer.local_steps            tau: inner steps between outer steps (default: 12)" in text
+    assert "(default: 'none')" in text
