@@ -160,8 +160,8 @@ class ProcessRank:
         self.engine = ShardedDataParallel(self.model, topo, **_engine_options(plan))
         self.local = (LocalUpdates(self.engine, self.islands, plan.cfg.outer.engine_config())
                       if self.islands else None)
-        world_nodes = plan.world_size // (plan.gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", plan.world_size)))
-        self.bf16_step = bf16_bytes_per_step(self.engine.buckets, world_nodes, plan.world_size // world_nodes)
+        per_node = plan.gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", plan.world_size))
+        self.bf16_step = bf16_bytes_per_step(self.engine.buckets, plan.world_size // per_node, per_node)
         self.train_data = open_tokens(plan.train_path)
         self.sampler = TokenSampler(self.train_data, t.seq_len, self.rank, plan.world_size, t.seed)
         self.val_batches = (eval_batches(open_tokens(plan.val_path), t.seq_len, self.rank, plan.world_size,
@@ -447,8 +447,9 @@ def _finish(plan: RunPlan, model: torch.nn.Module, summary: dict[str, Any], out_
             device: torch.device) -> None:
     """Rank 0: plot, text sample, summary lines."""
     t = plan.cfg.train
+    ranks = f"{plan.world_size} {'virtual ' if plan.virtual else ''}ranks"
     notice = plot_loss(out_dir / "metrics.jsonl", out_dir / "loss.png",
-                       f"{plan.cfg.model.name}, preset {t.preset}, {plan.world_size} {'virtual ' if plan.virtual else ''}ranks")
+                       f"{plan.cfg.model.name}, preset {t.preset}, {ranks}")
     lines = [notice] if notice else []
     if summary["stopped"]:
         lines.append(f"stopped at step {summary['step']}; checkpoint saved: {summary['checkpoint']}")

@@ -31,7 +31,12 @@ from halfbyte.comm import (
 from halfbyte.comm.accounting import CommStats
 from halfbyte.comm.collectives import to_section_major
 from halfbyte.engine import checkpoint, seeds
-from halfbyte.engine.local import OUTER_GRADS, OUTER_WEIGHTS, OuterConfig, make_outer_optimizer
+from halfbyte.engine.local import (
+    OUTER_GRADS,
+    OUTER_WEIGHTS,
+    OuterConfig,
+    make_outer_optimizer,
+)
 from halfbyte.engine.virtual import VirtualDataParallel
 from halfbyte.quant import Packed
 
@@ -172,7 +177,7 @@ class VirtualLocalUpdates:
 
     def _gather(self, l: int, seed: int) -> None:
         """Every island's new chunk into start[l] (qWD with a spec, as LocalUpdates gathers it)."""
-        K, c, spec, start = self.num_islands, self.chunk, self.config.spec, self.start[l]
+        c, spec, start = self.chunk, self.config.spec, self.start[l]
         if spec is None:
             for i, chunk in enumerate(self.outer_params[l]):
                 start[i * c:(i + 1) * c].copy_(chunk)
