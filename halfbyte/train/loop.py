@@ -28,7 +28,7 @@ from halfbyte.train.data import TokenSampler, eval_batches, open_tokens
 from halfbyte.train.metrics import RunLogger, fmt_bytes, fmt_time, plot_loss
 from halfbyte.train.model import build_model, generate
 from halfbyte.train.tokenizer import load_tokenizer
-from halfbyte.train.virtual_islands import VirtualLocalUpdates
+from halfbyte.engine.virtual_islands import VirtualLocalUpdates
 
 BF16_BYTES = 2
 SAMPLE_PROMPT = "ROMEO:\n"  # for the built-in corpus; other data starts the sample at a document break
