@@ -95,6 +95,8 @@ def split_chunks(full: torch.Tensor, world: int, chunk_pad: int) -> torch.Tensor
     """1-D input -> [W, chunk_pad]: row r is chunk r (ceil(N/W) values) followed by zeros."""
     flat = full.reshape(-1)
     c = chunk_numel(flat.numel(), world)
+    if flat.numel() == world * c and chunk_pad == c:
+        return flat.view(world, c)  # the engine's aligned buckets: no copy
     x = F.pad(flat, (0, world * c - flat.numel())).view(world, c)
     return F.pad(x, (0, chunk_pad - c)) if chunk_pad > c else x
 
@@ -205,13 +207,15 @@ def _reduce_scatter_tensor(out: torch.Tensor, inp: torch.Tensor, group: dist.Pro
                            rank: int) -> dist.Work | None:
     """reduce_scatter_tensor (SUM), or all_reduce + own chunk where the backend lacks it."""
     global _gloo_has_reduce_scatter_tensor
-    if _gloo_has_reduce_scatter_tensor is not False:
+    is_gloo = dist.get_backend(group) == "gloo"
+    if not is_gloo or _gloo_has_reduce_scatter_tensor is not False:
         try:
             work = _reduce_scatter_tensor_op(out, inp, group=group, async_op=True)
-            _gloo_has_reduce_scatter_tensor = True
+            if is_gloo:
+                _gloo_has_reduce_scatter_tensor = True
             return work
         except (RuntimeError, NotImplementedError):
-            if dist.get_backend(group) != "gloo" or _gloo_has_reduce_scatter_tensor:
+            if not is_gloo or _gloo_has_reduce_scatter_tensor:
                 raise
             _gloo_has_reduce_scatter_tensor = False
     total = inp.clone()
@@ -309,8 +313,10 @@ def reduce_scatter_two_level(full: torch.Tensor, intra_spec: QuantSpec, inter_sp
         return launch_inter(middle)
 
     if _stream_ordered(topo.intra_group):
-        # NCCL's wait() only orders the current stream after the transfer, without blocking the
-        # host: chain the middle hop and the inter-node all-to-all now, so both overlap backward.
+        # NCCL's wait() orders the current stream after the intra-node transfer without blocking
+        # the host: chain the middle hop and the slow inter-node all-to-all now, so the inter hop
+        # overlaps the rest of backward. The compute stream does wait for the (fast, NVLink) intra
+        # hop here; moving the middle hop to a side stream would hide that too (not done yet).
         return _done(middle_and_inter(), async_op)
     # Elsewhere (gloo) wait() blocks the host: defer both hops to the caller's wait().
     return _done(CommHandle(None, lambda: middle_and_inter().wait()), async_op)

@@ -43,10 +43,6 @@ class Topology:
     def backend(self) -> str:
         return dist.get_backend(self.world_group)
 
-    def link_of(self, peer: int) -> str:
-        """'intra' when global rank `peer` is on this rank's node, else 'inter'."""
-        return "intra" if peer // self.gpus_per_node == self.node else "inter"
-
     def describe(self) -> str:
         return f"{self.nodes} node(s) x {self.gpus_per_node} rank(s) per node, {self.backend}, {self.device}"
 

@@ -326,13 +326,16 @@ class LocalUpdates:
     weights (one broadcast over the world).
     """
 
-    def __init__(self, engine: ShardedDataParallel, islands: Islands, config: OuterConfig) -> None:
+    def __init__(self, engine: ShardedDataParallel, islands: Islands, config: OuterConfig,
+                 seed: int = 0) -> None:
+        """seed: base seed of the outer collectives' stochastic rounding, the same on every island
+        (each island's engine has its own seed for the inner collectives)."""
         if engine.topo is not islands.island:
             raise ValueError("LocalUpdates: the engine must be built on islands.island "
                              "(ShardedDataParallel(model, islands.island, ...))")
         if not isinstance(config, OuterConfig):
             raise ValueError(f"LocalUpdates: config must be an OuterConfig, got {config!r}")
-        self.engine, self.islands, self.config = engine, islands, config
+        self.engine, self.islands, self.config, self.seed = engine, islands, config, seed
         self.numel = sum(m.numel() for m in engine.master)
         K, device = islands.num_islands, islands.island.device
         self.exchange = PseudoGradientExchange(islands.outer, self.numel, config.spec, config.error_feedback)
@@ -426,7 +429,7 @@ class LocalUpdates:
 
     @torch.no_grad()
     def _outer_step(self, inner_lr: float) -> None:
-        engine, seed_base = self.engine, self.engine.seed
+        engine, seed_base = self.engine, self.seed
         engine.wait_weights()
         pseudo_grad = self.start[: self.numel] - self._flat_master()
         mean = self.exchange.average(pseudo_grad, seeds.collective_seed(seed_base, self.outer_steps, 0, OUTER_GRADS))

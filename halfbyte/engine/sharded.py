@@ -14,6 +14,8 @@ every bucket: the fp32 master weights and AdamW state for it, nothing else. One 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from halfbyte.comm.accounting import CommStats
 from halfbyte.comm.topology import Topology
 from halfbyte.engine import seeds
 from halfbyte.engine.buffers import Bucket, build_buckets
+from halfbyte.engine.checkpoint import engine_meta, load_checkpoint, save_checkpoint
 from halfbyte.engine.config import AdamWConfig, CommConfig
 from halfbyte.engine.optim import adamw_, clip_
 
@@ -73,12 +76,14 @@ class ShardedDataParallel:
         self._slot: dict[nn.Parameter, tuple[Bucket, int]] = {
             p: (b, i) for b in self.buckets for i, p in enumerate(b.params)}
 
-        # Start from the group's first rank's weights and buffers everywhere, as torch DDP does
-        # (group_src: the topology may be a sub-group, e.g. one island of local updates).
+        _check_same_layout(self)
+        # Start from the group's first rank's weights, frozen params and buffers everywhere, as
+        # torch DDP does (group_src: the topology may be a sub-group, e.g. one island).
         for b in self.buckets:
             dist.broadcast(b.replica, group_src=0, group=topo.world_group)
-        for buf in model.buffers():
-            dist.broadcast(buf, group_src=0, group=topo.world_group)
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        for t in [*frozen, *model.buffers()]:
+            dist.broadcast(t.data, group_src=0, group=topo.world_group)
 
         r = topo.rank
         self.master = [b.shard(b.replica, r).float().clone() for b in self.buckets]
@@ -191,11 +196,9 @@ class ShardedDataParallel:
         return report
 
     def save_checkpoint(self, path: str | Path, extra: dict | None = None) -> None:
-        from halfbyte.engine.checkpoint import save_checkpoint
         save_checkpoint(self, path, extra or {})
 
     def load_checkpoint(self, path: str | Path) -> dict:
-        from halfbyte.engine.checkpoint import load_checkpoint
         return load_checkpoint(self, path)
 
     # ---- gradients ----------------------------------------------------------------------------
@@ -205,12 +208,14 @@ class ShardedDataParallel:
         if p.grad.data_ptr() != view.data_ptr():  # .grad was reset to None: autograd made a new one
             view.copy_(p.grad)
             p.grad = view
-        if not self._sync_grads:
-            return
         if self._grad_work[bucket.index] is not None:
+            # Checked in no_sync too: a gradient added after the reduce-scatter would be dropped.
             raise RuntimeError(
                 f"gradient of {bucket.names[i]} arrived after its bucket was reduce-scattered: a second "
-                "backward before step()? Use engine.no_sync() for gradient accumulation")
+                "backward before step()? Run the accumulation micro-batches inside engine.no_sync() "
+                "and the communicating one last")
+        if not self._sync_grads:
+            return
         bucket.ready.add(i)
         self._launch_ready(force=False)
 
@@ -288,6 +293,21 @@ def validate_engine(model: nn.Module, topo: Topology, config: CommConfig, grad_c
             f"{topo.nodes} node x {topo.gpus_per_node} ranks: the inter-node hop would be empty. "
             "Use grads='one-level' with the inter-node spec, or emulate nodes with "
             "build_topology(gpus_per_node=...)")
+
+
+def _check_same_layout(engine: ShardedDataParallel) -> None:
+    """Raise ValueError unless every rank has the same params, buckets and comm config: ranks that
+    disagree would otherwise hang or exchange garbage in the first size-dependent collective."""
+    meta = engine_meta(engine)
+    digest = hashlib.sha256(json.dumps([meta["params"], meta["buckets"], meta["comm"], meta["dtype"]],
+                                       sort_keys=True).encode()).digest()
+    h = int.from_bytes(digest[:7], "little")  # 56 bits: fits int64 with room for the negation
+    both = torch.tensor([h, -h], dtype=torch.int64, device=engine.topo.device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=engine.topo.world_group)
+    if int(both[0]) != -int(both[1]):
+        raise ValueError("ranks disagree on the model's parameters (names, shapes, dtype), the bucket "
+                         "layout or the CommConfig: build the same model with the same settings on "
+                         "every rank")
 
 
 def _as_int(t: torch.Tensor) -> torch.Tensor:

@@ -48,8 +48,9 @@ class VirtualLocalUpdates:
     engines' step(lr) every step (skipped ones included); every local_steps-th call runs the outer
     step and returns True. `stats` counts the inter-island bytes one real rank would send."""
 
-    def __init__(self, engines: list[VirtualDataParallel], config: OuterConfig) -> None:
-        self.engines, self.config = engines, config
+    def __init__(self, engines: list[VirtualDataParallel], config: OuterConfig, seed: int = 0) -> None:
+        """seed: base seed of the outer collectives, as LocalUpdates' seed."""
+        self.engines, self.config, self.seed = engines, config, seed
         self.num_islands, self.island_size = len(engines), engines[0].world_size
         K, S = self.num_islands, self.island_size
         self.numel = sum(b.shard_numel for b in engines[0].buckets)  # values owned per island-local rank
@@ -188,7 +189,7 @@ class VirtualLocalUpdates:
 
     @torch.no_grad()
     def _outer_step(self, inner_lr: float) -> None:
-        K, seed_base = self.num_islands, self.engines[0].seed
+        K, seed_base = self.num_islands, self.seed
         grads_seed = seeds.collective_seed(seed_base, self.outer_steps, 0, OUTER_GRADS)
         weights_seed = seeds.collective_seed(seed_base, self.outer_steps, 0, OUTER_WEIGHTS)
         for l, start in enumerate(self.start):

@@ -16,9 +16,10 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from halfbyte.engine import CommConfig
 from halfbyte.train.model import PRESETS as MODEL_PRESETS
 
-COMM_PRESETS = ("baseline", "zeropp", "sdp4bit", "qw4", "qwd", "tlq", "tlq-hs")
+COMM_PRESETS = CommConfig.preset_names()
 OUTER_CHOICES = ("none", "sign-momentum", "nesterov", "average")
 DTYPES = ("auto", "fp32", "bf16")
 
@@ -77,8 +78,9 @@ class TrainConfig:
     workers: int = opt(2, "local worker processes when not started by torchrun")
     virtual_ranks: int = opt(0, "emulate this many data-parallel ranks in one process, same data and "
                                 "communication math as real ranks (0: off)")
-    gpus_per_node: int = opt(0, "ranks per (emulated) node (0: 1 for local workers and virtual ranks, "
-                                "LOCAL_WORLD_SIZE under torchrun)")
+    gpus_per_node: int = opt(0, "ranks per (emulated) node, for real and virtual ranks alike (0: 1 for "
+                                "local workers and virtual ranks, LOCAL_WORLD_SIZE under torchrun; a "
+                                "one-node torchrun job with a two-level preset runs 1 per node)")
     dtype: str = opt("auto", f"compute dtype: {' | '.join(DTYPES)} (auto: bf16 on GPU, fp32 on CPU)")
     name: str = opt("", "run name (empty: <model>-<preset>)")
     out_dir: str = opt("", "output directory (empty: runs/<name>)")
@@ -308,6 +310,10 @@ def _validate_parallelism(cfg: Config, given: set[str]) -> None:
         if "train.workers" in given and t.workers > 1:
             raise ConfigError(f"--virtual-ranks={t.virtual_ranks} runs one process: drop --workers={t.workers} "
                               "(virtual ranks replace local workers)")
+        if cfg.model.dropout > 0:
+            raise ConfigError(f"--virtual-ranks needs --model.dropout=0 (got {cfg.model.dropout}): one process "
+                              "draws the dropout masks of all virtual ranks from one random stream, so it "
+                              "would not reproduce W real ranks")
         if t.gpus_per_node and t.virtual_ranks % t.gpus_per_node:
             divisors = [d for d in range(1, t.virtual_ranks + 1) if t.virtual_ranks % d == 0]
             raise ConfigError(f"--virtual-gpus-per-node={t.gpus_per_node} does not divide --virtual-ranks="
@@ -356,7 +362,7 @@ def help_text() -> str:
         "Options apply in order: defaults (configs/default.toml), then --config, then the others.",
         "Keys may be written without their section when unique.",
         "",
-        "  --config FILE                  TOML file with [model] [data] [optim] [train] tables",
+        "  --config FILE                  TOML file with [model] [data] [optim] [train] [outer] tables",
         "short flags:",
         *(f"  --{k:<28} = --{v}" for k, v in SHORT_FLAGS.items() if k != "config"),
     ]

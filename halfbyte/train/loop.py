@@ -107,11 +107,13 @@ def _build_model(plan: RunPlan, device: torch.device, dtype: torch.dtype) -> tor
     return model.to(device=device, dtype=dtype)
 
 
-def _engine_options(plan: RunPlan) -> dict[str, Any]:
+def _engine_options(plan: RunPlan, island: int = 0) -> dict[str, Any]:
+    """Engine settings; each island gets its own rounding seed, so that rank l of every island does not
+    draw the same stochastic-rounding noise (correlated errors would not average out across islands)."""
     o, t = plan.cfg.optim, plan.cfg.train
     return dict(optim=AdamWConfig(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay),
                 comm=CommConfig.preset(t.preset), bucket_numel=t.bucket_numel, grad_clip=o.grad_clip or None,
-                seed=t.seed)
+                seed=t.seed + 7919 * island)
 
 
 def _loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -157,8 +159,10 @@ class ProcessRank:
         self.topo, self.device = topo, topo.device
         self.dtype = _compute_dtype(t.dtype, self.device)
         self.model = _build_model(plan, self.device, self.dtype)
-        self.engine = ShardedDataParallel(self.model, topo, **_engine_options(plan))
-        self.local = (LocalUpdates(self.engine, self.islands, plan.cfg.outer.engine_config())
+        self.engine = ShardedDataParallel(
+            self.model, topo, **_engine_options(plan, self.islands.index if self.islands else 0))
+        torch.manual_seed(t.seed + 1 + self.rank)  # after the shared init: each rank its own dropout masks
+        self.local = (LocalUpdates(self.engine, self.islands, plan.cfg.outer.engine_config(), seed=t.seed)
                       if self.islands else None)
         per_node = plan.gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", plan.world_size))
         self.bf16_step = bf16_bytes_per_step(self.engine.buckets, plan.world_size // per_node, per_node)
@@ -240,10 +244,11 @@ class VirtualRanks:
         self.island_size = plan.world_size // K
         L = min(plan.gpus_per_node, self.island_size)  # an island lies inside one node or holds whole nodes
         self.models = [_build_model(plan, self.device, self.dtype) for _ in range(K)]
-        self.engines = [VirtualDataParallel(model, self.island_size, L, **_engine_options(plan))
-                        for model in self.models]
+        self.engines = [VirtualDataParallel(model, self.island_size, L, **_engine_options(plan, k))
+                        for k, model in enumerate(self.models)]
         self.model, self.engine = self.models[0], self.engines[0]
-        self.local = VirtualLocalUpdates(self.engines, plan.cfg.outer.engine_config()) if plan.islands else None
+        self.local = (VirtualLocalUpdates(self.engines, plan.cfg.outer.engine_config(), seed=t.seed)
+                      if plan.islands else None)
         topo = self.engine.topo
         self.describe = (f"{K} island(s) of {topo.describe()}; {plan.cfg.outer.engine_config().describe()}"
                          if plan.islands else topo.describe())

@@ -294,3 +294,34 @@ def weight_error(steps: int) -> dict:
         engine.check_replicas()
         out[preset] = {"max": err.max().item(), "mean": err.mean().item(), "within_one_step": bound_ok}
     return out
+
+
+def misuse_and_mismatch() -> dict:
+    """Frozen params are broadcast like DDP's; a no_sync backward after the communicating one raises
+    instead of dropping its gradient; ranks with different models raise ValueError (no hang)."""
+    topo = build_topology(gpus_per_node=1)
+    rank = topo.rank
+    model = make_mlp(seed=rank)  # different initial weights on each rank
+    model[0].bias.requires_grad_(False)
+    engine = ShardedDataParallel(model, topo, comm=CommConfig.preset("baseline"), bucket_numel=64)
+    frozen = [torch.zeros_like(model[0].bias) for _ in range(topo.world_size)]
+    dist.all_gather(frozen, model[0].bias.detach())
+    assert torch.equal(frozen[0], frozen[1]), "the frozen bias was not broadcast from rank 0"
+
+    x, y = regression_batch(0, rank)
+    mse(model(x), y).backward()
+    late_error = ""
+    try:
+        with engine.no_sync():
+            mse(model(x), y).backward()
+    except RuntimeError as e:
+        late_error = str(e)
+    engine.zero_grad()
+
+    width = 32 if rank == 0 else 33
+    mismatch_error = ""
+    try:
+        ShardedDataParallel(make_mlp(width=width), topo, comm=CommConfig.preset("baseline"))
+    except ValueError as e:
+        mismatch_error = str(e)
+    return {"late": late_error, "mismatch": mismatch_error}

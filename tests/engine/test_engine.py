@@ -75,3 +75,11 @@ def test_checkpoint_resume_is_bit_identical_and_refuses_mismatches(tmp_path):
         assert "incomplete" in errors["partial"]
     assert not (tmp_path / "ckpt.tmp").exists()
     assert (tmp_path / "ckpt" / "COMPLETE").exists()
+
+
+@pytest.mark.timeout(120)
+def test_frozen_params_broadcast_late_grads_raise_and_mismatched_ranks_fail_fast():
+    reports = spawn(workers.misuse_and_mismatch, 2, timeout_s=100)
+    for r in reports:
+        assert "arrived after its bucket was reduce-scattered" in r["late"], r
+        assert "ranks disagree" in r["mismatch"], r
