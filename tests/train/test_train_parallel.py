@@ -113,6 +113,7 @@ def test_sign_momentum_resume_and_virtual_islands(tmp_path):
     (["--virtual-ranks=4", "--virtual-gpus-per-node=3"], "--virtual-gpus-per-node=3 does not divide"),
     (["--virtual-ranks=2", "--workers=4"], "drop --workers=4"),
     (["--virtual-ranks=3"], "--batch-size=8 is not divisible by virtual ranks x micro-batch = 3 x"),
+    (["--virtual-ranks=2", "--model.dropout=0.1"], "--virtual-ranks needs --model.dropout=0"),
     (["--virtual-ranks=2", "--virtual-gpus-per-node=2", "--preset=tlq"], "needs at least 2 (emulated) nodes"),
     (["--outer=average", "--local-steps=0"], "--local-steps (tau) must be >= 1"),
     (["--outer=adam"], "unknown outer optimizer 'adam'"),
