@@ -74,6 +74,8 @@ class TrainConfig:
     log_interval: int = opt(10, "write metrics every N steps")
     checkpoint_interval: int = opt(100, "save a checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = opt(1, "how many recent checkpoints to keep")
+    check_replicas_interval: int = opt(100, "every N steps verify that all ranks' replicas are bit-identical "
+                                            "(one all-reduce of checksums; 0: off)")
     seed: int = opt(0, "seed for initialization, data order and stochastic rounding")
     workers: int = opt(2, "local worker processes when not started by torchrun")
     virtual_ranks: int = opt(0, "emulate this many data-parallel ranks in one process, same data and "

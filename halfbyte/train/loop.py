@@ -206,6 +206,9 @@ class ProcessRank:
         dist.all_reduce(values)
         return values.cpu()
 
+    def check_replicas(self) -> None:
+        self.engine.check_replicas()
+
     def evaluate(self) -> float:
         total = self.all_sum(_eval_sums(self.model, self.val_batches, self.device))
         return float(total[0] / total[1])
@@ -295,6 +298,9 @@ class VirtualRanks:
 
     def all_sum(self, values: torch.Tensor) -> torch.Tensor:
         return values.cpu()  # this process holds every rank's share already
+
+    def check_replicas(self) -> None:
+        """Nothing to compare: one replica per island stands for all its ranks by construction."""
 
     def evaluate(self) -> float:
         total = sum(_eval_sums(self.models[w // self.island_size], batches, self.device)
@@ -396,6 +402,8 @@ def _train(plan: RunPlan, ranks: ProcessRank | VirtualRanks, stop: StopRequest) 
                     record["val_loss"] = round(val_loss, 5)
                 log.log(record)
                 loss_sum, loss_steps, window_time, window_start = 0.0, 0, 0.0, step
+        if t.check_replicas_interval and step % t.check_replicas_interval == 0:
+            ranks.check_replicas()  # raises, naming the bucket, if a replica diverged
         if final or stopped or (t.checkpoint_interval and step % t.checkpoint_interval == 0):
             checkpoint_path = save(step, wire)
 

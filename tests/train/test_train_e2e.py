@@ -44,7 +44,7 @@ def test_train_writes_outputs_and_resume_continues_the_curve(tmp_path):
     out = tmp_path / "run"
     # micro-batch 2 of a per-rank 4: two accumulation passes per step, only the second communicates
     run = _train("--steps=8", "--eval_interval=4", "--checkpoint_interval=4", "--keep_checkpoints=2",
-                 "--micro_batch_size=2", f"--out={out}")
+                 "--micro_batch_size=2", "--check_replicas_interval=3", f"--out={out}")
     assert run.returncode == 0, run.stderr
     first = _metrics(out)
     assert [r["step"] for r in first] == list(range(1, 9))
