@@ -135,6 +135,21 @@ def middle_hop(received: torch.Tensor, intra_spec: QuantSpec, inter_spec: QuantS
     return to_message_major(packed.data, inter_spec, nodes, chunk_pad)
 
 
+def decode_messages(messages: torch.Tensor, spec: QuantSpec, row_numel: int, *,
+                    out: torch.Tensor | None = None, accumulate: bool = False,
+                    rotate: bool = True) -> torch.Tensor:
+    """Decode each message ([n, wire_nbytes(row_numel)], as `pack_messages` makes them) on its own,
+    no reduction -> fp32 [n, row_numel]; or write (accumulate: add) into `out`. What each receiver
+    of an all-to-all decodes; used where one process emulates the receivers."""
+    n = messages.shape[0]
+    packed = Packed(to_section_major(messages, spec, row_numel), spec, n * row_numel,
+                    torch.Size([n, row_numel]), torch.float32)
+    if out is None:
+        return quant.dequantize(packed, rotate=rotate)
+    quant.dequantize(packed, out=out.view(n, row_numel), accumulate=accumulate, rotate=rotate)
+    return out
+
+
 def encode_shard(shard: torch.Tensor, spec: QuantSpec, seed: int | None,
                  subtract: torch.Tensor | None = None) -> torch.Tensor:
     """All-gather, send side: the wire bytes (1-D uint8) of the shard, or of shard - subtract (qWD:

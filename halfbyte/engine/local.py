@@ -62,14 +62,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from halfbyte import quant
 from halfbyte.comm import HOP_REDUCE_SCATTER, Topology, all_gather_q, build_topology, chunk_numel
-from halfbyte.comm import encode_chunks, rank_seed, reduce_scatter_q
+from halfbyte.comm import decode_messages, encode_chunks, rank_seed, reduce_scatter_q
 from halfbyte.comm.accounting import CommStats
-from halfbyte.comm.collectives import to_section_major
 from halfbyte.engine import seeds
 from halfbyte.engine.sharded import ShardedDataParallel
-from halfbyte.quant import Packed, QuantSpec
+from halfbyte.quant import QuantSpec
 
 OUTER_OPTIMIZERS = ("sign-momentum", "nesterov", "average")
 
@@ -309,11 +307,8 @@ class PseudoGradientExchange:
         all_gather_q(delta, self.spec, self.topo, out=shared, accumulate=True, seed=seed)
 
     def _decode_rows(self, send: torch.Tensor) -> torch.Tensor:
-        K, c, spec = self.topo.world_size, self.chunk, self.spec
-        cp = spec.padded_numel(c)
-        data = to_section_major(send, spec, cp)
-        rows = quant.dequantize(Packed(data, spec, K * cp, torch.Size([K, cp]), torch.float32))
-        return rows[:, :c].reshape(-1)[: self.numel]
+        c = self.chunk
+        return decode_messages(send, self.spec, self.spec.padded_numel(c))[:, :c].reshape(-1)[: self.numel]
 
 
 # ---- the outer loop -----------------------------------------------------------------------------

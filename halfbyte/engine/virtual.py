@@ -47,6 +47,7 @@ from halfbyte.comm import (
     HOP_REDUCE_SCATTER,
     all_gather_bytes,
     decode_gathered,
+    decode_messages,
     encode_chunks,
     encode_shard,
     encode_two_level,
@@ -55,13 +56,11 @@ from halfbyte.comm import (
     reduce_scatter_two_level_bytes,
 )
 from halfbyte.comm.accounting import CommStats
-from halfbyte.comm.collectives import to_section_major
 from halfbyte.engine import checkpoint, seeds
 from halfbyte.engine.buffers import Bucket, build_buckets
 from halfbyte.engine.config import AdamWConfig, CommConfig
 from halfbyte.engine.optim import adamw_, clip_
 from halfbyte.engine.sharded import StepResult, validate_engine
-from halfbyte.quant import Packed, QuantSpec
 
 STATE_FILE = "virtual.pt"
 
@@ -333,13 +332,14 @@ class VirtualDataParallel:
         if not self._two_hops:  # one level; two-level with L == 1 is its inter hop alone
             hop = HOP_REDUCE_SCATTER if c.grads == "one-level" else HOP_INTER
             send = encode_chunks(b.grad, c.grad_spec, self.world_size, rank_seed(seed, rank, hop))
-            _decode_rows(send, c.grad_spec, self._chunk(b), total, accumulate=rank > 0)
+            decode_messages(send, c.grad_spec, self._chunk(b), out=total, accumulate=rank > 0, rotate=False)
         else:
             node, local = divmod(rank, L)
             node_sum = self._node_sums[b.index]
             send = encode_two_level(b.grad, c.grad_intra_spec, c.grad_spec, M, L,
                                     rank_seed(seed, rank, HOP_INTRA))
-            _decode_rows(send, c.grad_intra_spec, node_sum.shape[1], node_sum, accumulate=local > 0)
+            decode_messages(send, c.grad_intra_spec, node_sum.shape[1], out=node_sum, accumulate=local > 0,
+                            rotate=False)
             if local == L - 1:  # the node is complete: middle hop of each local peer, then inter hop
                 for peer in range(L):
                     packed = quant.quantize(node_sum[peer], c.grad_spec, rotate=False,
@@ -396,16 +396,6 @@ class VirtualDataParallel:
     # ---- checkpoints --------------------------------------------------------------------------
     def _meta(self) -> dict:
         return {**checkpoint.engine_meta(self), "gpus_per_node": self.topo.gpus_per_node}  # type: ignore[arg-type]
-
-
-def _decode_rows(send: torch.Tensor, spec: QuantSpec, row_numel: int, out: torch.Tensor, *,
-                 accumulate: bool) -> None:
-    """Decode the messages [n, wire(row_numel)] of one rank into `out` (n * row_numel fp32 values,
-    staying in the Hadamard domain), adding to it when accumulate: the receivers' running sums."""
-    data = to_section_major(send, spec, row_numel)
-    n = send.shape[0]
-    quant.dequantize(Packed(data, spec, n * row_numel, torch.Size([n * row_numel]), torch.float32),
-                     out=out.view(-1), accumulate=accumulate, rotate=False)
 
 
 def _check_layout(world_size: int, gpus_per_node: int) -> None:

@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from halfbyte import quant
 from halfbyte.comm import (
     HOP_ALL_GATHER,
     HOP_REDUCE_SCATTER,
     all_gather_bytes,
     chunk_numel,
     decode_gathered,
+    decode_messages,
     decode_sum,
     encode_chunks,
     encode_shard,
@@ -29,7 +29,6 @@ from halfbyte.comm import (
     reduce_scatter_bytes,
 )
 from halfbyte.comm.accounting import CommStats
-from halfbyte.comm.collectives import to_section_major
 from halfbyte.engine import checkpoint, seeds
 from halfbyte.engine.local import (
     OUTER_GRADS,
@@ -38,7 +37,6 @@ from halfbyte.engine.local import (
     make_outer_optimizer,
 )
 from halfbyte.engine.virtual import VirtualDataParallel
-from halfbyte.quant import Packed
 
 FP32_BYTES = 4
 
@@ -150,11 +148,8 @@ class VirtualLocalUpdates:
 
     def _decode_rows(self, send: torch.Tensor) -> torch.Tensor:
         """What the K receivers of one island's reduce-scatter message decode, as one flat vector."""
-        K, c, spec = self.num_islands, self.chunk, self.config.spec
-        cp = spec.padded_numel(c)
-        data = to_section_major(send, spec, cp)
-        rows = quant.dequantize(Packed(data, spec, K * cp, torch.Size([K, cp]), torch.float32))
-        return rows[:, :c].reshape(-1)[: self.numel]
+        c, spec = self.chunk, self.config.spec
+        return decode_messages(send, spec, spec.padded_numel(c))[:, :c].reshape(-1)[: self.numel]
 
     def _average(self, pseudo_grads: list[torch.Tensor], l: int, seed: int) -> list[torch.Tensor]:
         """Island i's chunk of the islands' mean pseudo-gradient, for every i."""

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from halfbyte.quant import reference
 from halfbyte.quant.packed import Packed
-from halfbyte.quant.spec import SCALE_BYTES, QuantSpec
+from halfbyte.quant.spec import QuantSpec
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MIN_GROUP, _MAX_GROUP = 8, 16384

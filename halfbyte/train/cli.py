@@ -17,7 +17,6 @@ from pathlib import Path
 from halfbyte.engine import CommConfig
 from halfbyte.train.config import Config, ConfigError, batch_layout, help_text, parse_args
 from halfbyte.train.data import (
-    TokenFileError,
     builtin_token_files,
     open_tokens,
     prepare,
