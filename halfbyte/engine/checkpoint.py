@@ -83,14 +83,20 @@ def save_checkpoint(engine: ShardedDataParallel, path: str | Path, extra: dict) 
     dist.barrier(group=group)
     if is_rank0:
         (tmp / "meta.json").write_text(json.dumps(engine_meta(engine), indent=1))
-        old = path.with_name(path.name + ".old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)
-        (path / MARKER).write_text("ok\n")
-        shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, path)
     dist.barrier(group=group)
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Put the fully written directory `tmp` at `path` (moving an existing one aside first) and only
+    then write the completion marker: a save interrupted at any point never loads as valid."""
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+    tmp.rename(path)
+    (path / MARKER).write_text("ok\n")
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(engine: ShardedDataParallel, path: str | Path) -> dict:

@@ -246,13 +246,7 @@ class VirtualDataParallel:
         }
         torch.save(state, tmp / STATE_FILE)
         (tmp / "meta.json").write_text(json.dumps(self._meta(), indent=1))
-        old = path.with_name(path.name + ".old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        tmp.rename(path)
-        (path / checkpoint.MARKER).write_text("ok\n")
-        shutil.rmtree(old, ignore_errors=True)
+        checkpoint.publish(tmp, path)
 
     def load_checkpoint(self, path: str | Path) -> dict:
         """Restore what save_checkpoint wrote and return its `extra`. Raises ValueError, before
