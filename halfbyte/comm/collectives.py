@@ -46,14 +46,21 @@ _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_tensor_op = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+def mix_seed(*values: int) -> int:
+    """A seed < 2**62 (valid for torch.Generator) hashed from integers by chained splitmix64: distinct
+    inputs give distinct seeds with overwhelming probability."""
+    h = 0
+    for v in values:
+        x = ((h ^ (v & _MASK64)) + 0x9E3779B97F4A7C15) & _MASK64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h = x ^ (x >> 31)
+    return h >> 2
+
+
 def rank_seed(seed: int | None, rank: int, hop: int) -> int | None:
-    """Seed of one rank's quantization in one hop, derived from the base seed (splitmix64 mixing)."""
-    if seed is None:
-        return None
-    x = (seed * 0x9E3779B97F4A7C15 + (rank + 1) * 0xBF58476D1CE4E5B9 + hop * 0x94D049BB133111EB) & _MASK64
-    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
-        x = ((x ^ (x >> shift)) * mult) & _MASK64
-    return (x ^ (x >> 31)) >> 2  # 62 bits: a valid torch.Generator seed
+    """Seed of one rank's quantization in one hop, derived from the collective's base seed."""
+    return None if seed is None else mix_seed(seed, rank, hop)
 
 
 def _base_seed(seed: int | None, *specs: QuantSpec | None) -> int | None:

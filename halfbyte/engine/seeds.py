@@ -10,24 +10,14 @@ before that backward, for WEIGHTS the step just taken (1, 2, ...). Skipped steps
 
 from __future__ import annotations
 
+from halfbyte.comm import mix_seed
+
 # Which collective of a bucket a seed is for.
 WEIGHTS = 0
 GRADS = 1
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
 
 
 def collective_seed(engine_seed: int, step: int, bucket: int, stream: int) -> int:
     """Base seed of one collective call, the same on every rank: distinct (with overwhelming
     probability) for every (engine seed, optimizer step, bucket, stream); < 2**62."""
-    h = 0
-    for v in (engine_seed, step, bucket, stream):
-        h = _splitmix64(h ^ (v & _MASK64))
-    return h >> 2
+    return mix_seed(engine_seed, step, bucket, stream)
