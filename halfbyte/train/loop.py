@@ -487,7 +487,8 @@ def _finish(plan: RunPlan, model: torch.nn.Module, summary: dict[str, Any], out_
                      f"inside islands {fmt_bytes(intra + inter)}")
     lines += [
         f"wire ({who}): {fmt_bytes(sent)} sent (inter-node {fmt_bytes(inter + island)}, intra-node {fmt_bytes(intra)}) "
-        + (f"vs {fmt_bytes(bf16)} with bf16 communication: {bf16 / sent:.1f}x less, {fmt_bytes(bf16 - sent)} saved"
+        + (f"vs {fmt_bytes(bf16)} with bf16 communication (nothing was sent)" if sent == 0 else
+           f"vs {fmt_bytes(bf16)} with bf16 communication: {bf16 / sent:.1f}x less, {fmt_bytes(bf16 - sent)} saved"
            if sent < bf16 else
            f"= {sent / max(bf16, 1):.1f}x what bf16 communication would send: preset {t.preset} sends "
            f"{summary['dtype']} values uncompressed"),

@@ -146,3 +146,12 @@ def test_help_lists_the_new_options():
         assert flag in text, flag
     assert "--outer.local_steps            tau: inner steps between outer steps (default: 12)" in text
     assert "(default: 'none')" in text
+
+
+def test_run_that_sent_nothing_still_summarizes(tmp_path, capsys):
+    """Islands of one rank stopped before their first outer step send no byte: the summary says so
+    (it divided by the bytes sent before)."""
+    rows = _train(tmp_path / "run", "--virtual-ranks=2", "--islands=2", "--outer=average", "--local-steps=4",
+                  "--steps=2", "--preset=baseline", "--eval_interval=0")
+    assert rows[-1]["wire_island_bytes"] == 0 and rows[-1]["outer_steps"] == 0
+    assert "(nothing was sent)" in capsys.readouterr().out
