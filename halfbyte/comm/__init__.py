@@ -29,7 +29,7 @@ from halfbyte.comm.collectives import (
     split_chunks,
 )
 from halfbyte.comm.launch import WorkerError, init_process_group_from_env, spawn
-from halfbyte.comm.topology import Topology, build_topology
+from halfbyte.comm.topology import Topology, build_topology, divisors
 
 __all__ = [
     "HOP_ALL_GATHER",
@@ -43,6 +43,7 @@ __all__ = [
     "all_gather_bytes",
     "all_gather_q",
     "build_topology",
+    "divisors",
     "chunk_numel",
     "decode_gathered",
     "decode_sum",

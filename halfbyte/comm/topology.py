@@ -47,6 +47,11 @@ class Topology:
         return f"{self.nodes} node(s) x {self.gpus_per_node} rank(s) per node, {self.backend}, {self.device}"
 
 
+def divisors(n: int) -> list[int]:
+    """The valid choices for a group size that must divide n (for error messages)."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
 def build_topology(gpus_per_node: int | None = None, *, device: torch.device | str | None = None,
                    inter_backend: str | None = None) -> Topology:
     """Topology of the initialized default process group.
@@ -65,7 +70,7 @@ def build_topology(gpus_per_node: int | None = None, *, device: torch.device | s
         raise ValueError(f"gpus_per_node must be a positive integer, got {L!r}")
     if world % L:
         raise ValueError(f"gpus_per_node ({L}) must divide the world size ({world}): "
-                         f"choose one of {[d for d in range(1, world + 1) if world % d == 0]}")
+                         f"choose one of {divisors(world)}")
     if local_world % L or (local_world != world and world % local_world):
         raise ValueError(
             f"gpus_per_node ({L}) must divide the launcher's LOCAL_WORLD_SIZE ({local_world}): an "

@@ -63,7 +63,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from halfbyte.comm import HOP_REDUCE_SCATTER, Topology, all_gather_q, build_topology, chunk_numel
-from halfbyte.comm import decode_messages, encode_chunks, rank_seed, reduce_scatter_q
+from halfbyte.comm import decode_messages, divisors, encode_chunks, rank_seed, reduce_scatter_q
 from halfbyte.comm.accounting import CommStats
 from halfbyte.engine import seeds
 from halfbyte.engine.sharded import ShardedDataParallel
@@ -227,9 +227,8 @@ def check_islands(world_size: int, num_islands: int) -> int:
     if isinstance(num_islands, bool) or not isinstance(num_islands, int) or num_islands < 1:
         raise ValueError(f"islands must be a positive integer, got {num_islands!r}")
     if world_size % num_islands:
-        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
         raise ValueError(f"islands ({num_islands}) must divide the world size ({world_size}): "
-                         f"choose one of {divisors}")
+                         f"choose one of {divisors(world_size)}")
     return world_size // num_islands
 
 

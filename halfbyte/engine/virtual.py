@@ -48,6 +48,7 @@ from halfbyte.comm import (
     all_gather_bytes,
     decode_gathered,
     decode_messages,
+    divisors,
     encode_chunks,
     encode_shard,
     encode_two_level,
@@ -397,6 +398,5 @@ def _check_layout(world_size: int, gpus_per_node: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"virtual {name} must be a positive integer, got {value!r}")
     if world_size % gpus_per_node:
-        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
         raise ValueError(f"virtual gpus_per_node ({gpus_per_node}) must divide world_size "
-                         f"({world_size}): choose one of {divisors}")
+                         f"({world_size}): choose one of {divisors(world_size)}")

@@ -16,6 +16,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from halfbyte.comm import divisors
 from halfbyte.engine import CommConfig
 from halfbyte.train.model import PRESETS as MODEL_PRESETS
 
@@ -317,9 +318,8 @@ def _validate_parallelism(cfg: Config, given: set[str]) -> None:
                               "draws the dropout masks of all virtual ranks from one random stream, so it "
                               "would not reproduce W real ranks")
         if t.gpus_per_node and t.virtual_ranks % t.gpus_per_node:
-            divisors = [d for d in range(1, t.virtual_ranks + 1) if t.virtual_ranks % d == 0]
             raise ConfigError(f"--virtual-gpus-per-node={t.gpus_per_node} does not divide --virtual-ranks="
-                              f"{t.virtual_ranks}; use one of {divisors}")
+                              f"{t.virtual_ranks}; use one of {divisors(t.virtual_ranks)}")
     if u.optimizer not in OUTER_CHOICES:
         raise ConfigError(f"unknown outer optimizer {u.optimizer!r}; use --outer {' | '.join(OUTER_CHOICES)}")
     if not u.enabled:
