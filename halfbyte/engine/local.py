@@ -302,8 +302,8 @@ class PseudoGradientExchange:
         if self.spec is None:
             all_gather_q(chunk, None, self.topo, out=shared)
             return
-        delta = chunk - shared[r * c:(r + 1) * c]
-        all_gather_q(delta, self.spec, self.topo, out=shared, accumulate=True, seed=seed)
+        all_gather_q(chunk, self.spec, self.topo, out=shared, accumulate=True,
+                     subtract=shared[r * c:(r + 1) * c], seed=seed)  # qWD: the codec sends chunk - shared
 
     def _decode_rows(self, send: torch.Tensor) -> torch.Tensor:
         c = self.chunk
