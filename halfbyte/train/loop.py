@@ -137,7 +137,33 @@ def _save_marker(path: Path) -> None:
     (path / checkpoint.MARKER).write_text("ok\n")
 
 
-class ProcessRank:
+class _Ranks:
+    """What both drivers share: outer-step count and bytes on the wire. A subclass sets engine,
+    local (or None), _stats_per_process (how many ranks' bytes one process's stats stand for) and
+    calls _reset_wire() once its engine exists."""
+
+    engine: Any
+    local: Any
+    _stats_per_process = 1
+
+    @property
+    def outer_steps(self) -> int:
+        return self.local.outer_steps if self.local else 0
+
+    def _sent(self) -> torch.Tensor:
+        now = self.engine.stats.totals()
+        island = sum(self.local.stats.totals().values()) if self.local else 0
+        return torch.tensor([now["intra"], now["inter"], island], dtype=torch.float64) * self._stats_per_process
+
+    def _reset_wire(self) -> None:
+        self._stats_start = self._sent()
+
+    def wire(self) -> torch.Tensor:
+        """[intra, inter, inter-island] bytes this process's ranks sent since it started."""
+        return self._sent() - self._stats_start
+
+
+class ProcessRank(_Ranks):
     """This process is one real rank (the process group is initialized): the engine on the whole
     world, or on this rank's island with LocalUpdates across islands."""
 
@@ -170,11 +196,7 @@ class ProcessRank:
         self.sampler = TokenSampler(self.train_data, t.seq_len, self.rank, plan.world_size, t.seed)
         self.val_batches = (eval_batches(open_tokens(plan.val_path), t.seq_len, self.rank, plan.world_size,
                                          plan.micro_batch, t.eval_iters) if plan.val_path else [])
-        self._stats_start = self._sent()
-
-    @property
-    def outer_steps(self) -> int:
-        return self.local.outer_steps if self.local else 0
+        self._reset_wire()
 
     def train_step(self, lr: float) -> tuple[torch.Tensor, StepResult]:
         """Forward/backward of this rank's micro-batches, the engine step (and the outer step)."""
@@ -191,15 +213,6 @@ class ProcessRank:
             self.local.step(lr)
         self.engine.zero_grad()
         return step_loss, result
-
-    def _sent(self) -> torch.Tensor:
-        now = self.engine.stats.totals()
-        island = sum(self.local.stats.totals().values()) if self.local else 0
-        return torch.tensor([now["intra"], now["inter"], island], dtype=torch.float64)
-
-    def wire(self) -> torch.Tensor:
-        """[intra, inter, inter-island] bytes this process's ranks sent since it started."""
-        return self._sent() - self._stats_start
 
     def all_sum(self, values: torch.Tensor) -> torch.Tensor:
         values = values.to(self.device)
@@ -229,11 +242,11 @@ class ProcessRank:
     def load(self, path: str) -> dict[str, Any]:
         extra = self.local.load_checkpoint(path) if self.local else self.engine.load_checkpoint(path)
         self.sampler.load_state_dict(extra["data"])
-        self._stats_start = self._sent()
+        self._reset_wire()
         return extra
 
 
-class VirtualRanks:
+class VirtualRanks(_Ranks):
     """This process emulates all W ranks: each virtual rank samples the data real rank w would, and
     the engine (VirtualDataParallel) runs their communication math. With local updates: one
     engine and model copy per island, VirtualLocalUpdates across them."""
@@ -241,6 +254,7 @@ class VirtualRanks:
     def __init__(self, plan: RunPlan) -> None:
         t = plan.cfg.train
         self.plan, self.world_size, self.rank0 = plan, plan.world_size, True
+        self._stats_per_process = plan.world_size  # every real rank sends what the stats count for one
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = _compute_dtype(t.dtype, self.device)
         K = plan.islands or 1
@@ -263,11 +277,7 @@ class VirtualRanks:
         val = open_tokens(plan.val_path) if plan.val_path else None
         self.val_batches = ([eval_batches(val, t.seq_len, w, plan.world_size, plan.micro_batch, t.eval_iters)
                              for w in range(plan.world_size)] if val is not None else [])
-        self._stats_start = self._sent()
-
-    @property
-    def outer_steps(self) -> int:
-        return self.local.outer_steps if self.local else 0
+        self._reset_wire()
 
     def train_step(self, lr: float) -> tuple[torch.Tensor, StepResult]:
         plan, step_loss = self.plan, torch.zeros((), dtype=torch.float64, device=self.device)
@@ -286,15 +296,6 @@ class VirtualRanks:
         for engine in self.engines:
             engine.zero_grad()
         return step_loss.cpu(), results[0]  # island 0's, as real rank 0 reports its own island's
-
-    def _sent(self) -> torch.Tensor:
-        # every real rank sends the same bytes; the stats count one rank's
-        now = self.engine.stats.totals()
-        island = sum(self.local.stats.totals().values()) if self.local else 0
-        return torch.tensor([now["intra"], now["inter"], island], dtype=torch.float64) * self.world_size
-
-    def wire(self) -> torch.Tensor:
-        return self._sent() - self._stats_start
 
     def all_sum(self, values: torch.Tensor) -> torch.Tensor:
         return values.cpu()  # this process holds every rank's share already
@@ -315,7 +316,7 @@ class VirtualRanks:
         extra = (self.local or self.engine).load_checkpoint(path)
         for sampler, state in zip(self.samplers, extra["data"]):
             sampler.load_state_dict(state)
-        self._stats_start = self._sent()
+        self._reset_wire()
         return extra
 
 
@@ -466,7 +467,7 @@ def _finish(plan: RunPlan, model: torch.nn.Module, summary: dict[str, Any], out_
     lines = [notice] if notice else []
     if summary["stopped"]:
         lines.append(f"stopped at step {summary['step']}; checkpoint saved: {summary['checkpoint']}")
-        lines.append(f"continue with: halfbyte train ... --resume (same options)")
+        lines.append("continue with: halfbyte train ... --resume (same options)")
     elif plan.tokenizer and t.sample_tokens:
         sample = _sample(plan, model, device)
         (out_dir / "sample.txt").write_text(sample)
