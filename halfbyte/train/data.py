@@ -28,6 +28,7 @@ HEADER = struct.Struct("<8sIIQQ")  # magic, version, itemsize, vocab_size, count
 PLAY_SEPARATOR = "\n\n\n"  # plays in shakespeare.txt.gz are separated by two blank lines
 BUILTIN_VAL_FRACTION = 0.05
 ENCODE_PIECE_CHARS = 1 << 20  # long documents are encoded in ~1 MB pieces, in parallel
+ENCODE_BATCH_CHARS = 1 << 25  # ~32 MB of text per encode_batch call: enough to keep every core busy
 
 
 class TokenFileError(ValueError):
@@ -143,20 +144,38 @@ def prepare(
     total_chars: int | None = None,
     progress: bool = True,
 ) -> tuple[TokenFile, TokenFile]:
-    """Tokenize documents (each followed by EOT) into `out` and its validation file `val_path_for(out)`."""
+    """Tokenize documents (each followed by EOT) into `out` and its validation file `val_path_for(out)`.
+
+    Pieces of many documents go to the tokenizer in one `encode_batch` call of ~ENCODE_BATCH_CHARS, so
+    corpora of many small files (source trees) are tokenized on every core, not one file at a time.
+    """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     eot = tokenizer.eot_id
     writers = TokenWriter(out, tokenizer.vocab_size), TokenWriter(val_path_for(out), tokenizer.vocab_size)
     bar = tqdm(total=total_chars, unit="char", unit_scale=True, desc="tokenizing", disable=not progress)
+    pending: list[tuple[int, str, bool]] = []  # (writer, piece, ends its document part), in file order
+    pending_chars = 0
+
+    def flush() -> None:
+        for (which, _, last), ids in zip(pending, tokenizer.encode_batch([piece for _, piece, _ in pending])):
+            writers[which].write(ids)
+            if last:
+                writers[which].write([eot])
+        bar.update(sum(len(piece) for _, piece, _ in pending))
+        pending.clear()
+
     for doc in documents:
-        for writer, part in zip(writers, split_document(doc, val_fraction)):
+        for which, part in enumerate(split_document(doc, val_fraction)):
             if not part:
                 continue
-            for ids in tokenizer.encode_batch(_pieces(part)):
-                writer.write(ids)
-            writer.write([eot])
-        bar.update(len(doc))
+            pieces = _pieces(part)
+            pending.extend((which, piece, i == len(pieces) - 1) for i, piece in enumerate(pieces))
+            pending_chars += len(part)
+        if pending_chars >= ENCODE_BATCH_CHARS:
+            flush()
+            pending_chars = 0
+    flush()
     bar.close()
     train, val = (open_tokens(w.close()) for w in writers)
     return train, val

@@ -58,6 +58,23 @@ def test_prepare_writes_train_and_val(tmp_path):
     assert text.replace("<|endoftext|>", "").count("to be or not to be") == 120
 
 
+def test_prepare_batches_across_documents_without_changing_tokens(tmp_path, monkeypatch):
+    """Batching pieces of many documents per encode_batch call must give the tokens of encoding each
+    document part on its own, EOT after each part, whatever the batch and piece sizes."""
+    import halfbyte.train.data as data
+
+    tok = load_tokenizer("builtin")
+    docs = [f"def f{i}(x):\n    return x * {i}\n" * (1 + 7 * i) for i in range(9)]
+    monkeypatch.setattr(data, "ENCODE_BATCH_CHARS", 200)  # several flushes
+    monkeypatch.setattr(data, "ENCODE_PIECE_CHARS", 64)  # long documents cut into several pieces
+    train, val = prepare(docs, tok, tmp_path / "d.bin", val_fraction=0.2, progress=False)
+    expect_train, expect_val = [], []
+    for doc in docs:
+        for out, part in zip((expect_train, expect_val), split_document(doc, 0.2)):
+            out.extend(tok.encode(part) + [tok.eot_id] if part else [])
+    assert train.tokens.tolist() == expect_train and val.tokens.tolist() == expect_val
+
+
 def test_sampler_ranks_are_disjoint_deterministic_and_resumable(tmp_path):
     data = _token_file(tmp_path / "a.bin", 10_001, vocab=20_000)  # token value == position
     seq = 10
