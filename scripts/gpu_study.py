@@ -57,12 +57,13 @@ def _local(name: str, label: str, outer: str, tau: int, *extra: str) -> Run:
 
 GRID = [
     *(_every_step(8, 4, p) for p in ("baseline", "sdp4bit", "zeropp", "qw4", "qwd", "tlq", "tlq-hs")),
+    Run("w8-baseline-seed1", "convergence", "baseline, W=8 (2x4), seed 1: run-to-run noise",
+        (*_every_step(8, 4, "baseline").args, "--seed", "1")),
     *(_every_step(32, 8, p) for p in ("baseline", "sdp4bit")),
     *(_local(f"sm-int4-t{tau}", f"sign-momentum, int4 pseudo-gradients + EF, tau {tau}", "sign-momentum", tau,
              "--outer-bits", "4") for tau in (8, 32)),
-    *(_local(f"nesterov-t{tau}", f"DiLoCo (nesterov), fp32, tau {tau}", "nesterov", tau) for tau in (8, 32)),
-    *(_local(f"sm-fp32-t{tau}", f"sign-momentum, fp32 pseudo-gradients, tau {tau}", "sign-momentum", tau)
-      for tau in (8, 32)),
+    _local("sm-fp32-t32", "sign-momentum, fp32 pseudo-gradients, tau 32", "sign-momentum", 32),
+    _local("nesterov-t32", "DiLoCo (nesterov), fp32, tau 32", "nesterov", 32),
 ]
 BY_NAME = {run.name: run for run in GRID}
 
