@@ -6,12 +6,12 @@ On the GPU machine (see docs/gpu_runbook.md for the whole call):
 
     python scripts/gpu_study.py prepare --data /tmp/py.bin            # the corpus: installed *.py files
     python scripts/gpu_study.py probe --runs w8-baseline,w8-sdp4bit --budget-s 300 --data /tmp/py.bin
-    python scripts/gpu_study.py run --runs w8-baseline,w8-sdp4bit --steps 512 --data /tmp/py.bin \\
+    python scripts/gpu_study.py run --runs w8-baseline,w8-sdp4bit --steps 384 --data /tmp/py.bin \\
         --runs-dir /tmp/runs --deadline-s 420
 
-Here, with the run directories copied back:
+Here, with the run directories copied back (writes benchmarks/results/gpu-study-125m/):
 
-    python scripts/gpu_study.py report --runs-dir runs/gpu-study
+    python scripts/gpu_study.py report --runs-dir runs/gpu-study --steps 384 --corpus-json runs/gpu-study/corpus.json
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------ here
 
 
-def summarize(run: Run, runs_dir: Path) -> dict | None:
+def summarize(run: Run, runs_dir: Path, steps: int) -> dict | None:
     path = runs_dir / run.name / "metrics.jsonl"
     if not path.is_file():
         return None
@@ -170,19 +170,28 @@ def summarize(run: Run, runs_dir: Path) -> dict | None:
     last = records[-1]
     cmd_file = runs_dir / f"{run.name}.cmd"
     tokens = last["step"] * BATCH * SEQ_LEN
-    # Bytes summed over all ranks. In the local-update layout (8 islands of one rank) every link is
-    # between islands; for the every-step runs, "all" = inter + intra: what would cross islands if
-    # each rank were its own island.
+    # Bytes summed over all ranks, per training token. In the local-update layout (8 islands of one
+    # rank) every link is between islands; for every-step runs, "all links" is what would cross islands
+    # if each rank were its own island.
     inter, intra, island = last["wire_inter_bytes"], last["wire_intra_bytes"], last.get("wire_island_bytes", 0)
-    return {"name": run.name, "study": run.study, "label": run.label,
+    return {"name": run.name, "study": run.study, "label": run.label, "finished": last["step"] == steps,
             "command": cmd_file.read_text().strip() if cmd_file.is_file() else None,
-            "steps": last["step"], "tokens": tokens, "train_loss": last["loss"], "val_loss": last.get("val_loss"),
+            "steps": last["step"], "train_loss": last["loss"],
             "inter_bytes_per_token": (inter + island) / tokens, "intra_bytes_per_token": intra / tokens,
             "all_bytes_per_token": (inter + intra + island) / tokens,
             "bf16_bytes_per_token": last["wire_bf16_bytes"] / tokens, "outer_steps": last.get("outer_steps", 0),
             "skipped_steps": last["skipped_steps"], "train_s": last["elapsed_s"],
             "val_curve": [[r["step"], r["val_loss"]] for r in records if "val_loss" in r],
             "train_curve": [[r["step"], r["loss"]] for r in records]}
+
+
+def common_step(rows: list[dict]) -> int:
+    """The last evaluation every run of the group reached (the final one unless a run was cut short)."""
+    return min(row["val_curve"][-1][0] for row in rows)
+
+
+def val_at(row: dict, step: int) -> float:
+    return dict(map(tuple, row["val_curve"]))[step]
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -208,6 +217,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_xlabel("step")
         ax.set_ylabel("validation loss")
         ax.grid(alpha=0.3)
+    full.set_ylim(top=min(8.0, max(y for r in rows for _, y in r["val_curve"])))
     full.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -215,45 +225,73 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def table(rows: list[dict], reference: dict) -> str:
-    lines = ["| run | train loss | val loss | val vs `" + reference["name"] + "` | bytes/token, all links | "
-             "inter-node (island) bytes/token | vs reference's all-link bytes | outer steps | train time |",
+    at = common_step(rows)
+    ref_val = val_at(reference, at)
+    lines = [f"| run | steps run | train loss (last 8 steps) | val loss at step {at} | vs `{reference['name']}` | "
+             "bytes/token, all links | inter-node/island bytes/token | all-link bytes vs reference | outer steps |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        gap = (r["val_loss"] - reference["val_loss"]) / reference["val_loss"]
-        fewer = reference["all_bytes_per_token"] / r["all_bytes_per_token"] if r["all_bytes_per_token"] else float("inf")
-        lines.append(f"| `{r['name']}` {r['label']} | {r['train_loss']:.4f} | {r['val_loss']:.4f} | {gap:+.2%} | "
-                     f"{r['all_bytes_per_token']:,.0f} | {r['inter_bytes_per_token']:,.0f} | {fewer:,.1f}x fewer | "
-                     f"{r['outer_steps']} | {r['train_s']:.0f} s |")
+        val = val_at(r, at)
+        fewer = reference["all_bytes_per_token"] / r["all_bytes_per_token"]
+        cut = "" if r["finished"] else " (cut short)"
+        lines.append(f"| `{r['name']}` {r['label']} | {r['steps']}{cut} | {r['train_loss']:.4f} | {val:.4f} | "
+                     f"{(val - ref_val) / ref_val:+.2%} | {r['all_bytes_per_token']:,.0f} | "
+                     f"{r['inter_bytes_per_token']:,.0f} | {fewer:,.1f}x fewer | {r['outer_steps']} |")
     return "\n".join(lines)
 
 
 def report(args: argparse.Namespace) -> None:
     runs_dir = Path(args.runs_dir)
-    rows = [row for run in GRID if (row := summarize(run, runs_dir)) is not None]
-    finished = [r for r in rows if r["val_loss"] is not None]
+    rows = [row for run in GRID if (row := summarize(run, runs_dir, args.steps)) is not None and row["val_curve"]]
+    by_name = {r["name"]: r for r in rows}
     corpus = json.loads(Path(args.corpus_json).read_text()) if args.corpus_json else None
-    baseline = next(r for r in finished if r["name"] == "w8-baseline")
-    for study, ref_names in (("convergence", ("w8-baseline",)), ("local-updates", ("w8-baseline", "w8-sdp4bit"))):
-        out = RESULTS / f"{study}-125m"
-        out.mkdir(parents=True, exist_ok=True)
-        mine = [r for r in finished if r["study"] == study]
-        shown = [r for r in finished if r["name"] in ref_names and r not in mine] + mine
-        if not mine:
+    groups = {"convergence-w8": [r for r in rows if r["name"].startswith("w8-")],
+              "convergence-w32": [r for r in rows if r["name"].startswith("w32-")],
+              "local-updates": [by_name[n] for n in ("w8-baseline", "w8-sdp4bit") if n in by_name]
+              + [r for r in rows if r["study"] == "local-updates"]}
+    out = RESULTS / "gpu-study-125m"
+    out.mkdir(parents=True, exist_ok=True)
+    text = []
+    for tag, group in groups.items():
+        if not group:
             continue
-        for r in mine:
-            (out / r["name"]).mkdir(exist_ok=True)
-            (out / r["name"] / "metrics.jsonl").write_bytes((runs_dir / r["name"] / "metrics.jsonl").read_bytes())
-        (out / "summary.json").write_text(json.dumps({"batch": BATCH, "seq_len": SEQ_LEN, "corpus": corpus,
-                                                      "device": args.device, "runs": shown}, indent=1))
-        groups = [shown] if study == "local-updates" else [
-            [r for r in shown if r["name"].startswith("w8-")], [r for r in shown if r["name"].startswith("w32-")]]
-        for group in groups:
-            if not group:
-                continue
-            tag = group[0]["name"].split("-")[0] if study == "convergence" else "tau"
-            plot(group, out / f"val_loss-{tag}.png", f"{study}, GPT 125M, {args.device}")
-        print(f"## {study}\n" + "\n\n".join(table(g, next((r for r in g if r["name"].endswith("-baseline")), baseline))
-                                            for g in groups if g) + "\n")
+        reference = next(r for r in group if r["name"].endswith("-baseline"))
+        plot(group, out / f"val_loss-{tag}.png", f"{tag}: GPT 125M, virtual ranks, {args.device}")
+        text.append(f"### {tag}\n\n{table(group, reference)}\n")
+    for row in rows:
+        (out / row["name"]).mkdir(exist_ok=True)
+        (out / row["name"] / "metrics.jsonl").write_bytes((runs_dir / row["name"] / "metrics.jsonl").read_bytes())
+    (out / "summary.json").write_text(json.dumps({"steps": args.steps, "batch": BATCH, "seq_len": SEQ_LEN,
+                                                  "corpus": corpus, "device": args.device, "runs": rows}, indent=1))
+    commands = "\n".join("python " + r["command"].split(" ", 1)[1] for r in rows if r["command"])  # any interpreter
+    (out / "README.md").write_text(README.format(device=args.device, corpus=json.dumps(corpus), tables="\n".join(text),
+                                                 commands=commands, steps=args.steps, batch=BATCH, seq_len=SEQ_LEN, tokens=args.steps * BATCH * SEQ_LEN))
+    print("\n".join(text))
+
+
+README = """# GPT 125M on one GPU with virtual ranks: convergence per mode, and local updates
+
+Made on one {device} by `scripts/gpu_study.py` (the device calls: docs/gpu_runbook.md), reading in
+docs/convergence.md. Every run: GPT 125M (123.6M parameters, 12 layers, d=768, GPT-2 BPE), global
+batch {batch} x {seq_len} tokens, {steps} steps ({tokens:,} tokens), AdamW lr 1e-3 -> 1e-4 cosine, warm-up
+steps/16, seed 0, bf16 compute; runs side by side on the GPU. Corpus: the Python files of torch,
+transformers, jax, scipy, sympy, sklearn, pandas, numpy and matplotlib installed on that machine,
+tokenized there by `python scripts/gpu_study.py prepare` ({corpus}; validation = the last 0.5% of
+every file). Nothing of it is redistributed.
+
+Columns: train loss = mean of the last 8 steps; val loss on 4 x 8 micro-batches per virtual rank at
+the last evaluation every run of the table reached (runs marked "cut short" were stopped by the
+call's 10-minute limit); bytes are summed over all ranks per training token.
+
+{tables}
+Curves: `val_loss-*.png`; logs: `<run>/metrics.jsonl`; all numbers: `summary.json`.
+
+Commands (on the GPU machine; /tmp/py.bin from `prepare`):
+
+```
+{commands}
+```
+"""
 
 
 def main() -> None:
@@ -273,6 +311,7 @@ def main() -> None:
             p.add_argument("--deadline-s", type=float, required=True, help="kill runs still going after this")
     p = sub.add_parser("report", help="tables, plots and summaries under benchmarks/results/")
     p.add_argument("--runs-dir", default="runs/gpu-study")
+    p.add_argument("--steps", type=int, required=True, help="the step count the runs were started with")
     p.add_argument("--corpus-json", help="the token file's sidecar JSON from prepare-data")
     p.add_argument("--device", default="one GPU", help="device name for the plots and summaries")
     args = parser.parse_args()
