@@ -325,3 +325,40 @@ def misuse_and_mismatch() -> dict:
     except ValueError as e:
         mismatch_error = str(e)
     return {"late": late_error, "mismatch": mismatch_error}
+
+
+# ---- 1 CUDA rank (NCCL world of one): bf16 replica, Triton codec ------------------------------
+def gpu_presets_memorize(presets: list[str], steps: int) -> dict:
+    """Each preset fits one fixed batch of token ids with a bf16 tiny GPT; the codec runs on Triton."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from halfbyte.quant import codec
+    from halfbyte.train.model import build_model
+
+    topo = build_topology()
+    assert topo.device.type == "cuda", topo.device
+    out: dict = {"backend": codec.backend_for(torch.zeros(1, device=topo.device)).__name__}
+    tokens = torch.randint(0, 512, (8, 65), generator=torch.Generator().manual_seed(1)).to(topo.device)
+    for preset in presets:
+        comm = CommConfig.preset(preset)
+        if comm.grads == "two-level":  # one node: the inter-node codec alone, as bench train runs it
+            comm = dataclasses.replace(comm, grads="one-level", grad_intra_spec=None)
+        torch.manual_seed(0)
+        model = build_model("tiny", vocab_size=512).to(topo.device, torch.bfloat16)
+        engine = ShardedDataParallel(model, topo, optim=AdamWConfig(lr=3e-3), comm=comm, bucket_numel=200_000)
+        losses = []
+        for _ in range(steps):
+            logits = model(tokens[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+            loss.backward()
+            assert not engine.step().skipped
+            engine.zero_grad()
+            losses.append(loss.item())
+        engine.wait_weights()
+        engine.check_replicas()
+        replica_dtypes = {p.dtype for p in model.parameters()}
+        out[preset] = {"losses": losses, "dtypes": sorted(map(str, replica_dtypes)),
+                       "buckets": len(engine.buckets)}
+    return out
