@@ -7,15 +7,17 @@ sum over chunks -> inverse Hadamard -> add into `out`), and writes each output b
 
 Exactness (nearest rounding): the kernels perform the reference's fp32 operations in the same order
 with the same IEEE rounding, so they write the same bytes, Hadamard included:
-  - divisions are IEEE round-to-nearest (`tl.math.div_rn`), not Triton's approximate `/`;
-  - round-half-to-even is the exact `(y + 1.5 * 2**23) - 1.5 * 2**23` (valid for |y| < 2**22;
-    here |y| <= qmax + 1), which needs no libdevice call;
+  - divisions are IEEE round-to-nearest, not Triton's approximate `/`: `tl.math.div_rn` once per
+    group, and per value a multiply by the group's correctly rounded reciprocal plus one FMA
+    correction, which is the IEEE quotient (see _divide_by_scale);
+  - round-half-to-even is the exact `y + 1.5 * 2**23`, whose low mantissa bits are then the level
+    (valid for |y| < 2**22; here |y| <= qmax + 1): no libdevice call, no float-to-int conversion;
   - scales round up and zero points down to bf16 (the reference's _bf16_up/_bf16_down), done on
     the bits; other bf16/fp16 casts round to nearest even;
   - the Walsh-Hadamard butterflies pair the same elements in the same stage order as `fwht` and
     scale once at the end; the W chunks are summed in chunk order, like the reference;
   - kernels are compiled with `enable_fp_fusion=False`, so no multiply-add is contracted into an
-    FMA (which would round once instead of twice).
+    FMA (which would round once instead of twice); the only FMAs are the explicit `tl.fma`s.
 Stochastic rounding draws its uniforms from Philox (`tl.randint4x`, 24-bit uniforms in [0, 1)) keyed by
 the seed and the element index: reproducible from the seed and independent of the tile shape, but not
 the reference's torch.Generator stream, so only the distribution matches the reference.
@@ -41,7 +43,10 @@ _MIN_GROUP, _MAX_GROUP = 8, 16384
 # Values per program (tile = whole groups). Streaming kernels want a few thousand values per program
 # in flight: enough bytes per load for 16-byte vectors, few enough registers for good occupancy.
 _TILE_VALUES = 2048
-_RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds |y| < 2**22 half-to-even
+# Values per thread run on the paths that keep runs in registers (Hadamard quantize, reduce_requantize):
+# whole H32 blocks, and a group's scale work shared by 32 values
+_RUN = tl.constexpr(32)
+_RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding it rounds |y| < 2**22 half-to-even
 
 
 # ---- device helpers -------------------------------------------------------------------------------
@@ -105,13 +110,35 @@ def _uniform_tile(seed, counter0, BG: tl.constexpr, GS: tl.constexpr):
 
 
 @triton.jit
+def _divide_by_scale(v, s, usable):
+    """v / s rounded to nearest (IEEE), for a per-group [BG, 1] bf16 scale s; 0 where not usable.
+
+    One Markstein correction of v * RN(1/s) gives RN(v / s) whenever no term is subnormal: checked
+    exhaustively for every bf16 mantissa of s and fp32 mantissa of v. So the IEEE division (a MUFU
+    reciprocal, five FMAs and a range check each) runs once per group, and each value pays a multiply
+    and two FMAs. Scales below 2**-100 and their values are first lifted by 2**64, which is exact
+    and leaves v / s alone; then every term is normal wherever |v / s| >= 1/2 (where it could change
+    a level), and 1/s stays normal since s <= fp32 max / qmax.
+    """
+    lift = tl.where(s < 2.0**-100, 2.0**64, 1.0)
+    s = tl.where(usable, s * lift, 1.0)
+    r = tl.math.div_rn(1.0, s)
+    v = v * lift
+    q = v * r
+    y = tl.fma(tl.fma(-s, q, v), r, q)
+    return tl.where(usable, y, 0.0)
+
+
+@triton.jit
 def _quantize_tile(v, out_ptr, g0, num_groups, pay_bytes, seed,
                    BG: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr,
-                   SYMMETRIC: tl.constexpr, STOCHASTIC: tl.constexpr):
+                   SYMMETRIC: tl.constexpr, STOCHASTIC: tl.constexpr, RUN: tl.constexpr):
     """Quantize the fp32 tile v [BG, GS] (groups g0..g0+BG-1) and write levels, scales, zeros.
 
     Per-group values stay [BG, 1] columns of the tile's own layout: a 1-D vector would make the
-    compiler recompute the whole tile in a second layout just to store the scales.
+    compiler recompute the whole tile in a second layout just to store the scales. RUN > 0: each
+    thread holds runs of RUN values (see _load_runs); the payload is stored in that shape, so the
+    compiler keeps the bytes where they are instead of regrouping them through shared memory.
     """
     rows = tl.arange(0, BG)[:, None]
     row_ok = rows < num_groups - g0
@@ -135,24 +162,34 @@ def _quantize_tile(v, out_ptr, g0, num_groups, pay_bytes, seed,
         shifted = v - z
     s = scale_b.to(tl.float32)
     finite = finite & (s < float("inf"))
-    usable = finite & (s > 0)
-    y = tl.where(usable, tl.math.div_rn(shifted, tl.where(usable, s, 1.0)), 0.0)
+    y = _divide_by_scale(shifted, s, finite & (s > 0))
     if STOCHASTIC:
-        q = tl.floor(y + _uniform_tile(seed, (g0 * (GS // 4)).to(tl.int32), BG, GS))
-    else:
-        q = (y + _RNE_MAGIC) - _RNE_MAGIC
-    q = tl.minimum(tl.maximum(q, LO), QMAX).to(tl.int32)
+        y = tl.floor(y + _uniform_tile(seed, (g0 * (GS // 4)).to(tl.int32), BG, GS))
+    # clamping commutes with rounding to an integer; adding 1.5 * 2**23 rounds half-to-even
+    # (|y| < 2**22) and leaves level + 0x4B400000 in the bits, so the low bits are the level's
+    q = (tl.minimum(tl.maximum(y, LO), QMAX) + _RNE_MAGIC).to(tl.int32, bitcast=True)
 
     if BITS == 8:
-        pay = out_ptr + g0 * GS
-        tl.store(pay + rows * GS + tl.arange(0, GS)[None, :], q.to(tl.uint8), mask=row_ok)
+        byte = q.to(tl.uint8)  # two's complement (symmetric) or unsigned: the level's low byte
+        PER_BYTE: tl.constexpr = 1
     else:
         if SYMMETRIC:
             q = q + 8
         lo_nib, hi_nib = tl.split(tl.reshape(q, (BG, GS // 2, 2)))
-        byte = (lo_nib | (hi_nib << 4)).to(tl.uint8)
-        pay = out_ptr + g0 * (GS // 2)
-        tl.store(pay + rows * (GS // 2) + tl.arange(0, GS // 2)[None, :], byte, mask=row_ok)
+        byte = ((lo_nib & 15) | (hi_nib << 4)).to(tl.uint8)
+        PER_BYTE: tl.constexpr = 2
+    ROW: tl.constexpr = GS // PER_BYTE
+    pay = out_ptr + g0 * ROW
+    if RUN > 0:
+        NR: tl.constexpr = BG * GS // RUN
+        RUN_BYTES: tl.constexpr = RUN // PER_BYTE
+        VB: tl.constexpr = min(16, RUN_BYTES)
+        offs = (tl.arange(0, NR)[:, None, None] * RUN_BYTES + tl.arange(0, RUN_BYTES // VB)[None, :, None] * VB
+                + tl.arange(0, VB)[None, None, :])
+        ok = offs < (num_groups - g0) * ROW
+        tl.store(pay + offs, tl.reshape(byte, (NR, RUN_BYTES // VB, VB)), mask=ok)
+    else:
+        tl.store(pay + rows * ROW + tl.arange(0, ROW)[None, :], byte, mask=row_ok)
     # a group holding NaN/Inf gets a NaN scale (and zero point): it decodes to NaN
     scale_ptr = (out_ptr + pay_bytes).to(tl.pointer_type(tl.bfloat16)) + g0
     nan = tl.full(scale_b.shape, 0x7FC0, tl.uint16).to(tl.bfloat16, bitcast=True)  # torch's NaN bits
@@ -162,69 +199,116 @@ def _quantize_tile(v, out_ptr, g0, num_groups, pay_bytes, seed,
 
 
 @triton.jit
-def _decode_tile(chunk_ptr, g0, num_groups, pay_bytes,
-                 BG: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr):
-    """Decode groups g0..g0+BG-1 of one wire buffer to an fp32 tile [BG, GS] (rotated domain)."""
-    rows = tl.arange(0, BG)[:, None]
-    row_ok = rows < num_groups - g0
-    if BITS == 8:
-        raw = tl.load(chunk_ptr + g0 * GS + rows * GS + tl.arange(0, GS)[None, :], mask=row_ok, other=0)
-        if SYMMETRIC:
-            q = raw.to(tl.int8, bitcast=True).to(tl.float32)
-        else:
-            q = raw.to(tl.float32)
+def _levels(code, OFFSET: tl.constexpr):
+    """Integer codes (int32 in 0..255) minus OFFSET as exact fp32: the code in the low mantissa bits of
+    2**23, minus 2**23 + OFFSET. Two full-rate instructions instead of a quarter-rate I2F."""
+    return (code | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
+
+
+@triton.jit
+def _decode_tile(chunk_ptr, g0, num_groups, pay_bytes, BG: tl.constexpr, GS: tl.constexpr,
+                 BITS: tl.constexpr, SYMMETRIC: tl.constexpr, RUN: tl.constexpr):
+    """Decode groups g0..g0+BG-1 of one wire buffer to an fp32 tile [BG, GS] (rotated domain).
+    RUN > 0: read as runs of RUN values, one run per thread (see _load_runs)."""
+    PER_BYTE: tl.constexpr = 8 // BITS
+    if RUN > 0:
+        NR: tl.constexpr = BG * GS // RUN
+        RUN_BYTES: tl.constexpr = RUN // PER_BYTE
+        VB: tl.constexpr = min(16, RUN_BYTES)
+        offs = (tl.arange(0, NR)[:, None, None] * RUN_BYTES + tl.arange(0, RUN_BYTES // VB)[None, :, None] * VB
+                + tl.arange(0, VB)[None, None, :])
+        raw = tl.load(chunk_ptr + g0 * (GS // PER_BYTE) + offs, mask=offs < (num_groups - g0) * (GS // PER_BYTE),
+                      other=0)
+        raw = tl.reshape(raw, (NR, RUN_BYTES)).to(tl.int32)
+        rows = tl.arange(0, NR)[:, None] // (GS // RUN)  # the group of each run
+        row_ok = rows < num_groups - g0
     else:
-        raw = tl.load(chunk_ptr + g0 * (GS // 2) + rows * (GS // 2) + tl.arange(0, GS // 2)[None, :],
+        NR: tl.constexpr = BG
+        rows = tl.arange(0, BG)[:, None]
+        row_ok = rows < num_groups - g0
+        raw = tl.load(chunk_ptr + (g0 + rows) * (GS // PER_BYTE) + tl.arange(0, GS // PER_BYTE)[None, :],
                       mask=row_ok, other=0).to(tl.int32)
-        q = tl.reshape(tl.join(raw & 15, raw >> 4), (BG, GS))
-        if SYMMETRIC:
-            q = q - 8
-        q = q.to(tl.float32)
+    if BITS == 8:
+        if SYMMETRIC:  # two's complement byte b: (b ^ 0x80) is the level + 128
+            q = _levels(raw ^ 0x80, 128)
+        else:
+            q = _levels(raw, 0)
+    else:
+        q = _levels(tl.reshape(tl.join(raw & 15, raw >> 4), (NR, raw.shape[1] * 2)), 8 if SYMMETRIC else 0)
     scale_ptr = (chunk_ptr + pay_bytes).to(tl.pointer_type(tl.bfloat16)) + g0
     v = q * tl.load(scale_ptr + rows, mask=row_ok, other=0).to(tl.float32)
     if not SYMMETRIC:
         v = v + tl.load(scale_ptr + num_groups + rows, mask=row_ok, other=0).to(tl.float32)
-    return v
+    return tl.reshape(v, (BG, GS))
 
 
 # ---- kernels ---------------------------------------------------------------------------------------
 @triton.jit
+def _load_runs(ptr, base, numel, NR: tl.constexpr, RUN: tl.constexpr, VEC: tl.constexpr):
+    """NR runs of RUN values from ptr + base, as fp32 [NR, RUN] (zero past numel).
+
+    Loaded as [NR, RUN // VEC, VEC], VEC values (16 bytes) per load: the compiler spreads the threads
+    over the runs and keeps each run in one thread's registers (given NR >= the threads of the
+    program), so Hadamard blocks up to RUN values need no shuffles or shared memory.
+    """
+    offs = (tl.arange(0, NR)[:, None, None] * RUN + tl.arange(0, RUN // VEC)[None, :, None] * VEC
+            + tl.arange(0, VEC)[None, None, :])
+    v = tl.load(ptr + base + offs, mask=offs < numel - base, other=0.0).to(tl.float32)
+    return tl.reshape(v, (NR, RUN))
+
+
+@triton.jit
 def _quantize_kernel(x_ptr, sub_ptr, out_ptr, numel, num_groups, pay_bytes, seed,
                      BG: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
-                     STOCHASTIC: tl.constexpr, LOG2_H: tl.constexpr, HAS_SUB: tl.constexpr):
+                     STOCHASTIC: tl.constexpr, LOG2_H: tl.constexpr, HAS_SUB: tl.constexpr, VEC: tl.constexpr):
     g0 = tl.program_id(0).to(tl.int64) * BG
     base = g0 * GS
-    local = tl.arange(0, BG)[:, None] * GS + tl.arange(0, GS)[None, :]
-    m = local < numel - base
-    v = tl.load(x_ptr + base + local, mask=m, other=0.0).to(tl.float32)
-    if HAS_SUB:
-        v = v - tl.load(sub_ptr + base + local, mask=m, other=0.0).to(tl.float32)
     if LOG2_H > 0:
-        v = _fwht(v, LOG2_H)
-    _quantize_tile(v, out_ptr, g0, num_groups, pay_bytes, seed, BG, GS, BITS, SYMMETRIC, STOCHASTIC)
+        RUN: tl.constexpr = min(GS, _RUN)
+        NR: tl.constexpr = BG * GS // RUN
+        v = _load_runs(x_ptr, base, numel, NR, RUN, VEC)
+        if HAS_SUB:
+            v = v - _load_runs(sub_ptr, base, numel, NR, RUN, VEC)
+        v = tl.reshape(_fwht(v, LOG2_H), (BG, GS))
+    else:
+        RUN: tl.constexpr = 0
+        local = tl.arange(0, BG)[:, None] * GS + tl.arange(0, GS)[None, :]
+        m = local < numel - base
+        v = tl.load(x_ptr + base + local, mask=m, other=0.0).to(tl.float32)
+        if HAS_SUB:
+            v = v - tl.load(sub_ptr + base + local, mask=m, other=0.0).to(tl.float32)
+    _quantize_tile(v, out_ptr, g0, num_groups, pay_bytes, seed, BG, GS, BITS, SYMMETRIC, STOCHASTIC, RUN)
 
 
 @triton.jit
 def _decode_sum_tile(chunks_ptr, chunk_stride, W, g0, num_groups, pay_bytes,
                      BG: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
-                     UNROLL: tl.constexpr):
-    """Sum of the decoded tiles of chunks 0..W-1, added in chunk order (as the reference does)."""
-    total = _decode_tile(chunks_ptr, g0, num_groups, pay_bytes, BG, GS, BITS, SYMMETRIC)
+                     UNROLL: tl.constexpr, EXACT: tl.constexpr, RUN: tl.constexpr):
+    """Sum of the decoded tiles of chunks 0..W-1, added in chunk order (as the reference does).
+    Batches of UNROLL chunks; EXACT: UNROLL divides W - 1, so no batch runs past W."""
+    total = _decode_tile(chunks_ptr, g0, num_groups, pay_bytes, BG, GS, BITS, SYMMETRIC, RUN)
     for w0 in range(1, W, UNROLL):
         for u in tl.static_range(UNROLL):  # independent loads, issued together
             w = w0 + u
-            ptr = chunks_ptr + tl.minimum(w, W - 1).to(tl.int64) * chunk_stride
-            d = _decode_tile(ptr, g0, num_groups, pay_bytes, BG, GS, BITS, SYMMETRIC)
-            total = tl.where(w < W, total + d, total)
+            if EXACT:
+                d = _decode_tile(chunks_ptr + w.to(tl.int64) * chunk_stride, g0, num_groups, pay_bytes,
+                                 BG, GS, BITS, SYMMETRIC, RUN)
+                total = total + d
+            else:  # the last batch clamps its reads and skips the chunks past W
+                ptr = chunks_ptr + tl.minimum(w, W - 1).to(tl.int64) * chunk_stride
+                d = _decode_tile(ptr, g0, num_groups, pay_bytes, BG, GS, BITS, SYMMETRIC, RUN)
+                total = tl.where(w < W, total + d, total)
     return total
 
 
 @triton.jit
 def _dequantize_sum_kernel(chunks_ptr, chunk_stride, W, out_ptr, numel, num_groups, pay_bytes,
                            BG: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
-                           LOG2_H: tl.constexpr, UNROLL: tl.constexpr, ACCUMULATE: tl.constexpr):
+                           LOG2_H: tl.constexpr, UNROLL: tl.constexpr, EXACT: tl.constexpr,
+                           ACCUMULATE: tl.constexpr):
     g0 = tl.program_id(0).to(tl.int64) * BG
-    v = _decode_sum_tile(chunks_ptr, chunk_stride, W, g0, num_groups, pay_bytes, BG, GS, BITS, SYMMETRIC, UNROLL)
+    v = _decode_sum_tile(chunks_ptr, chunk_stride, W, g0, num_groups, pay_bytes, BG, GS, BITS, SYMMETRIC,
+                         UNROLL, EXACT, 0)
     if LOG2_H > 0:
         v = _fwht(v, LOG2_H)
     base = g0 * GS
@@ -237,14 +321,20 @@ def _dequantize_sum_kernel(chunks_ptr, chunk_stride, W, out_ptr, numel, num_grou
 
 
 @triton.jit
-def _reduce_requantize_kernel(chunks_ptr, chunk_stride, W, out_ptr, num_groups, in_pay_bytes, out_pay_bytes,
-                              seed, BG: tl.constexpr, GS: tl.constexpr, IN_BITS: tl.constexpr,
+def _reduce_requantize_kernel(chunks_ptr, chunk_stride, W, out_ptr, numel, num_groups, in_pay_bytes,
+                              out_pay_bytes, seed, BG: tl.constexpr, GS: tl.constexpr, IN_BITS: tl.constexpr,
                               IN_SYMMETRIC: tl.constexpr, OUT_BITS: tl.constexpr, OUT_SYMMETRIC: tl.constexpr,
-                              STOCHASTIC: tl.constexpr, UNROLL: tl.constexpr):
+                              STOCHASTIC: tl.constexpr, UNROLL: tl.constexpr, EXACT: tl.constexpr,
+                              PADDED: tl.constexpr):
     g0 = tl.program_id(0).to(tl.int64) * BG
+    RUN: tl.constexpr = min(GS, _RUN)
     v = _decode_sum_tile(chunks_ptr, chunk_stride, W, g0, num_groups, in_pay_bytes, BG, GS, IN_BITS,
-                         IN_SYMMETRIC, UNROLL)
-    _quantize_tile(v, out_ptr, g0, num_groups, out_pay_bytes, seed, BG, GS, OUT_BITS, OUT_SYMMETRIC, STOCHASTIC)
+                         IN_SYMMETRIC, UNROLL, EXACT, RUN)
+    if PADDED:  # the reference drops the decoded padding (a zero point, say) and re-pads with zeros
+        local = tl.arange(0, BG)[:, None] * GS + tl.arange(0, GS)[None, :]
+        v = tl.where(local < numel - g0 * GS, v, 0.0)
+    _quantize_tile(v, out_ptr, g0, num_groups, out_pay_bytes, seed, BG, GS, OUT_BITS, OUT_SYMMETRIC, STOCHASTIC,
+                   RUN)
 
 
 # ---- host side -------------------------------------------------------------------------------------
@@ -257,12 +347,17 @@ def _supported_group(spec: QuantSpec) -> bool:
     return g & (g - 1) == 0 and _MIN_GROUP <= g <= _MAX_GROUP
 
 
-def launch_config(group_size: int, tile_values: int = _TILE_VALUES, num_warps: int | None = None) -> tuple[int, int]:
-    """(groups per program, warps) for a tile of about `tile_values` values (the bench sweeps these)."""
+def launch_config(group_size: int, tile_values: int = _TILE_VALUES, num_warps: int | None = None,
+                  runs: bool = False) -> tuple[int, int]:
+    """(groups per program, warps) for a tile of about `tile_values` values (the bench sweeps these).
+    runs: a kernel that keeps runs of _RUN values per thread; by default one run per thread."""
     groups = max(1, tile_values // group_size)
     values = groups * group_size
     if num_warps is None:
-        num_warps = 4 if values <= 4096 else 8 if values <= 8192 else 16
+        if runs:
+            num_warps = min(16, max(1, values // (32 * min(group_size, _RUN.value))))
+        else:
+            num_warps = 4 if values <= 4096 else 8 if values <= 8192 else 16
     return groups, num_warps
 
 
@@ -275,9 +370,10 @@ def _log2_hadamard(spec: QuantSpec, rotate: bool, numel: int) -> int:
     return spec.hadamard.bit_length() - 1
 
 
-def _unroll(W: int) -> int:
+def _unroll(W: int) -> dict:
     # W <= 9: one fully unrolled pass over chunks 1..W-1; larger W: loop in steps of 8
-    return max(1, W - 1) if W <= 9 else 8
+    unroll = max(1, W - 1) if W <= 9 else 8
+    return {"UNROLL": unroll, "EXACT": (W - 1) % unroll == 0}
 
 
 def quantize(
@@ -303,14 +399,14 @@ def quantize(
     sub = subtract.reshape(-1) if subtract is not None else flat
     out = torch.empty(spec.wire_nbytes(numel), dtype=torch.uint8, device=x.device)
     groups = spec.num_groups(numel)
-    bg, warps = launch_config(spec.group_size, tile_values, num_warps)
+    bg, warps = launch_config(spec.group_size, tile_values, num_warps, runs=log2_h > 0)
     seed = reference.resolve_seed(seed) if spec.rounding == "stochastic" else 0
     if groups:
         _quantize_kernel[(triton.cdiv(groups, bg),)](
             flat, sub, out, numel, groups, spec.payload_nbytes(numel), seed,
             BG=bg, GS=spec.group_size, BITS=spec.bits, SYMMETRIC=spec.symmetric,
             STOCHASTIC=spec.rounding == "stochastic", LOG2_H=log2_h, HAS_SUB=subtract is not None,
-            num_warps=warps, enable_fp_fusion=False,
+            VEC=min(16 // x.element_size(), spec.group_size, _RUN.value), num_warps=warps, enable_fp_fusion=False,
         )
     return Packed(out, spec, numel, x.shape, x.dtype)
 
@@ -343,7 +439,7 @@ def _decode_into(chunks: torch.Tensor, spec: QuantSpec, numel: int, out: torch.T
         _dequantize_sum_kernel[(triton.cdiv(groups, bg),)](
             chunks, chunks.stride(0), W, out, numel, groups, spec.payload_nbytes(numel),
             BG=bg, GS=spec.group_size, BITS=spec.bits, SYMMETRIC=spec.symmetric, LOG2_H=log2_h,
-            UNROLL=_unroll(W), ACCUMULATE=accumulate, num_warps=warps, enable_fp_fusion=False,
+            ACCUMULATE=accumulate, num_warps=warps, enable_fp_fusion=False, **_unroll(W),
         )
 
 
@@ -428,16 +524,16 @@ def reduce_requantize(
     chunks = _aligned_rows(chunks)
     out = torch.empty(out_spec.wire_nbytes(numel), dtype=torch.uint8, device=chunks.device)
     groups = in_spec.num_groups(numel)
-    bg, warps = launch_config(in_spec.group_size, tile_values, num_warps)
+    bg, warps = launch_config(in_spec.group_size, tile_values, num_warps, runs=True)
     seed = reference.resolve_seed(seed) if out_spec.rounding == "stochastic" else 0
     W = chunks.shape[0]
     if groups:
         _reduce_requantize_kernel[(triton.cdiv(groups, bg),)](
-            chunks, chunks.stride(0), W, out, groups, in_spec.payload_nbytes(numel),
+            chunks, chunks.stride(0), W, out, numel, groups, in_spec.payload_nbytes(numel),
             out_spec.payload_nbytes(numel), seed,
             BG=bg, GS=in_spec.group_size, IN_BITS=in_spec.bits, IN_SYMMETRIC=in_spec.symmetric,
             OUT_BITS=out_spec.bits, OUT_SYMMETRIC=out_spec.symmetric,
-            STOCHASTIC=out_spec.rounding == "stochastic", UNROLL=_unroll(W),
-            num_warps=warps, enable_fp_fusion=False,
+            STOCHASTIC=out_spec.rounding == "stochastic", PADDED=numel % in_spec.group_size != 0,
+            num_warps=warps, enable_fp_fusion=False, **_unroll(W),
         )
     return Packed(out, out_spec, numel, torch.Size([numel]), torch.float32)
