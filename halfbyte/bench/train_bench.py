@@ -340,8 +340,8 @@ def bench_one(cfg: BenchConfig, model_name: str, preset: str, topo: Topology, re
         start, end = train_step()
         for _ in range(cfg.steps - 1):
             _, end = train_step()
+        totals = rec.totals()  # synchronizes first: CUDA events can be read only once completed
         step_s = rec.seconds(start, end) / cfg.steps
-        totals = rec.totals()
     finally:
         rec.active = False
         rec.intervals.clear()

@@ -8,6 +8,7 @@ import json
 import time
 
 import pytest
+import torch
 
 import halfbyte.comm.collectives as collectives
 from halfbyte.bench import train_bench
@@ -121,3 +122,19 @@ def test_recorder_separates_codec_inside_waits():
 def test_bad_options_exit_2_naming_the_option(argv, message, capsys):
     assert train_bench.main(["--models", "tiny", *argv]) == 2  # a later --models wins
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_world_of_one_on_cuda_times_with_events(tmp_path):
+    """The CUDA path times with events, read only after the device synchronized (CPU tests use clocks)."""
+    out = tmp_path / "gpu.json"
+    rc = train_bench.main(["--models", "tiny", "--steps", "2", "--warmup", "1", "--micro-batch", "2",
+                           "--seq-len", "64", "--presets", "baseline,sdp4bit", "--out", str(out)])
+    assert rc == 0
+    rows = {row["preset"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"baseline", "sdp4bit"}
+    assert rows["sdp4bit"]["codec_ms"] > 0 and rows["baseline"]["peak_mem_bytes"] > 0
+    for row in rows.values():
+        phases = sum(row[f"{p}_ms"] for p in ("forward", "backward", "optimizer", "zero_grad"))
+        assert row["step_ms"] > 0 and phases == pytest.approx(row["step_ms"], rel=0.05)
