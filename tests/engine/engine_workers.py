@@ -1,4 +1,4 @@
-"""Per-rank bodies of the multi-process engine tests (run through halfbyte.comm.spawn on gloo).
+"""Per-rank bodies of the multi-process engine tests (run through halfbyte.comm.spawn on gloo; the CUDA one on NCCL).
 
 Each worker batches several checks into one spawned job (process start-up dominates on 2 cores);
 assertions fail inside the rank and surface in the parent as WorkerError with the traceback.
@@ -7,6 +7,7 @@ assertions fail inside the rank and surface in the parent as WorkerError with th
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 from contextlib import nullcontext
@@ -14,12 +15,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from halfbyte.comm import build_topology
 from halfbyte.engine import AdamWConfig, CommConfig, ShardedDataParallel
-from halfbyte.quant import QuantSpec
+from halfbyte.quant import QuantSpec, codec
+from halfbyte.train.model import build_model
 
 RTOL = 1e-5  # baseline engine vs torch DDP + AdamW, relative
 
@@ -330,13 +333,6 @@ def misuse_and_mismatch() -> dict:
 # ---- 1 CUDA rank (NCCL world of one): bf16 replica, Triton codec ------------------------------
 def gpu_presets_memorize(presets: list[str], steps: int) -> dict:
     """Each preset fits one fixed batch of token ids with a bf16 tiny GPT; the codec runs on Triton."""
-    import dataclasses
-
-    import torch.nn.functional as F
-
-    from halfbyte.quant import codec
-    from halfbyte.train.model import build_model
-
     topo = build_topology()
     assert topo.device.type == "cuda", topo.device
     out: dict = {"backend": codec.backend_for(torch.zeros(1, device=topo.device)).__name__}
