@@ -117,8 +117,8 @@ def launch(runs: list[Run], data: str, steps: int, runs_dir: Path, deadline_s: f
     for run in runs:
         cmd = command(run, data, steps, runs_dir)
         (runs_dir / f"{run.name}.cmd").write_text(shlex.join(cmd) + "\n")
-        log = open(runs_dir / f"{run.name}.log", "w")
-        procs[run.name] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        with open(runs_dir / f"{run.name}.log", "w") as log:  # the child keeps its own copy of the handle
+            procs[run.name] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     t0 = time.monotonic()
     while any(p.poll() is None for p in procs.values()) and time.monotonic() - t0 < deadline_s:
         time.sleep(2)
