@@ -103,6 +103,9 @@ class Cluster:
     intra_latency_us: float = 1.0
     inter_latency_us: float = 5.0
     nic: str = "per-gpu"
+    # Share of the ring's link bandwidth that all-to-all traffic (quantized reduce-scatters) reaches:
+    # NCCL runs it as point-to-point send/recv, 0.7 of its ring over TCP sockets on 2 H200s.
+    all_to_all_efficiency: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("nodes", "gpus_per_node"):
@@ -115,6 +118,8 @@ class Cluster:
         for name in ("intra_latency_us", "inter_latency_us"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"Cluster.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 < self.all_to_all_efficiency <= 1:
+            raise ValueError(f"Cluster.all_to_all_efficiency must be in (0, 1], got {self.all_to_all_efficiency!r}")
         if self.nic not in NIC_MODES:
             raise ValueError(f"Cluster.nic must be one of {NIC_MODES}, got {self.nic!r}")
 
@@ -302,12 +307,13 @@ def _total(name: str, algorithm: str, steps: int, intra: float, inter: float, co
     """Price one bucket's collective and scale it to all buckets of the step."""
     if not intra and not inter:
         return CollectiveCost(name, "none", 0, 0.0, 0.0, 0.0, 0.0, 0.0)
-    if algorithm == "two-level":  # the hops run one after the other
-        wire = _wire_time(intra, 0.0, 1, 0, cluster) + _wire_time(0.0, inter, 0, 1, cluster)
+    slow = 1 / cluster.all_to_all_efficiency  # all-to-all bytes take this much longer than ring bytes
+    if algorithm == "two-level":  # the hops (two all-to-alls) run one after the other
+        wire = _wire_time(intra * slow, 0.0, 1, 0, cluster) + _wire_time(0.0, inter * slow, 0, 1, cluster)
     elif algorithm == "ring":  # NCCL's ring latency: W - M hops inside nodes, M - 1 across
         wire = _wire_time(intra, inter, steps - (nodes - 1), nodes - 1, cluster)
     else:  # all-to-all: every message posted at once, one latency of the slowest link used
-        wire = _wire_time(intra, inter, int(not inter), int(bool(inter)), cluster)
+        wire = _wire_time(intra * slow, inter * slow, int(not inter), int(bool(inter)), cluster)
     codec_s = codec / (wl.codec_tbps * 1e12)
     return CollectiveCost(name, algorithm, steps, intra * buckets, inter * buckets, codec * buckets,
                           wire * buckets, codec_s * buckets)

@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="--inter-gbps is one GPU's own NIC (rail-optimized) or the node's, shared by its GPUs")
     h.add_argument("--intra-latency-us", type=float, default=1.0, help="per ring step inside a node")
     h.add_argument("--inter-latency-us", type=float, default=5.0, help="per ring step across nodes")
+    h.add_argument("--all-to-all-efficiency", type=float, default=1.0,
+                   help="share of the link bandwidth all-to-alls reach vs a ring (0.7 measured for NCCL over "
+                        "TCP sockets; docs/simulate.md)")
     w = p.add_argument_group("step")
     w.add_argument("--compute-ms", type=float, help="compute time per step (e.g. from `halfbyte bench train`)")
     w.add_argument("--mfu", type=float, default=0.4,
@@ -115,7 +118,7 @@ def _setup(args: argparse.Namespace, model: cm.ModelShape, nodes: int, gpus: int
            inter_gbps: float) -> tuple[cm.Cluster, cm.Workload]:
     cluster = cm.Cluster(nodes, gpus, intra_gbps=args.intra_gbps, inter_gbps=inter_gbps,
                          intra_latency_us=args.intra_latency_us, inter_latency_us=args.inter_latency_us,
-                         nic=args.nic)
+                         nic=args.nic, all_to_all_efficiency=args.all_to_all_efficiency)
     M, L = cm.dp_layout(cluster, args.tp, args.pp)
     tokens = args.tokens_per_step or M * L * model.seq_len
     if args.compute_ms is not None:

@@ -90,6 +90,24 @@ def test_nic_shared_per_node_is_l_times_slower():
     assert per_node.inter_bytes_per_s == pytest.approx(per_gpu.inter_bytes_per_s)
 
 
+def test_all_to_all_efficiency_slows_only_all_to_all_wire_time():
+    cluster, wl = _setup(nodes=2, gpus=4, inter=100.0)
+    slow = replace(cluster, all_to_all_efficiency=0.5)
+    numel = 1 << 24
+    ring = cm.reduce_scatter_cost(None, None, numel, 1, 2, 4, cluster, wl, elem_bytes=2)
+    assert cm.reduce_scatter_cost(None, None, numel, 1, 2, 4, slow, wl, elem_bytes=2) == ring
+    spec = CommConfig.preset("sdp4bit").grad_spec
+    for intra in (None, CommConfig.preset("sdp4bit").grad_intra_spec):  # one-level all-to-all, two-level
+        fast = cm.reduce_scatter_cost(spec, intra, numel, 1, 2, 4, cluster, wl, elem_bytes=2)
+        half = cm.reduce_scatter_cost(spec, intra, numel, 1, 2, 4, slow, wl, elem_bytes=2)
+        latency = cm.reduce_scatter_cost(spec, intra, numel, 1, 2, 4, replace(cluster, intra_gbps=1e12,
+                                         inter_gbps=1e12), wl, elem_bytes=2).wire_s
+        assert half.wire_s - latency == pytest.approx(2 * (fast.wire_s - latency), rel=1e-6)
+        assert (half.codec_s, half.intra_bytes, half.inter_bytes) == (fast.codec_s, fast.intra_bytes, fast.inter_bytes)
+    with pytest.raises(ValueError, match="all_to_all_efficiency"):
+        replace(cluster, all_to_all_efficiency=0.0)
+
+
 # ---- exposure ----------------------------------------------------------------------------------
 def test_exposure_without_overlap_is_all_communication():
     assert cm.exposed_time(0.3, 0.5, 10, 1.0, 2.0, overlap=False) == pytest.approx(0.8)
