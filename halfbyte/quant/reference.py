@@ -46,6 +46,16 @@ def _prepare(x: torch.Tensor, spec: QuantSpec, subtract: torch.Tensor | None, ro
     return v.view(-1, spec.group_size)
 
 
+def _check_chunks(chunks: torch.Tensor, spec: QuantSpec, numel: int) -> None:
+    """W >= 1 received wire buffers of `numel` values each, as uint8 [W, wire_nbytes(numel)]."""
+    if (chunks.dim() != 2 or chunks.shape[0] < 1 or chunks.shape[1] != spec.wire_nbytes(numel)
+            or chunks.dtype != torch.uint8):
+        raise ValueError(
+            f"chunks must be [W >= 1, {spec.wire_nbytes(numel)}] uint8 for {numel} values with {spec}, "
+            f"got {tuple(chunks.shape)} {chunks.dtype}"
+        )
+
+
 def _check_whole_blocks(numel: int, spec: QuantSpec) -> None:
     # Outside the rotated domain padding is zero; inside it a partial block's padding is not, so
     # values that stay rotated across hops must come in whole Hadamard blocks.
@@ -207,11 +217,7 @@ def dequantize_sum(
 ) -> torch.Tensor:
     """Decode W received chunks (uint8 [W, wire_nbytes(numel)]) and sum them in fp32: the reduce
     step of a reduce-scatter. Returns a 1-D tensor of `numel` values in `dtype` unless `out` given."""
-    if chunks.dim() != 2 or chunks.shape[1] != spec.wire_nbytes(numel):
-        raise ValueError(
-            f"chunks must be [W, {spec.wire_nbytes(numel)}] uint8 for {numel} values with {spec}, "
-            f"got {tuple(chunks.shape)}"
-        )
+    _check_chunks(chunks, spec, numel)
     total = _decode(chunks[0], spec, numel)
     for w in range(1, chunks.shape[0]):
         total = total + _decode(chunks[w], spec, numel)

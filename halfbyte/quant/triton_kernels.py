@@ -419,15 +419,6 @@ def _aligned_rows(chunks: torch.Tensor) -> torch.Tensor:
     return chunks.clone(memory_format=torch.contiguous_format)
 
 
-def _check_chunks(chunks: torch.Tensor, spec: QuantSpec, numel: int) -> None:
-    if (chunks.dim() != 2 or chunks.shape[0] < 1 or chunks.shape[1] != spec.wire_nbytes(numel)
-            or chunks.dtype != torch.uint8):
-        raise ValueError(
-            f"chunks must be [W >= 1, {spec.wire_nbytes(numel)}] uint8 for {numel} values with {spec}, "
-            f"got {tuple(chunks.shape)} {chunks.dtype}"
-        )
-
-
 def _decode_into(chunks: torch.Tensor, spec: QuantSpec, numel: int, out: torch.Tensor, accumulate: bool,
                  rotate: bool, tile_values: int, num_warps: int | None) -> None:
     log2_h = _log2_hadamard(spec, rotate, numel)
@@ -489,7 +480,7 @@ def dequantize_sum(
     tile_values: int = _TILE_VALUES,
     num_warps: int | None = None,
 ) -> torch.Tensor:
-    _check_chunks(chunks, spec, numel)
+    reference._check_chunks(chunks, spec, numel)
     if not (_on_gpu(chunks) and _supported_group(spec) and _out_supported(out, dtype)):
         return reference.dequantize_sum(chunks, spec, numel, dtype=dtype, out=out, accumulate=accumulate,
                                         rotate=rotate)
@@ -513,7 +504,7 @@ def reduce_requantize(
             f"reduce_requantize keeps the rotated domain: in_spec.hadamard ({in_spec.hadamard}) "
             f"must equal out_spec.hadamard ({out_spec.hadamard})"
         )
-    _check_chunks(chunks, in_spec, numel)
+    reference._check_chunks(chunks, in_spec, numel)
     if not (_on_gpu(chunks) and _supported_group(in_spec) and _supported_group(out_spec)):
         return reference.reduce_requantize(chunks, in_spec, numel, out_spec, seed=seed)
     if in_spec.group_size != out_spec.group_size:  # tiles differ: two passes, still on the GPU

@@ -388,6 +388,10 @@ def test_dequantize_sum_rejects_bad_chunks() -> None:
         dequantize_sum(good[:, :-1], spec, 300)
     with pytest.raises(ValueError, match="chunks"):
         dequantize_sum(good[0], spec, 300)
+    with pytest.raises(ValueError, match="chunks"):  # no chunk at all: nothing to sum
+        dequantize_sum(good[:0], spec, 300)
+    with pytest.raises(ValueError, match="uint8"):  # a wire buffer that is not bytes would decode garbage
+        dequantize_sum(good.to(torch.int16), spec, 300)
     with pytest.raises(ValueError, match="accumulate"):
         dequantize_sum(good, spec, 300, accumulate=True)
 
