@@ -27,6 +27,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# scripts/ is on sys.path when a script runs, so its shared module imports by name
+from study_common import plot_val_loss, read_jsonl
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -87,10 +90,6 @@ def _select(names: str) -> list[Run]:
     if unknown:
         raise SystemExit(f"--runs: unknown {unknown}; known: {list(BY_NAME)}")
     return runs
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # ------------------------------------------------------------------------------------------ on the GPU
@@ -194,41 +193,11 @@ def val_at(row: dict, step: int) -> float:
     return dict(map(tuple, row["val_curve"]))[step]
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (full, tail) = plt.subplots(1, 2, figsize=(13, 5))
-    colors = plt.get_cmap("tab10").colors
-    steps = max(r["steps"] for r in rows)
-    for row, color in zip(rows, colors):
-        xs, ys = zip(*row["val_curve"])
-        style = "--" if row["outer_steps"] else "-"
-        for ax in (full, tail):
-            ax.plot(xs, ys, style, marker=".", color=color, label=f"{row['name']}: {row['label']}")
-    late = [y for r in rows for x, y in r["val_curve"] if x >= steps / 2]
-    tail.set_xlim(steps / 2 - 8, steps + 8)
-    tail.set_ylim(min(late) - 0.02, max(late) + 0.02)
-    full.set_title(title)
-    tail.set_title("second half")
-    for ax in (full, tail):
-        ax.set_xlabel("step")
-        ax.set_ylabel("validation loss")
-        ax.grid(alpha=0.3)
-    full.set_ylim(top=min(8.0, max(y for r in rows for _, y in r["val_curve"])))
-    full.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def table(rows: list[dict], reference: dict) -> str:
     at = common_step(rows)
     ref_val = val_at(reference, at)
-    lines = [f"| run | steps run | train loss (last 8 steps) | val loss at step {at} | vs `{reference['name']}` | "
-             "bytes/token, all links | inter-node/island bytes/token | all-link bytes vs reference | outer steps |",
+    lines = [(f"| run | steps run | train loss (last 8 steps) | val loss at step {at} | vs `{reference['name']}` | "
+              "bytes/token, all links | inter-node/island bytes/token | all-link bytes vs reference | outer steps |"),
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         val = val_at(r, at)
@@ -256,7 +225,7 @@ def report(args: argparse.Namespace) -> None:
         if not group:
             continue
         reference = next(r for r in group if r["name"].endswith("-baseline"))
-        plot(group, out / f"val_loss-{tag}.png", f"{tag}: GPT 125M, virtual ranks, {args.device}")
+        plot_val_loss(group, out / f"val_loss-{tag}.png", f"{tag}: GPT 125M, virtual ranks, {args.device}")
         text.append(f"### {tag}\n\n{table(group, reference)}\n")
     for row in rows:
         (out / row["name"]).mkdir(exist_ok=True)

@@ -25,6 +25,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# scripts/ is on sys.path when a script runs, so its shared module imports by name
+from study_common import plot_val_loss, read_jsonl
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "local-updates-cpu"
 RUNS_DIR = ROOT / "runs" / "local-updates-cpu"
@@ -73,10 +76,6 @@ def command(run: Run) -> list[str]:
     return ["halfbyte", "train", *COMMON, *run.args, "--train.name", run.name, "--out", str(out)]
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def finished(run: Run) -> bool:
     metrics = RUNS_DIR / run.name / "metrics.jsonl"
     return metrics.is_file() and any(r["step"] == STEPS and "val_loss" in r for r in read_jsonl(metrics))
@@ -110,34 +109,6 @@ def summarize(run: Run, wall_s: float | None) -> dict:
             "inter_bytes_per_token": inter / tokens, "intra_bytes_per_token": intra / tokens,
             "outer_steps": last.get("outer_steps", 0), "train_elapsed_s": last["elapsed_s"], "wall_s": wall_s,
             "val_curve": [[r["step"], r["val_loss"]] for r in records if "val_loss" in r]}
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (full, tail) = plt.subplots(1, 2, figsize=(13, 5))
-    colors = plt.get_cmap("tab20").colors  # more runs than the default cycle's 10 colors
-    for row, color in zip(rows, colors):
-        steps, losses = zip(*row["val_curve"])
-        style = "-" if row["outer_steps"] == 0 else "--"
-        for ax in (full, tail):
-            ax.plot(steps, losses, style, marker=".", color=color, label=row["label"])
-    tail.set_xlim(STEPS / 2 - 8, STEPS + 8)
-    late = [loss for row in rows for step, loss in row["val_curve"] if step >= STEPS / 2]
-    tail.set_ylim(min(late) - 0.02, max(late) + 0.02)
-    full.set_title("validation loss (8 ranks, tiny GPT, Shakespeare, CPU)")
-    tail.set_title("second half")
-    for ax in (full, tail):
-        ax.set_xlabel("step")
-        ax.set_ylabel("validation loss")
-        ax.grid(alpha=0.3)
-    full.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def table(rows: list[dict]) -> str:
@@ -191,7 +162,7 @@ def report(walls: dict[str, float | None], summary_path: Path) -> None:
     rows = [summarize(run, walls.get(run.name)) for run in GRID if (OUT / run.name / "metrics.jsonl").is_file()]
     summary_path.write_text(json.dumps({"steps": STEPS, "batch": BATCH, "seq_len": SEQ_LEN, "common_args": COMMON,
                                         "python": sys.version.split()[0], "runs": rows}, indent=1))
-    plot(rows, OUT / "val_loss.png")
+    plot_val_loss(rows, OUT / "val_loss.png", "validation loss (8 ranks, tiny GPT, Shakespeare, CPU)")
     (OUT / "README.md").write_text(readme(rows))
     print(table(rows))
 
