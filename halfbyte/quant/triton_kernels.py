@@ -75,6 +75,14 @@ def _fwht(v, LOG2_H: tl.constexpr):
 
 
 @triton.jit
+def _run_byte_offsets(NR: tl.constexpr, RUN_BYTES: tl.constexpr, VB: tl.constexpr):
+    """Byte offsets [NR, RUN_BYTES // VB, VB] of NR consecutive runs of RUN_BYTES bytes, in VB-byte
+    vectors: the shape that lets each thread load or store its run with 16-byte accesses."""
+    return (tl.arange(0, NR)[:, None, None] * RUN_BYTES + tl.arange(0, RUN_BYTES // VB)[None, :, None] * VB
+            + tl.arange(0, VB)[None, None, :])
+
+
+@triton.jit
 def _max_nan(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
@@ -184,8 +192,7 @@ def _quantize_tile(v, out_ptr, g0, num_groups, pay_bytes, seed,
         NR: tl.constexpr = BG * GS // RUN
         RUN_BYTES: tl.constexpr = RUN // PER_BYTE
         VB: tl.constexpr = min(16, RUN_BYTES)
-        offs = (tl.arange(0, NR)[:, None, None] * RUN_BYTES + tl.arange(0, RUN_BYTES // VB)[None, :, None] * VB
-                + tl.arange(0, VB)[None, None, :])
+        offs = _run_byte_offsets(NR, RUN_BYTES, VB)
         ok = offs < (num_groups - g0) * ROW
         tl.store(pay + offs, tl.reshape(byte, (NR, RUN_BYTES // VB, VB)), mask=ok)
     else:
@@ -215,8 +222,7 @@ def _decode_tile(chunk_ptr, g0, num_groups, pay_bytes, BG: tl.constexpr, GS: tl.
         NR: tl.constexpr = BG * GS // RUN
         RUN_BYTES: tl.constexpr = RUN // PER_BYTE
         VB: tl.constexpr = min(16, RUN_BYTES)
-        offs = (tl.arange(0, NR)[:, None, None] * RUN_BYTES + tl.arange(0, RUN_BYTES // VB)[None, :, None] * VB
-                + tl.arange(0, VB)[None, None, :])
+        offs = _run_byte_offsets(NR, RUN_BYTES, VB)
         raw = tl.load(chunk_ptr + g0 * (GS // PER_BYTE) + offs, mask=offs < (num_groups - g0) * (GS // PER_BYTE),
                       other=0)
         raw = tl.reshape(raw, (NR, RUN_BYTES)).to(tl.int32)
