@@ -4,6 +4,7 @@
 # sockets on loopback (our stand-in for an inter-node Ethernet link, ~2.9 GB/s on 2 H200s).
 #
 #   bash scripts/multigpu.sh OUT_DIR [GPUS_PER_NODE]      # every visible GPU; default: one node
+#   TRANSPORTS=tcp bash scripts/multigpu.sh OUT_DIR       # one pass only (each pass fits a device call)
 #
 # NCCL's transport switches are process-wide, so in the TCP pass every link, intra-node ones too,
 # goes over sockets: with GPUS_PER_NODE < GPUs that pass is pessimistic for two-level presets.
@@ -16,7 +17,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 PRESETS=baseline,zeropp,sdp4bit
 [ "$L" -lt "$N" ] && PRESETS=$PRESETS,tlq-hs  # two-level gradients need >= 2 (emulated) nodes
 
-for transport in nvlink tcp; do
+for transport in ${TRANSPORTS:-nvlink tcp}; do
   if [ "$transport" = tcp ]; then
     export NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_SOCKET_IFNAME=lo
   fi
