@@ -263,7 +263,8 @@ def _load_runs(ptr, base, numel, NR: tl.constexpr, RUN: tl.constexpr, VEC: tl.co
     return tl.reshape(v, (NR, RUN))
 
 
-@triton.jit
+# seed changes every call: specializing it (== 1, multiple of 16) would compile a variant mid-run
+@triton.jit(do_not_specialize=["seed"])
 def _quantize_kernel(x_ptr, sub_ptr, out_ptr, numel, num_groups, pay_bytes, seed,
                      BG: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
                      STOCHASTIC: tl.constexpr, LOG2_H: tl.constexpr, HAS_SUB: tl.constexpr, VEC: tl.constexpr):
@@ -326,7 +327,8 @@ def _dequantize_sum_kernel(chunks_ptr, chunk_stride, W, out_ptr, numel, num_grou
     tl.store(ptr, v.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
 
 
-@triton.jit
+# seed changes every call: specializing it (== 1, multiple of 16) would compile a variant mid-run
+@triton.jit(do_not_specialize=["seed"])
 def _reduce_requantize_kernel(chunks_ptr, chunk_stride, W, out_ptr, numel, num_groups, in_pay_bytes,
                               out_pay_bytes, seed, BG: tl.constexpr, GS: tl.constexpr, IN_BITS: tl.constexpr,
                               IN_SYMMETRIC: tl.constexpr, OUT_BITS: tl.constexpr, OUT_SYMMETRIC: tl.constexpr,
