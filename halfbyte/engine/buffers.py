@@ -3,10 +3,29 @@ whole bucket and each rank owns one equal, group-aligned shard of it."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
+
+
+def register_grad_ready_hooks(params: list[nn.Parameter],
+                              on_ready: Callable[[nn.Parameter], None]) -> list:
+    """Call the bound method `on_ready(p)` once p's gradient is accumulated; return the handles.
+
+    The hooks hold the method's object weakly. A parameter is also owned by autograd's C++ graph,
+    which Python's garbage collector cannot traverse, so a strong cycle param -> hook -> engine ->
+    param would keep the engine (replica, master weights, optimizer state) alive after `del`."""
+    method = weakref.WeakMethod(on_ready)
+
+    def hook(p: nn.Parameter) -> None:
+        bound = method()
+        if bound is not None:
+            bound(p)
+
+    return [p.register_post_accumulate_grad_hook(hook) for p in params]
 
 
 @dataclass

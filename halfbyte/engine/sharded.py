@@ -30,7 +30,7 @@ import halfbyte.comm as hcomm
 from halfbyte.comm.accounting import CommStats
 from halfbyte.comm.topology import Topology
 from halfbyte.engine import seeds
-from halfbyte.engine.buffers import Bucket, build_buckets
+from halfbyte.engine.buffers import Bucket, build_buckets, register_grad_ready_hooks
 from halfbyte.engine.checkpoint import engine_meta, load_checkpoint, save_checkpoint
 from halfbyte.engine.config import AdamWConfig, CommConfig
 from halfbyte.engine.optim import adamw_, clip_
@@ -94,7 +94,7 @@ class ShardedDataParallel:
         self._next_launch = 0  # buckets launch strictly in index order, identically on every rank
         self._grad_work: list[Any] = [None] * len(self.buckets)
         self._weight_work: list[Any] = [None] * len(self.buckets)
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self._slot]
+        self._hooks = register_grad_ready_hooks(list(self._slot), self._on_grad_ready)
         self._install_prefetch_hooks(model)
 
     # ---- public API ---------------------------------------------------------------------------

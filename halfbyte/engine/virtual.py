@@ -58,7 +58,7 @@ from halfbyte.comm import (
 )
 from halfbyte.comm.accounting import CommStats
 from halfbyte.engine import checkpoint, seeds
-from halfbyte.engine.buffers import Bucket, build_buckets
+from halfbyte.engine.buffers import Bucket, build_buckets, register_grad_ready_hooks
 from halfbyte.engine.config import AdamWConfig, CommConfig
 from halfbyte.engine.optim import adamw_, clip_
 from halfbyte.engine.sharded import StepResult, validate_engine
@@ -131,7 +131,7 @@ class VirtualDataParallel:
         self._node_sums = [torch.empty_like(s).view(L, -1) for s in self._sums] if self._two_hops else []
         self._active: int | None = None  # the virtual rank whose backward is running
         self._next_rank = 0  # ranks contribute in order: the sums add them like the collectives do
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self._slot]
+        self._hooks = register_grad_ready_hooks(list(self._slot), self._on_grad_ready)
 
     # ---- public API ---------------------------------------------------------------------------
     @property

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import json
 import shutil
+import weakref
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -321,13 +323,25 @@ def misuse_and_mismatch() -> dict:
         late_error = str(e)
     engine.zero_grad()
 
+    # Deleted engines are freed (replica, master, optimizer state), weight all-gathers in flight
+    # or not: hooks on the parameters must not keep their engine alive.
+    sdp4bit = dataclasses.replace(CommConfig.preset("sdp4bit"), grads="one-level", grad_intra_spec=None)
+    model = make_mlp()
+    engine = ShardedDataParallel(model, topo, comm=sdp4bit, bucket_numel=64)
+    mse(model(x), y).backward()
+    engine.step()  # leaves the weight all-gathers in flight
+    refs = [weakref.ref(engine), weakref.ref(model)]
+    del engine, model
+    gc.collect()
+    freed = [r() is None for r in refs]
+
     width = 32 if rank == 0 else 33
     mismatch_error = ""
     try:
         ShardedDataParallel(make_mlp(width=width), topo, comm=CommConfig.preset("baseline"))
     except ValueError as e:
         mismatch_error = str(e)
-    return {"late": late_error, "mismatch": mismatch_error}
+    return {"late": late_error, "mismatch": mismatch_error, "freed": freed}
 
 
 # ---- 1 CUDA rank (NCCL world of one): bf16 replica, Triton codec ------------------------------

@@ -78,8 +78,9 @@ def test_checkpoint_resume_is_bit_identical_and_refuses_mismatches(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_frozen_params_broadcast_late_grads_raise_and_mismatched_ranks_fail_fast():
+def test_frozen_params_broadcast_late_grads_raise_mismatched_ranks_fail_fast_deleted_engines_free():
     reports = spawn(workers.misuse_and_mismatch, 2, timeout_s=100)
     for r in reports:
         assert "arrived after its bucket was reduce-scattered" in r["late"], r
         assert "ranks disagree" in r["mismatch"], r
+        assert r["freed"] == [True, True], "a deleted engine (or its model) is still alive"

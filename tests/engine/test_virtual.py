@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -309,6 +311,20 @@ def test_memory_does_not_grow_with_the_number_of_virtual_ranks():
         report = engine.memory_report()
         assert report["grad_sums"] == report["node_sums"] == 4 * padded, (world, report)
         assert report["total"] == 28 * padded, (world, report)
+
+
+def test_a_deleted_engine_is_freed():
+    """Hooks on the parameters hold the engine weakly: after a step and `del`, the engine and its
+    model (replica, master weights, AdamW state) are garbage, not kept alive by autograd."""
+    model = make_model()
+    engine = VirtualDataParallel(model, 2, comm=CommConfig.preset("qwd"), bucket_numel=BUCKET_NUMEL)
+    for w in range(2):
+        engine.backward_rank(w, rank_loss(model, 0, w, None))
+    engine.step(OPTIM.lr)
+    refs = [weakref.ref(engine), weakref.ref(model)]
+    del engine, model
+    gc.collect()
+    assert [r() is None for r in refs] == [True, True]
 
 
 def test_checkpoint_resume_continues_the_same_losses_and_refuses_mismatches(tmp_path):
