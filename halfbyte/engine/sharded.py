@@ -6,8 +6,9 @@ every bucket: the fp32 master weights and AdamW state for it, nothing else. One 
   backward   a post-accumulate-grad hook marks params ready; a full bucket launches its (quantized)
              reduce-scatter asynchronously, in bucket order, overlapping the rest of backward
   step()     wait the reduce-scatters -> averaged fp32 grad shard -> global grad norm (one scalar
-             all-reduce) -> clip -> skip everywhere if non-finite -> AdamW on the master shard ->
-             launch the weight all-gathers (full / direct / qwd)
+             all-reduce) -> clip -> skip everywhere if non-finite -> per bucket, last first (the
+             next forward's order): AdamW on its master shard, launch its weight all-gather
+             (full / direct / qwd)
   forward    pre-hooks wait for the all-gathers of the buckets a module's params live in (prefetch)
 """
 
@@ -155,9 +156,12 @@ class ShardedDataParallel:
             clip_(grads, norm, self.grad_clip)
 
         self.step_count += 1
-        adamw_(self.master, self.exp_avg, self.exp_avg_sq, grads,
-               lr=self.optim.lr if lr is None else lr, step=self.step_count, config=self.optim)
-        self._launch_weight_gathers()
+        # Buckets are in backward order, so the next forward needs the last one first: update and
+        # send in reverse, each all-gather starting while later buckets are still being updated.
+        for k in reversed(range(len(self.buckets))):
+            adamw_([self.master[k]], [self.exp_avg[k]], [self.exp_avg_sq[k]], [grads[k]],
+                   lr=self.optim.lr if lr is None else lr, step=self.step_count, config=self.optim)
+            self._launch_weight_gather(k)
         return StepResult(skipped=False, grad_norm=grad_norm)
 
     def check_replicas(self) -> None:
@@ -242,21 +246,17 @@ class ShardedDataParallel:
 
     # ---- weights ------------------------------------------------------------------------------
     @torch.no_grad()
-    def _launch_weight_gathers(self) -> None:
-        c, topo = self.comm, self.topo
-        for b, master in zip(self.buckets, self.master):
-            seed = seeds.collective_seed(self.seed, self.step_count, b.index, seeds.WEIGHTS)
-            if c.weights == "full":
-                work = hcomm.all_gather_q(master.to(b.replica.dtype), None, topo, out=b.replica,
-                                         async_op=True)
-            elif c.weights == "direct":
-                work = hcomm.all_gather_q(master, c.weight_spec, topo, out=b.replica, seed=seed,
-                                         async_op=True)
-            else:  # qwd: every rank, owner included, adds the same decoded delta
-                work = hcomm.all_gather_q(master, c.weight_spec, topo, out=b.replica, accumulate=True,
-                                         subtract=b.shard(b.replica, topo.rank), seed=seed,
-                                         async_op=True)
-            self._weight_work[b.index] = work
+    def _launch_weight_gather(self, k: int) -> None:
+        c, topo, b, master = self.comm, self.topo, self.buckets[k], self.master[k]
+        seed = seeds.collective_seed(self.seed, self.step_count, b.index, seeds.WEIGHTS)
+        if c.weights == "full":
+            work = hcomm.all_gather_q(master.to(b.replica.dtype), None, topo, out=b.replica, async_op=True)
+        elif c.weights == "direct":
+            work = hcomm.all_gather_q(master, c.weight_spec, topo, out=b.replica, seed=seed, async_op=True)
+        else:  # qwd: every rank, owner included, adds the same decoded delta
+            work = hcomm.all_gather_q(master, c.weight_spec, topo, out=b.replica, accumulate=True,
+                                     subtract=b.shard(b.replica, topo.rank), seed=seed, async_op=True)
+        self._weight_work[k] = work
 
     def wait_weights(self, indices: Any = None) -> None:
         """Finish the weight all-gathers started by step() (of the given bucket indices, default
