@@ -153,7 +153,11 @@ class Workload:
                    fully exposed (Megatron-LM's default, what SDP4Bit's speed scripts ran).
     weight_bytes / grad_bytes: element size of uncompressed all-gather / reduce-scatter (bf16 = 2;
                    Megatron reduces gradients in fp32 (4) when training in bf16).
-    codec_tbps:    codec kernel throughput, TB/s of bytes read + written.
+    codec_tbps:    codec kernel throughput, TB/s of bytes read + written. The codec runs on the
+                   compute stream (the engine's kernels), so with overlap it is never hidden.
+    optimizer_s:   the part of compute_s that no communication overlaps: the optimizer step, which
+                   waits for the last reduce-scatter and precedes the first all-gather.
+    forward_fraction: forward's share of compute_s - optimizer_s (the rest is backward).
     """
 
     compute_s: float
@@ -167,6 +171,7 @@ class Workload:
     grad_bytes: int = 2
     master_bytes: int = 4
     codec_tbps: float = 1.0
+    optimizer_s: float = 0.0
     forward_fraction: float = 1 / 3  # forward : backward = 1 : 2
 
     def __post_init__(self) -> None:
@@ -181,6 +186,9 @@ class Workload:
                 raise ValueError(f"Workload.{name} must be 1, 2 or 4, got {getattr(self, name)!r}")
         if not self.codec_tbps > 0:
             raise ValueError(f"Workload.codec_tbps must be > 0, got {self.codec_tbps!r}")
+        if not 0 <= self.optimizer_s <= self.compute_s:
+            raise ValueError(f"Workload.optimizer_s must be in [0, compute_s = {self.compute_s!r}], "
+                             f"got {self.optimizer_s!r}")
         if not 0 < self.forward_fraction < 1:
             raise ValueError(f"Workload.forward_fraction must be in (0, 1), got {self.forward_fraction!r}")
 
@@ -374,13 +382,18 @@ def simulate_mode(mode: str, model_params: int, cluster: Cluster, wl: Workload) 
     bucket = -(-bucket // align) * align
     gather = weight_gather_cost(comm, bucket // W, buckets, M, L, cluster, wl)
     reduce = grad_reduce_cost(comm, bucket, buckets, M, L, cluster, wl)
-    forward = wl.compute_s * wl.forward_fraction / wl.grad_accum
-    backward = wl.compute_s * (1 - wl.forward_fraction) / wl.grad_accum
-    exposed = exposed_time(gather.seconds, reduce.seconds, buckets, forward, backward, wl.overlap)
+    passes = wl.compute_s - wl.optimizer_s
+    forward = passes * wl.forward_fraction / wl.grad_accum
+    backward = passes * (1 - wl.forward_fraction) / wl.grad_accum
+    codec = gather.codec_s + reduce.codec_s
+    if wl.overlap:  # the wire time hides behind compute, the codec (on the compute stream) cannot
+        exposed = codec + exposed_time(gather.wire_s, reduce.wire_s, buckets, forward, backward, True)
+    else:
+        exposed = gather.seconds + reduce.seconds
     step = wl.compute_s + exposed
     return StepEstimate(
         mode=mode, step_s=step, compute_s=wl.compute_s, exposed_s=exposed,
-        comm_s=gather.seconds + reduce.seconds, codec_s=gather.codec_s + reduce.codec_s,
+        comm_s=gather.seconds + reduce.seconds, codec_s=codec,
         inter_bytes=gather.inter_bytes + reduce.inter_bytes,
         intra_bytes=gather.intra_bytes + reduce.intra_bytes,
         tokens_per_s=wl.tokens_per_step / step if step > 0 else math.inf,

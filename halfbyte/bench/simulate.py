@@ -1,6 +1,8 @@
 """`halfbyte simulate`: projected step time, tokens/s and speedup per mode (cost model in costmodel.py).
 
     halfbyte simulate --model 1.3b --nodes 16 --gpus-per-node 8 --inter-gbps 100 --compute-ms 250
+    halfbyte simulate --model 1.3b --nodes 2 --gpus-per-node 1 --inter-gbps 32 \
+        --compute-from benchmarks/results/bench-train-nvidia-h200.json
     halfbyte simulate --model 1.3b --nodes 2 --gpus-per-node 4 --sweep-inter-gbps 10,25,50,100,200,400 \
         --plot sweep.png --json sweep.json
     halfbyte simulate --sdp4bit-table --json table.json --plot table.png
@@ -47,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
                         "TCP sockets; docs/simulate.md)")
     w = p.add_argument_group("step")
     w.add_argument("--compute-ms", type=float, help="compute time per step (e.g. from `halfbyte bench train`)")
+    w.add_argument("--compute-from", type=Path,
+                   help="a `halfbyte bench train` JSON: compute, optimizer and forward share from its "
+                        "baseline row for --model, waits on communication taken out, the optimizer "
+                        "rescaled to this data-parallel size; tokens per step from its batch")
     w.add_argument("--mfu", type=float, default=0.4,
                    help="without --compute-ms: compute = FLOPs / (mfu * peak) * pipeline bubble")
     w.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100 SXM)")
@@ -121,7 +127,16 @@ def _setup(args: argparse.Namespace, model: cm.ModelShape, nodes: int, gpus: int
                          nic=args.nic, all_to_all_efficiency=args.all_to_all_efficiency)
     M, L = cm.dp_layout(cluster, args.tp, args.pp)
     tokens = args.tokens_per_step or M * L * model.seq_len
-    if args.compute_ms is not None:
+    optimizer, forward_fraction = 0.0, cm.Workload.forward_fraction
+    if args.compute_from is not None:
+        if args.compute_ms is not None:
+            raise ValueError("give --compute-ms or --compute-from, not both")
+        compute, optimizer, forward_fraction, rank_tokens = measured_compute(args.compute_from, args.model, M * L)
+        if args.tokens_per_step is not None and args.tokens_per_step != rank_tokens * M * L:
+            raise ValueError(f"--tokens-per-step {args.tokens_per_step}: the compute in {args.compute_from} "
+                             f"is for {rank_tokens} tokens per rank, {rank_tokens * M * L} in all")
+        tokens = rank_tokens * M * L
+    elif args.compute_ms is not None:
         if not args.compute_ms >= 0:
             raise ValueError(f"--compute-ms must be >= 0, got {args.compute_ms}")
         compute = args.compute_ms / 1e3
@@ -131,8 +146,32 @@ def _setup(args: argparse.Namespace, model: cm.ModelShape, nodes: int, gpus: int
     wl = cm.Workload(compute_s=compute, tokens_per_step=tokens, tp=args.tp, pp=args.pp,
                      grad_accum=args.grad_accum, bucket_numel=args.bucket_numel,
                      overlap=not args.no_overlap, weight_bytes=args.weight_bytes,
-                     grad_bytes=args.grad_bytes, codec_tbps=args.codec_tbps)
+                     grad_bytes=args.grad_bytes, codec_tbps=args.codec_tbps, optimizer_s=optimizer,
+                     forward_fraction=forward_fraction)
     return cluster, wl
+
+
+def measured_compute(path: Path, model: str | None, dp_world: int) -> tuple[float, float, float, int]:
+    """(compute s, optimizer s, forward share of the passes, tokens per rank) per step from the
+    baseline row for `model` of a `halfbyte bench train` JSON. Waits on communication are taken out
+    of each phase; the optimizer (and zero_grad) works on a 1/W shard, so its time is rescaled from
+    the measured world size to `dp_world`."""
+    if model is None:
+        raise ValueError("--compute-from needs --model (the row to read)")
+    try:
+        result = json.loads(path.read_text())
+        world, meta = result["meta"]["world_size"], result["meta"]
+        rows = [r for r in result["rows"] if r["model"] == model and r["preset"] == "baseline"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--compute-from {path}: not a `halfbyte bench train` JSON ({err})") from None
+    if not rows:
+        raise ValueError(f"--compute-from {path} has no baseline row for model {model}")
+    row = rows[0]
+    waits = row["exposed_comm_ms_by_phase"]
+    fwd, bwd = (row[f"{p}_ms"] - waits.get(p, 0.0) for p in ("forward", "backward"))
+    opt = (row["optimizer_ms"] - waits.get("optimizer", 0.0) + row["zero_grad_ms"]) * world / dp_world
+    rank_tokens = meta["micro_batch"] * meta["grad_accum"] * meta["seq_len"][model]
+    return (fwd + bwd + opt) / 1e3, opt / 1e3, fwd / (fwd + bwd), rank_tokens
 
 
 # ---- the three jobs ----------------------------------------------------------------------------
