@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from halfbyte import quant
 from halfbyte.comm.accounting import chunk_numel
 from halfbyte.comm.topology import Topology
-from halfbyte.quant import Packed, QuantSpec
+from halfbyte.quant import QuantSpec
 
 ReduceOpName = Literal["avg", "sum"]
 
@@ -70,32 +70,9 @@ def _base_seed(seed: int | None, *specs: QuantSpec | None) -> int | None:
 
 
 # ---- pure codec steps (no communication) ------------------------------------------------------
-def _sections(spec: QuantSpec, numel: int) -> list[int]:
-    """Byte sizes of the wire sections of `numel` values: payload, scales (, zero points)."""
-    meta = [2 * spec.num_groups(numel)] * (1 if spec.symmetric else 2)
-    return [spec.payload_nbytes(numel), *meta]
-
-
-def to_message_major(data: torch.Tensor, spec: QuantSpec, n: int, m: int) -> torch.Tensor:
-    """Wire bytes of n*m values (m whole groups per message) -> [n, wire_nbytes(m)]: row i is
-    exactly the wire format of values i*m .. (i+1)*m - 1, ready for an all-to-all."""
-    if m % spec.group_size:
-        raise ValueError(f"message length {m} must be whole groups of {spec.group_size}")
-    sizes = _sections(spec, m)
-    parts = data.split([n * s for s in sizes])
-    return torch.cat([p.view(n, s) for p, s in zip(parts, sizes)], dim=1)
-
-
-def to_section_major(chunks: torch.Tensor, spec: QuantSpec, m: int) -> torch.Tensor:
-    """Inverse of `to_message_major`: [n, wire_nbytes(m)] -> one wire buffer of n*m values."""
-    parts = chunks.split(_sections(spec, m), dim=1)
-    return torch.cat([p.reshape(-1) for p in parts])
-
-
 def pack_messages(x: torch.Tensor, spec: QuantSpec, *, seed: int | None) -> torch.Tensor:
     """Quantize the rows of x ([n, m], m whole groups) in one codec call -> [n, wire_nbytes(m)]."""
-    n, m = x.shape
-    return to_message_major(quant.quantize(x.reshape(-1), spec, seed=seed).data, spec, n, m)
+    return quant.quantize_messages(x, spec, seed=seed)
 
 
 def split_chunks(full: torch.Tensor, world: int, chunk_pad: int) -> torch.Tensor:
@@ -117,11 +94,10 @@ def encode_chunks(full: torch.Tensor, spec: QuantSpec, world: int, seed: int | N
 def decode_sum(received: torch.Tensor, spec: QuantSpec, chunk: int, world: int, *,
                op: ReduceOpName = "avg", out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Reduce-scatter, receive side: sum the decoded chunks (fp32, Hadamard undone), /W for avg,
-    drop the padding -> `chunk` values in out_dtype."""
-    total = quant.dequantize_sum(received, spec, spec.padded_numel(chunk))[:chunk]
-    if op == "avg":
-        total = total / world
-    return total.to(out_dtype)
+    drop the padding -> `chunk` values in out_dtype (one codec pass: the average and the cast are
+    fused into the decode)."""
+    return quant.dequantize_sum(received, spec, spec.padded_numel(chunk), dtype=out_dtype,
+                                divisor=world if op == "avg" else 1)[:chunk]
 
 
 def encode_two_level(full: torch.Tensor, intra_spec: QuantSpec, inter_spec: QuantSpec,
@@ -139,22 +115,7 @@ def middle_hop(received: torch.Tensor, intra_spec: QuantSpec, inter_spec: QuantS
     """Two-level, between the hops: sum the L node peers' messages and requantize with inter_spec,
     staying in the Hadamard domain -> uint8 [M, wire(chunk_pad)], row m for node m."""
     packed = quant.reduce_requantize(received, intra_spec, nodes * chunk_pad, inter_spec, seed=seed)
-    return to_message_major(packed.data, inter_spec, nodes, chunk_pad)
-
-
-def decode_messages(messages: torch.Tensor, spec: QuantSpec, row_numel: int, *,
-                    out: torch.Tensor | None = None, accumulate: bool = False,
-                    rotate: bool = True) -> torch.Tensor:
-    """Decode each message ([n, wire_nbytes(row_numel)], as `pack_messages` makes them) on its own,
-    no reduction -> fp32 [n, row_numel]; or write (accumulate: add) into `out`. What each receiver
-    of an all-to-all decodes; used where one process emulates the receivers."""
-    n = messages.shape[0]
-    packed = Packed(to_section_major(messages, spec, row_numel), spec, n * row_numel,
-                    torch.Size([n, row_numel]), torch.float32)
-    if out is None:
-        return quant.dequantize(packed, rotate=rotate)
-    quant.dequantize(packed, out=out.view(n, row_numel), accumulate=accumulate, rotate=rotate)
-    return out
+    return quant.to_message_major(packed.data, inter_spec, nodes, chunk_pad)
 
 
 def encode_shard(shard: torch.Tensor, spec: QuantSpec, seed: int | None,
@@ -170,12 +131,11 @@ def decode_gathered(received: torch.Tensor, spec: QuantSpec, shard_numel: int, o
     adding to it when accumulate (qWD)."""
     W, s = received.shape[0], shard_numel
     sp = spec.padded_numel(s)
-    data = to_section_major(received, spec, sp)
     flat = out.view(-1)
     if sp == s:  # group-aligned shards decode straight into out (the engine's case)
-        return quant.dequantize(Packed(data, spec, W * s, flat.shape, out.dtype), out=flat,
-                                accumulate=accumulate).view(out.shape)
-    values = quant.dequantize(Packed(data, spec, W * sp, torch.Size([W, sp]), torch.float32))[:, :s]
+        quant.dequantize_messages(received, spec, s, out=flat, accumulate=accumulate)
+        return out
+    values = quant.dequantize_messages(received, spec, sp)[:, :s]
     if accumulate:
         flat.view(W, s).add_(values)
     else:

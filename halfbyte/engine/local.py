@@ -62,8 +62,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from halfbyte import quant
 from halfbyte.comm import HOP_REDUCE_SCATTER, Topology, all_gather_q, build_topology, chunk_numel
-from halfbyte.comm import decode_messages, divisors, encode_chunks, rank_seed, reduce_scatter_q
+from halfbyte.comm import divisors, encode_chunks, rank_seed, reduce_scatter_q
 from halfbyte.comm.accounting import CommStats
 from halfbyte.engine import seeds
 from halfbyte.engine.sharded import ShardedDataParallel
@@ -307,7 +308,7 @@ class PseudoGradientExchange:
 
     def _decode_rows(self, send: torch.Tensor) -> torch.Tensor:
         c = self.chunk
-        return decode_messages(send, self.spec, self.spec.padded_numel(c))[:, :c].reshape(-1)[: self.numel]
+        return quant.dequantize_messages(send, self.spec, self.spec.padded_numel(c))[:, :c].reshape(-1)[: self.numel]
 
 
 # ---- the outer loop -----------------------------------------------------------------------------

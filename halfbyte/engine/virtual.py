@@ -47,7 +47,6 @@ from halfbyte.comm import (
     HOP_REDUCE_SCATTER,
     all_gather_bytes,
     decode_gathered,
-    decode_messages,
     divisors,
     encode_chunks,
     encode_shard,
@@ -327,13 +326,13 @@ class VirtualDataParallel:
         if not self._two_hops:  # one level; two-level with L == 1 is its inter hop alone
             hop = HOP_REDUCE_SCATTER if c.grads == "one-level" else HOP_INTER
             send = encode_chunks(b.grad, c.grad_spec, self.world_size, rank_seed(seed, rank, hop))
-            decode_messages(send, c.grad_spec, self._chunk(b), out=total, accumulate=rank > 0, rotate=False)
+            quant.dequantize_messages(send, c.grad_spec, self._chunk(b), out=total, accumulate=rank > 0, rotate=False)
         else:
             node, local = divmod(rank, L)
             node_sum = self._node_sums[b.index]
             send = encode_two_level(b.grad, c.grad_intra_spec, c.grad_spec, M, L,
                                     rank_seed(seed, rank, HOP_INTRA))
-            decode_messages(send, c.grad_intra_spec, node_sum.shape[1], out=node_sum, accumulate=local > 0,
+            quant.dequantize_messages(send, c.grad_intra_spec, node_sum.shape[1], out=node_sum, accumulate=local > 0,
                             rotate=False)
             if local == L - 1:  # the node is complete: middle hop of each local peer, then inter hop
                 for peer in range(L):
@@ -354,7 +353,7 @@ class VirtualDataParallel:
             total = quant.fwht(total, spec.hadamard)
         if self._two_hops:  # [L, M, chunk] -> rank order r = node * L + local
             total = total.transpose(0, 1)
-        return list(total.reshape(W, -1)[:, :s] / W)
+        return list(total.reshape(W, -1)[:, :s] * quant.fp32_reciprocal(W))  # as decode_sum averages
 
     def _record_grads(self, b: Bucket) -> None:
         c, M, L = self.comm, self.topo.nodes, self.topo.gpus_per_node

@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
+from halfbyte import quant
 from halfbyte.comm import (
     HOP_ALL_GATHER,
     HOP_REDUCE_SCATTER,
     all_gather_bytes,
     chunk_numel,
     decode_gathered,
-    decode_messages,
     decode_sum,
     encode_chunks,
     encode_shard,
@@ -149,7 +149,7 @@ class VirtualLocalUpdates:
     def _decode_rows(self, send: torch.Tensor) -> torch.Tensor:
         """What the K receivers of one island's reduce-scatter message decode, as one flat vector."""
         c, spec = self.chunk, self.config.spec
-        return decode_messages(send, spec, spec.padded_numel(c))[:, :c].reshape(-1)[: self.numel]
+        return quant.dequantize_messages(send, spec, spec.padded_numel(c))[:, :c].reshape(-1)[: self.numel]
 
     def _average(self, pseudo_grads: list[torch.Tensor], l: int, seed: int) -> list[torch.Tensor]:
         """Island i's chunk of the islands' mean pseudo-gradient, for every i."""

@@ -1,6 +1,6 @@
 """Backend dispatch: the Triton kernels for CUDA tensors, the reference everywhere else.
 
-Both backends expose the same four functions with the same signatures and wire format.
+Both backends expose the same six functions with the same signatures and wire format.
 """
 
 from __future__ import annotations
@@ -50,11 +50,21 @@ def dequantize(packed: Packed, *, out: torch.Tensor | None = None, accumulate: b
     return backend_for(packed.data).dequantize(packed, out=out, accumulate=accumulate, rotate=rotate)
 
 
+def quantize_messages(x: torch.Tensor, spec: QuantSpec, *, seed: int | None = None) -> torch.Tensor:
+    return backend_for(x).quantize_messages(x, spec, seed=seed)
+
+
+def dequantize_messages(messages: torch.Tensor, spec: QuantSpec, m: int, *, out: torch.Tensor | None = None,
+                        accumulate: bool = False, rotate: bool = True) -> torch.Tensor:
+    return backend_for(messages).dequantize_messages(messages, spec, m, out=out, accumulate=accumulate,
+                                                     rotate=rotate)
+
+
 def dequantize_sum(chunks: torch.Tensor, spec: QuantSpec, numel: int, *,
                    dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
-                   accumulate: bool = False, rotate: bool = True) -> torch.Tensor:
+                   accumulate: bool = False, rotate: bool = True, divisor: int = 1) -> torch.Tensor:
     return backend_for(chunks).dequantize_sum(
-        chunks, spec, numel, dtype=dtype, out=out, accumulate=accumulate, rotate=rotate
+        chunks, spec, numel, dtype=dtype, out=out, accumulate=accumulate, rotate=rotate, divisor=divisor
     )
 
 
@@ -66,4 +76,6 @@ def reduce_requantize(chunks: torch.Tensor, in_spec: QuantSpec, numel: int, out_
 quantize.__doc__ = reference.quantize.__doc__
 dequantize.__doc__ = reference.dequantize.__doc__
 dequantize_sum.__doc__ = reference.dequantize_sum.__doc__
+quantize_messages.__doc__ = reference.quantize_messages.__doc__
+dequantize_messages.__doc__ = reference.dequantize_messages.__doc__
 reduce_requantize.__doc__ = reference.reduce_requantize.__doc__

@@ -59,3 +59,30 @@ class Packed:
         Synchronizes with the device; meant for checks and tests, not the hot path.
         """
         return bool(torch.isnan(self.scales()).any())
+
+
+# ---- messages: n wire buffers side by side, one per all-to-all peer ----------------------------
+def _sections(spec: QuantSpec, numel: int) -> list[int]:
+    """Byte sizes of the wire sections of `numel` values: payload, scales (, zero points)."""
+    meta = [2 * spec.num_groups(numel)] * (1 if spec.symmetric else 2)
+    return [spec.payload_nbytes(numel), *meta]
+
+
+def _check_message_numel(spec: QuantSpec, m: int) -> None:
+    if m % spec.group_size:
+        raise ValueError(f"message length {m} must be whole groups of {spec.group_size}")
+
+
+def to_message_major(data: torch.Tensor, spec: QuantSpec, n: int, m: int) -> torch.Tensor:
+    """Wire bytes of n*m values (m whole groups per message) -> [n, wire_nbytes(m)]: row i is
+    exactly the wire format of values i*m .. (i+1)*m - 1, ready for an all-to-all."""
+    _check_message_numel(spec, m)
+    sizes = _sections(spec, m)
+    parts = data.split([n * s for s in sizes])
+    return torch.cat([p.view(n, s) for p, s in zip(parts, sizes)], dim=1)
+
+
+def to_section_major(messages: torch.Tensor, spec: QuantSpec, m: int) -> torch.Tensor:
+    """Inverse of `to_message_major`: [n, wire_nbytes(m)] -> one wire buffer of n*m values."""
+    parts = messages.split(_sections(spec, m), dim=1)
+    return torch.cat([p.reshape(-1) for p in parts])

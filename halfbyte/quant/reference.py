@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from halfbyte.quant.hadamard import fwht
-from halfbyte.quant.packed import Packed, read_bf16
+from halfbyte.quant.packed import Packed, _check_message_numel, read_bf16, to_message_major, to_section_major
 from halfbyte.quant.spec import QuantSpec
 
 
@@ -173,13 +173,15 @@ def _decode(data: torch.Tensor, spec: QuantSpec, numel: int) -> torch.Tensor:
 
 
 def _finish(v: torch.Tensor, spec: QuantSpec, numel: int, shape: torch.Size, dtype: torch.dtype,
-            out: torch.Tensor | None, accumulate: bool, rotate: bool) -> torch.Tensor:
+            out: torch.Tensor | None, accumulate: bool, rotate: bool, divisor: int = 1) -> torch.Tensor:
     if spec.hadamard:
         if rotate:
             v = fwht(v, spec.hadamard)
         else:
             _check_whole_blocks(numel, spec)
     v = v[:numel]
+    if divisor != 1:
+        v = v * fp32_reciprocal(divisor)
     if out is None:
         if accumulate:
             raise ValueError("accumulate=True needs an `out` tensor to add into")
@@ -205,6 +207,31 @@ def dequantize(
     return _finish(v, packed.spec, packed.numel, packed.shape, packed.dtype, out, accumulate, rotate)
 
 
+def quantize_messages(x: torch.Tensor, spec: QuantSpec, *, seed: int | None = None) -> torch.Tensor:
+    """Quantize the n rows of x ([n, m], m whole groups) as one tensor -> uint8 [n, wire_nbytes(m)],
+    row i the wire format of row i: the bytes of `quantize(x)` (stochastic draws included), laid out
+    one message per all-to-all peer."""
+    n, m = x.shape
+    _check_message_numel(spec, m)
+    return to_message_major(quantize(x.reshape(-1), spec, seed=seed).data, spec, n, m)
+
+
+def dequantize_messages(messages: torch.Tensor, spec: QuantSpec, m: int, *, out: torch.Tensor | None = None,
+                        accumulate: bool = False, rotate: bool = True) -> torch.Tensor:
+    """Decode each row of `messages` ([n, wire_nbytes(m)]) on its own, no reduction -> fp32 [n, m];
+    or write (accumulate: add) into `out` (n*m values)."""
+    _check_chunks(messages, spec, m)
+    _check_message_numel(spec, m)
+    n = messages.shape[0]
+    packed = Packed(to_section_major(messages, spec, m), spec, n * m, torch.Size([n, m]), torch.float32)
+    if out is None:
+        return dequantize(packed, rotate=rotate)
+    if out.numel() != n * m:
+        raise ValueError(f"out has {out.numel()} values, the messages hold {n * m}")
+    dequantize(packed, out=out.view(n, m), accumulate=accumulate, rotate=rotate)
+    return out
+
+
 def dequantize_sum(
     chunks: torch.Tensor,
     spec: QuantSpec,
@@ -214,14 +241,29 @@ def dequantize_sum(
     out: torch.Tensor | None = None,
     accumulate: bool = False,
     rotate: bool = True,
+    divisor: int = 1,
 ) -> torch.Tensor:
     """Decode W received chunks (uint8 [W, wire_nbytes(numel)]) and sum them in fp32: the reduce
-    step of a reduce-scatter. Returns a 1-D tensor of `numel` values in `dtype` unless `out` given."""
+    step of a reduce-scatter. Returns a 1-D tensor of `numel` values in `dtype` unless `out` given.
+    divisor: the fp32 sum (Hadamard undone) is multiplied by fp32_reciprocal(divisor) before the
+    cast (W: the average)."""
     _check_chunks(chunks, spec, numel)
+    _check_divisor(divisor)
     total = _decode(chunks[0], spec, numel)
     for w in range(1, chunks.shape[0]):
         total = total + _decode(chunks[w], spec, numel)
-    return _finish(total, spec, numel, torch.Size([numel]), dtype, out, accumulate, rotate)
+    return _finish(total, spec, numel, torch.Size([numel]), dtype, out, accumulate, rotate, divisor)
+
+
+def fp32_reciprocal(n: int) -> float:
+    """1/n rounded to fp32. Averages multiply by it rather than divide: one IEEE product gives the
+    same bits on every device (torch on CUDA turns a division by a scalar into this product too)."""
+    return torch.tensor(1.0 / n, dtype=torch.float32).item()
+
+
+def _check_divisor(divisor: int) -> None:
+    if isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1:
+        raise ValueError(f"divisor must be a positive int, got {divisor!r}")
 
 
 def reduce_requantize(

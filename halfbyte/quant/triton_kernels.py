@@ -1,6 +1,6 @@
 """Fused Triton kernels for the group-wise codecs (CUDA tensors).
 
-Same four functions, signatures and wire bytes as `reference.py`, whose docstring defines the
+Same six functions, signatures and wire bytes as `reference.py`, whose docstring defines the
 arithmetic. Each kernel makes one pass over memory: a program owns a tile of whole groups, keeps it in
 registers through subtract -> Hadamard -> absmax -> scale -> round -> pack (or unpack -> scale ->
 sum over chunks -> inverse Hadamard -> add into `out`), and writes each output byte once.
@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from halfbyte.quant import reference
-from halfbyte.quant.packed import Packed
+from halfbyte.quant.packed import Packed, _check_message_numel
 from halfbyte.quant.spec import QuantSpec
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -138,10 +138,11 @@ def _divide_by_scale(v, s, usable):
 
 
 @triton.jit
-def _quantize_tile(v, out_ptr, g0, num_groups, pay_bytes, seed,
+def _quantize_tile(v, out_ptr, g0, num_groups, pay_bytes, seed, rng_g0,
                    BG: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr,
                    SYMMETRIC: tl.constexpr, STOCHASTIC: tl.constexpr, RUN: tl.constexpr):
     """Quantize the fp32 tile v [BG, GS] (groups g0..g0+BG-1) and write levels, scales, zeros.
+    rng_g0: the index of group g0 in the whole tensor, which keys the stochastic draws.
 
     Per-group values stay [BG, 1] columns of the tile's own layout: a 1-D vector would make the
     compiler recompute the whole tile in a second layout just to store the scales. RUN > 0: each
@@ -172,7 +173,7 @@ def _quantize_tile(v, out_ptr, g0, num_groups, pay_bytes, seed,
     finite = finite & (s < float("inf"))
     y = _divide_by_scale(shifted, s, finite & (s > 0))
     if STOCHASTIC:
-        y = tl.floor(y + _uniform_tile(seed, (g0 * (GS // 4)).to(tl.int32), BG, GS))
+        y = tl.floor(y + _uniform_tile(seed, (rng_g0 * (GS // 4)).to(tl.int32), BG, GS))
     # clamping commutes with rounding to an integer; adding 1.5 * 2**23 rounds half-to-even
     # (|y| < 2**22) and leaves level + 0x4B400000 in the bits, so the low bits are the level's
     q = (tl.minimum(tl.maximum(y, LO), QMAX) + _RNE_MAGIC).to(tl.int32, bitcast=True)
@@ -265,9 +266,15 @@ def _load_runs(ptr, base, numel, NR: tl.constexpr, RUN: tl.constexpr, VEC: tl.co
 
 # seed changes every call: specializing it (== 1, multiple of 16) would compile a variant mid-run
 @triton.jit(do_not_specialize=["seed"])
-def _quantize_kernel(x_ptr, sub_ptr, out_ptr, numel, num_groups, pay_bytes, seed,
+def _quantize_kernel(x_ptr, sub_ptr, out_ptr, numel, num_groups, pay_bytes, seed, out_row_stride,
                      BG: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
                      STOCHASTIC: tl.constexpr, LOG2_H: tl.constexpr, HAS_SUB: tl.constexpr, VEC: tl.constexpr):
+    # grid (tiles, rows): row r quantizes values [r * numel, (r + 1) * numel) into its own wire
+    # buffer at out_ptr + r * out_row_stride (messages); one row is the plain quantize
+    row = tl.program_id(1).to(tl.int64)
+    x_ptr += row * numel
+    sub_ptr += row * numel
+    out_ptr += row * out_row_stride
     g0 = tl.program_id(0).to(tl.int64) * BG
     base = g0 * GS
     if LOG2_H > 0:
@@ -284,7 +291,8 @@ def _quantize_kernel(x_ptr, sub_ptr, out_ptr, numel, num_groups, pay_bytes, seed
         v = tl.load(x_ptr + base + local, mask=m, other=0.0).to(tl.float32)
         if HAS_SUB:
             v = v - tl.load(sub_ptr + base + local, mask=m, other=0.0).to(tl.float32)
-    _quantize_tile(v, out_ptr, g0, num_groups, pay_bytes, seed, BG, GS, BITS, SYMMETRIC, STOCHASTIC, RUN)
+    _quantize_tile(v, out_ptr, g0, num_groups, pay_bytes, seed, g0 + row * num_groups, BG, GS, BITS, SYMMETRIC,
+                   STOCHASTIC, RUN)
 
 
 @triton.jit
@@ -309,15 +317,22 @@ def _decode_sum_tile(chunks_ptr, chunk_stride, W, g0, num_groups, pay_bytes,
 
 
 @triton.jit
-def _dequantize_sum_kernel(chunks_ptr, chunk_stride, W, out_ptr, numel, num_groups, pay_bytes,
+def _dequantize_sum_kernel(chunks_ptr, chunk_stride, W, out_ptr, numel, num_groups, pay_bytes, scale,
                            BG: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
                            LOG2_H: tl.constexpr, UNROLL: tl.constexpr, EXACT: tl.constexpr,
-                           ACCUMULATE: tl.constexpr):
+                           ACCUMULATE: tl.constexpr, SCALE: tl.constexpr):
+    # grid (tiles, rows): with W = 1, row r decodes the wire buffer at chunks_ptr + r * chunk_stride
+    # into out_ptr + r * numel (messages); one row sums the W chunks
+    row = tl.program_id(1).to(tl.int64)
+    chunks_ptr += row * chunk_stride
+    out_ptr += row * numel
     g0 = tl.program_id(0).to(tl.int64) * BG
     v = _decode_sum_tile(chunks_ptr, chunk_stride, W, g0, num_groups, pay_bytes, BG, GS, BITS, SYMMETRIC,
                          UNROLL, EXACT, 0)
     if LOG2_H > 0:
         v = _fwht(v, LOG2_H)
+    if SCALE:  # the average: times the fp32 reciprocal, as the reference
+        v = v * scale
     base = g0 * GS
     local = tl.arange(0, BG)[:, None] * GS + tl.arange(0, GS)[None, :]
     m = local < numel - base
@@ -341,7 +356,7 @@ def _reduce_requantize_kernel(chunks_ptr, chunk_stride, W, out_ptr, numel, num_g
     if PADDED:  # the reference drops the decoded padding (a zero point, say) and re-pads with zeros
         local = tl.arange(0, BG)[:, None] * GS + tl.arange(0, GS)[None, :]
         v = tl.where(local < numel - g0 * GS, v, 0.0)
-    _quantize_tile(v, out_ptr, g0, num_groups, out_pay_bytes, seed, BG, GS, OUT_BITS, OUT_SYMMETRIC, STOCHASTIC,
+    _quantize_tile(v, out_ptr, g0, num_groups, out_pay_bytes, seed, g0, BG, GS, OUT_BITS, OUT_SYMMETRIC, STOCHASTIC,
                    RUN)
 
 
@@ -402,21 +417,40 @@ def quantize(
     if not (_on_gpu(x) and dtypes_ok and _supported_group(spec)):
         return reference.quantize(x, spec, seed=seed, rotate=rotate, subtract=subtract)
     numel = x.numel()
-    log2_h = _log2_hadamard(spec, rotate, numel)
-    flat = x.reshape(-1)
-    sub = subtract.reshape(-1) if subtract is not None else flat
     out = torch.empty(spec.wire_nbytes(numel), dtype=torch.uint8, device=x.device)
+    flat = x.reshape(-1)
+    sub = subtract.reshape(-1) if subtract is not None else None
+    _launch_quantize(flat, sub, out, spec, numel, 1, seed, _log2_hadamard(spec, rotate, numel), tile_values, num_warps)
+    return Packed(out, spec, numel, x.shape, x.dtype)
+
+
+def quantize_messages(x: torch.Tensor, spec: QuantSpec, *, seed: int | None = None,
+                      tile_values: int = _TILE_VALUES, num_warps: int | None = None) -> torch.Tensor:
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"quantize_messages expects a 2-D floating-point tensor, got {tuple(x.shape)} {x.dtype}")
+    n, m = x.shape
+    if not (_on_gpu(x) and x.dtype in _FLOAT_DTYPES and _supported_group(spec)):
+        return reference.quantize_messages(x, spec, seed=seed)
+    _check_message_numel(spec, m)
+    out = torch.empty(n, spec.wire_nbytes(m), dtype=torch.uint8, device=x.device)
+    _launch_quantize(x.contiguous(), None, out, spec, m, n, seed, _log2_hadamard(spec, True, m), tile_values,
+                     num_warps)
+    return out
+
+
+def _launch_quantize(x: torch.Tensor, sub: torch.Tensor | None, out: torch.Tensor, spec: QuantSpec, numel: int,
+                     rows: int, seed: int | None, log2_h: int, tile_values: int, num_warps: int | None) -> None:
+    """rows wire buffers of `numel` values each, back to back in x and in out (contiguous)."""
     groups = spec.num_groups(numel)
     bg, warps = launch_config(spec.group_size, tile_values, num_warps, runs=log2_h > 0)
     seed = reference.resolve_seed(seed) if spec.rounding == "stochastic" else 0
-    if groups:
-        _quantize_kernel[(triton.cdiv(groups, bg),)](
-            flat, sub, out, numel, groups, spec.payload_nbytes(numel), seed,
-            BG=bg, GS=spec.group_size, BITS=spec.bits, SYMMETRIC=spec.symmetric,
-            STOCHASTIC=spec.rounding == "stochastic", LOG2_H=log2_h, HAS_SUB=subtract is not None,
+    if groups and rows:
+        _quantize_kernel[(triton.cdiv(groups, bg), rows)](
+            x, x if sub is None else sub, out, numel, groups, spec.payload_nbytes(numel), seed,
+            spec.wire_nbytes(numel), BG=bg, GS=spec.group_size, BITS=spec.bits, SYMMETRIC=spec.symmetric,
+            STOCHASTIC=spec.rounding == "stochastic", LOG2_H=log2_h, HAS_SUB=sub is not None,
             VEC=min(16 // x.element_size(), spec.group_size, _RUN.value), num_warps=warps, enable_fp_fusion=False,
         )
-    return Packed(out, spec, numel, x.shape, x.dtype)
 
 
 def _aligned_rows(chunks: torch.Tensor) -> torch.Tensor:
@@ -428,17 +462,19 @@ def _aligned_rows(chunks: torch.Tensor) -> torch.Tensor:
 
 
 def _decode_into(chunks: torch.Tensor, spec: QuantSpec, numel: int, out: torch.Tensor, accumulate: bool,
-                 rotate: bool, tile_values: int, num_warps: int | None) -> None:
+                 rotate: bool, tile_values: int, num_warps: int | None, divisor: int = 1,
+                 separate_rows: bool = False) -> None:
+    """Sum the decoded rows of chunks into out; separate_rows: decode row r into out[r*numel:] instead."""
     log2_h = _log2_hadamard(spec, rotate, numel)
     chunks = _aligned_rows(chunks)
     groups = spec.num_groups(numel)
     bg, warps = launch_config(spec.group_size, tile_values, num_warps)
-    W = chunks.shape[0]
+    W, rows = (1, chunks.shape[0]) if separate_rows else (chunks.shape[0], 1)
     if groups:
-        _dequantize_sum_kernel[(triton.cdiv(groups, bg),)](
-            chunks, chunks.stride(0), W, out, numel, groups, spec.payload_nbytes(numel),
+        _dequantize_sum_kernel[(triton.cdiv(groups, bg), rows)](
+            chunks, chunks.stride(0), W, out, numel, groups, spec.payload_nbytes(numel), reference.fp32_reciprocal(divisor),
             BG=bg, GS=spec.group_size, BITS=spec.bits, SYMMETRIC=spec.symmetric, LOG2_H=log2_h,
-            ACCUMULATE=accumulate, num_warps=warps, enable_fp_fusion=False, **_unroll(W),
+            ACCUMULATE=accumulate, SCALE=divisor != 1, num_warps=warps, enable_fp_fusion=False, **_unroll(W),
         )
 
 
@@ -476,6 +512,19 @@ def dequantize(
     return result
 
 
+def dequantize_messages(messages: torch.Tensor, spec: QuantSpec, m: int, *, out: torch.Tensor | None = None,
+                        accumulate: bool = False, rotate: bool = True, tile_values: int = _TILE_VALUES,
+                        num_warps: int | None = None) -> torch.Tensor:
+    reference._check_chunks(messages, spec, m)
+    _check_message_numel(spec, m)
+    n = messages.shape[0]
+    if not (_on_gpu(messages) and _supported_group(spec) and _out_supported(out, torch.float32)):
+        return reference.dequantize_messages(messages, spec, m, out=out, accumulate=accumulate, rotate=rotate)
+    result = _resolve_out(out, n * m, torch.Size([n, m]), torch.float32, accumulate, messages.device)
+    _decode_into(messages, spec, m, result, accumulate, rotate, tile_values, num_warps, separate_rows=True)
+    return result
+
+
 def dequantize_sum(
     chunks: torch.Tensor,
     spec: QuantSpec,
@@ -485,15 +534,17 @@ def dequantize_sum(
     out: torch.Tensor | None = None,
     accumulate: bool = False,
     rotate: bool = True,
+    divisor: int = 1,
     tile_values: int = _TILE_VALUES,
     num_warps: int | None = None,
 ) -> torch.Tensor:
     reference._check_chunks(chunks, spec, numel)
+    reference._check_divisor(divisor)
     if not (_on_gpu(chunks) and _supported_group(spec) and _out_supported(out, dtype)):
         return reference.dequantize_sum(chunks, spec, numel, dtype=dtype, out=out, accumulate=accumulate,
-                                        rotate=rotate)
+                                        rotate=rotate, divisor=divisor)
     result = _resolve_out(out, numel, torch.Size([numel]), dtype, accumulate, chunks.device)
-    _decode_into(chunks, spec, numel, result, accumulate, rotate, tile_values, num_warps)
+    _decode_into(chunks, spec, numel, result, accumulate, rotate, tile_values, num_warps, divisor)
     return result
 
 

@@ -6,7 +6,7 @@ import torch
 
 from halfbyte import comm, quant
 from halfbyte.comm import CommStats, chunk_numel, rank_seed
-from halfbyte.comm.collectives import to_message_major, to_section_major
+from halfbyte.quant import to_message_major, to_section_major
 from halfbyte.quant import QuantSpec
 
 

@@ -19,10 +19,15 @@ from halfbyte.quant import (
     QuantSpec,
     backend_for,
     dequantize,
+    dequantize_messages,
     dequantize_sum,
+    fp32_reciprocal,
     fwht,
     quantize,
+    quantize_messages,
     reduce_requantize,
+    to_message_major,
+    to_section_major,
 )
 from halfbyte.quant import reference
 from halfbyte.quant.packed import read_bf16
@@ -380,6 +385,43 @@ def test_dequantize_sum_equals_sum_of_dequantize(name: str, rotate: bool) -> Non
     dequantize_sum(chunks, spec, numel, out=out, accumulate=True, rotate=rotate)
     torch.testing.assert_close(out, got + 1)
 
+    # divisor: the average, times the fp32 reciprocal after the inverse Hadamard and before the cast
+    third = fp32_reciprocal(3)
+    assert third == torch.tensor(1 / 3, dtype=torch.float32).item() and third != 1 / 3
+    assert torch.equal(dequantize_sum(chunks, spec, numel, rotate=rotate, divisor=3), got * third)
+    half_avg = dequantize_sum(chunks, spec, numel, dtype=torch.bfloat16, rotate=rotate, divisor=3)
+    assert torch.equal(half_avg, (got * third).bfloat16())
+    out = torch.ones(numel)
+    dequantize_sum(chunks, spec, numel, out=out, accumulate=True, rotate=rotate, divisor=3)
+    assert torch.equal(out, 1 + got * third)
+
+
+@pytest.mark.parametrize("name", ["int4-sr", "int4-g6", "int8-asym", "int8-sr-H32"])
+def test_messages_are_the_flat_wire_format_one_row_per_peer(name: str) -> None:
+    """quantize_messages: row i is the wire format of row i, with the bytes (stochastic draws
+    included) of quantizing the whole tensor; dequantize_messages decodes each row on its own."""
+    spec = SPECS[name]
+    n, m = 3, 4 * spec.group_size
+    x = make("student-t", n * m).view(n, m)
+    msgs = quantize_messages(x, spec, seed=7)
+    flat = quantize(x.reshape(-1), spec, seed=7)
+    assert msgs.shape == (n, spec.wire_nbytes(m)) and msgs.dtype == torch.uint8
+    for i in range(n):
+        row = to_section_major(msgs[i : i + 1], spec, m)
+        assert torch.equal(row, to_section_major(to_message_major(flat.data, spec, n, m)[i : i + 1], spec, m))
+        want = dequantize(Packed(row, spec, m, torch.Size([m]), torch.float32))
+        assert torch.equal(dequantize_messages(msgs, spec, m)[i], want)
+    assert torch.equal(dequantize_messages(msgs, spec, m).reshape(-1), dequantize(flat).reshape(-1))
+    out = torch.ones(n * m)
+    assert dequantize_messages(msgs, spec, m, out=out, accumulate=True) is out
+    assert torch.equal(out, 1 + dequantize(flat).reshape(-1))
+    with pytest.raises(ValueError, match="whole groups"):
+        quantize_messages(x[:, :-2], spec)
+    with pytest.raises(ValueError, match="chunks must be"):
+        dequantize_messages(msgs[:, :-1], spec, m)
+    with pytest.raises(ValueError, match="out has"):
+        dequantize_messages(msgs, spec, m, out=out[:-1])
+
 
 def test_dequantize_sum_rejects_bad_chunks() -> None:
     spec = QuantSpec(4, 128)
@@ -394,6 +436,9 @@ def test_dequantize_sum_rejects_bad_chunks() -> None:
         dequantize_sum(good.to(torch.int16), spec, 300)
     with pytest.raises(ValueError, match="accumulate"):
         dequantize_sum(good, spec, 300, accumulate=True)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="divisor"):
+            dequantize_sum(good, spec, 300, divisor=bad)
 
 
 def test_rotate_false_skips_only_the_rotation() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from halfbyte.quant import reference
+from halfbyte.quant import Packed, reference, to_message_major, to_section_major
 from halfbyte.quant.spec import QuantSpec
 
 try:
@@ -120,18 +120,50 @@ def test_dequantize_accumulate(tk, spec, out_dtype):
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 @pytest.mark.parametrize("W", [1, 5, 11])
 @pytest.mark.parametrize("rotate", [True, False])
-def test_dequantize_sum_matches_reference(tk, spec, W, rotate):
+@pytest.mark.parametrize("divisor", [1, 3])
+def test_dequantize_sum_matches_reference(tk, spec, W, rotate, divisor):
     n = 32 * 3001  # whole Hadamard blocks, not whole groups
     chunks = torch.stack([reference.quantize(_randn(n, torch.float32, seed=10 + w), spec).data for w in range(W)])
-    ours = tk.dequantize_sum(chunks, spec, n, rotate=rotate)
-    ref = reference.dequantize_sum(chunks, spec, n, rotate=rotate)
+    ours = tk.dequantize_sum(chunks, spec, n, rotate=rotate, divisor=divisor)
+    ref = reference.dequantize_sum(chunks, spec, n, rotate=rotate, divisor=divisor)
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
     if not spec.hadamard or not rotate:
-        assert torch.equal(ours, ref)
+        assert torch.equal(ours, ref)  # the average is the same fp32 product
+        half = tk.dequantize_sum(chunks, spec, n, rotate=rotate, divisor=divisor, dtype=torch.bfloat16)
+        assert torch.equal(half, ref.bfloat16())
     acc_ours, acc_ref = torch.ones(n, device="cuda"), torch.ones(n, device="cuda")
-    tk.dequantize_sum(chunks, spec, n, out=acc_ours, accumulate=True, rotate=rotate)
-    reference.dequantize_sum(chunks, spec, n, out=acc_ref, accumulate=True, rotate=rotate)
+    tk.dequantize_sum(chunks, spec, n, out=acc_ours, accumulate=True, rotate=rotate, divisor=divisor)
+    reference.dequantize_sum(chunks, spec, n, out=acc_ref, accumulate=True, rotate=rotate, divisor=divisor)
     torch.testing.assert_close(acc_ours, acc_ref, rtol=1e-6, atol=1e-6 * acc_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("spec", [*SPECS, QuantSpec(bits=4, group_size=128, hadamard=32, rounding="stochastic"),
+                                  QuantSpec(bits=4, group_size=2048, rounding="stochastic")], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_messages_match_the_flat_codec(tk, spec, dtype):
+    """One launch over n rows writes each row's wire buffer in place: the bytes of quantizing the
+    whole tensor (stochastic draws keyed by the global index), laid out one message per row."""
+    n, m = 5, 3 * spec.group_size + 2 * max(spec.group_size, 2048)  # rows end mid-tile
+    x = _randn(n * m, dtype, seed=3).view(n, m)
+    ours = tk.quantize_messages(x, spec, seed=11)
+    flat = tk.quantize(x.reshape(-1), spec, seed=11)
+    assert torch.equal(ours, to_message_major(flat.data, spec, n, m))
+    if spec.rounding == "nearest":
+        ref = reference.quantize_messages(x, spec)
+        as_packed = lambda msgs: Packed(to_section_major(msgs, spec, m), spec, n * m, torch.Size([n * m]), dtype)
+        assert_same_wire(as_packed(ours), as_packed(ref))
+    decoded = tk.dequantize_messages(ours, spec, m)
+    want = reference.dequantize_messages(ours, spec, m)
+    torch.testing.assert_close(decoded, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
+    if not spec.hadamard:
+        assert torch.equal(decoded, want)
+    replica = torch.ones(n * m, dtype=torch.bfloat16, device="cuda")
+    expect = replica.clone()
+    tk.dequantize_messages(ours, spec, m, out=replica, accumulate=True)
+    reference.dequantize_messages(ours, spec, m, out=expect, accumulate=True)
+    assert (replica.float() - expect.float()).abs().max().item() <= 1e-2 * expect.float().abs().max().item()
+    if not spec.hadamard:
+        assert torch.equal(replica, expect)
 
 
 def test_dequantize_sum_strided_rows_and_bad_shape(tk):
