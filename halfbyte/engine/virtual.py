@@ -14,7 +14,8 @@ decoded contribution added to running fp32 sums, in the order the receivers of t
   grads "two-level"  per node: sum of its L ranks' decoded intra-node messages; when the node's last
                      rank is in, each local peer's sum is requantized (inter spec, its own seed) and
                      decoded into the per-destination sum, one node after the other
-step() undoes the Hadamard rotation, divides by W, and continues exactly like the real engine.
+step() undoes the Hadamard rotation, averages (times fp32_reciprocal(W), as decode_sum does) and
+continues exactly like the real engine.
 
 What is bit-identical to the real engine (same model, data and seeds; reference codecs; fp32): the
 codec bytes and every compressed sum, hence the gradient shards, AdamW, the weight all-gathers
