@@ -66,13 +66,14 @@ def main(argv: list[str] | None = None) -> int:
             codec_tbps = ref.codec_s / (measured["nvlink"][(model, "sdp4bit")]["codec_ms"] / 1e3)
             wl = cm.Workload(compute_s=compute, tokens_per_step=2 * rank_tokens, optimizer_s=optimizer,
                              forward_fraction=forward, codec_tbps=codec_tbps)
+            base_tokens_per_s = measured[transport][(model, "baseline")]["tokens_per_s"]
             for est in cm.simulate(MODES, cm.MODELS[model].params, cluster, wl):
                 row = measured[transport][(model, est.mode)]
                 table.append({"model": model, "transport": transport, "mode": est.mode,
                               "measured_ms": row["step_ms"], "simulated_ms": est.step_s * 1e3,
                               "error": est.step_s * 1e3 / row["step_ms"] - 1,
                               "measured_tokens_per_s": row["tokens_per_s"],
-                              "measured_speedup": row["tokens_per_s"] / measured[transport][(model, "baseline")]["tokens_per_s"],
+                              "measured_speedup": row["tokens_per_s"] / base_tokens_per_s,
                               "simulated_speedup": est.speedup, "codec_tbps": codec_tbps})
 
     print("| model | link | mode | measured ms | simulated ms | error | measured speedup | simulated |")

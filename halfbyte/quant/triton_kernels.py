@@ -472,7 +472,8 @@ def _decode_into(chunks: torch.Tensor, spec: QuantSpec, numel: int, out: torch.T
     W, rows = (1, chunks.shape[0]) if separate_rows else (chunks.shape[0], 1)
     if groups:
         _dequantize_sum_kernel[(triton.cdiv(groups, bg), rows)](
-            chunks, chunks.stride(0), W, out, numel, groups, spec.payload_nbytes(numel), reference.fp32_reciprocal(divisor),
+            chunks, chunks.stride(0), W, out, numel, groups, spec.payload_nbytes(numel),
+            reference.fp32_reciprocal(divisor),
             BG=bg, GS=spec.group_size, BITS=spec.bits, SYMMETRIC=spec.symmetric, LOG2_H=log2_h,
             ACCUMULATE=accumulate, SCALE=divisor != 1, num_warps=warps, enable_fp_fusion=False, **_unroll(W),
         )
