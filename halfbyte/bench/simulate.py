@@ -2,7 +2,7 @@
 
     halfbyte simulate --model 1.3b --nodes 16 --gpus-per-node 8 --inter-gbps 100 --compute-ms 250
     halfbyte simulate --model 1.3b --nodes 2 --gpus-per-node 1 --inter-gbps 32 \
-        --compute-from benchmarks/results/bench-train-nvidia-h200.json
+        --compute-from benchmarks/results/h200-x2/at-8be0148/train-1gpu-350m-1.3b.json
     halfbyte simulate --model 1.3b --nodes 2 --gpus-per-node 4 --sweep-inter-gbps 10,25,50,100,200,400 \
         --plot sweep.png --json sweep.json
     halfbyte simulate --sdp4bit-table --json table.json --plot table.png
@@ -169,6 +169,8 @@ def measured_compute(path: Path, model: str | None, dp_world: int) -> tuple[floa
     row = rows[0]
     waits = row["exposed_comm_ms_by_phase"]
     fwd, bwd = (row[f"{p}_ms"] - waits.get(p, 0.0) for p in ("forward", "backward"))
+    if not (fwd > 0 and bwd > 0):
+        raise ValueError(f"--compute-from {path}: the {model} baseline row has no forward/backward time")
     opt = (row["optimizer_ms"] - waits.get("optimizer", 0.0) + row["zero_grad_ms"]) * world / dp_world
     rank_tokens = meta["micro_batch"] * meta["grad_accum"] * meta["seq_len"][model]
     return (fwd + bwd + opt) / 1e3, opt / 1e3, fwd / (fwd + bwd), rank_tokens

@@ -211,6 +211,8 @@ def quantize_messages(x: torch.Tensor, spec: QuantSpec, *, seed: int | None = No
     """Quantize the n rows of x ([n, m], m whole groups) as one tensor -> uint8 [n, wire_nbytes(m)],
     row i the wire format of row i: the bytes of `quantize(x)` (stochastic draws included), laid out
     one message per all-to-all peer."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize_messages expects a 2-D tensor [messages, values], got {tuple(x.shape)}")
     n, m = x.shape
     _check_message_numel(spec, m)
     return to_message_major(quantize(x.reshape(-1), spec, seed=seed).data, spec, n, m)

@@ -417,6 +417,8 @@ def test_messages_are_the_flat_wire_format_one_row_per_peer(name: str) -> None:
     assert torch.equal(out, 1 + dequantize(flat).reshape(-1))
     with pytest.raises(ValueError, match="whole groups"):
         quantize_messages(x[:, :-2], spec)
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_messages(x.reshape(-1), spec)
     with pytest.raises(ValueError, match="chunks must be"):
         dequantize_messages(msgs[:, :-1], spec, m)
     with pytest.raises(ValueError, match="out has"):
