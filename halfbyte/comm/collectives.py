@@ -91,6 +91,13 @@ def encode_chunks(full: torch.Tensor, spec: QuantSpec, world: int, seed: int | N
     return pack_messages(split_chunks(full, world, spec.padded_numel(c)), spec, seed=seed)
 
 
+def decode_chunks(messages: torch.Tensor, spec: QuantSpec, numel: int) -> torch.Tensor:
+    """Inverse of `encode_chunks` without the reduction: what the receivers decode from one rank's
+    messages, laid back out as its `numel` values (the quantized input, e.g. for error feedback)."""
+    c = chunk_numel(numel, messages.shape[0])
+    return quant.dequantize_messages(messages, spec, spec.padded_numel(c))[:, :c].reshape(-1)[:numel]
+
+
 def decode_sum(received: torch.Tensor, spec: QuantSpec, chunk: int, world: int, *,
                op: ReduceOpName = "avg", out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Reduce-scatter, receive side: sum the decoded chunks (fp32, Hadamard undone), /W for avg,

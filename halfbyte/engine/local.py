@@ -62,9 +62,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from halfbyte import quant
 from halfbyte.comm import HOP_REDUCE_SCATTER, Topology, all_gather_q, build_topology, chunk_numel
-from halfbyte.comm import divisors, encode_chunks, rank_seed, reduce_scatter_q
+from halfbyte.comm import decode_chunks, divisors, encode_chunks, rank_seed, reduce_scatter_q
 from halfbyte.comm.accounting import CommStats
 from halfbyte.engine import seeds
 from halfbyte.engine.sharded import ShardedDataParallel
@@ -295,7 +294,7 @@ class PseudoGradientExchange:
             # The bytes reduce_scatter_q sends for this seed, decoded: what the peers receive.
             send = encode_chunks(flat, self.spec, self.topo.world_size,
                                  rank_seed(seed, self.topo.rank, HOP_REDUCE_SCATTER))
-            self.residual = flat - self._decode_rows(send)
+            self.residual = flat - decode_chunks(send, self.spec, self.numel)
         return reduce_scatter_q(flat, self.spec, self.topo, op="avg", out_dtype=torch.float32, seed=seed)
 
     def gather(self, chunk: torch.Tensor, shared: torch.Tensor, seed: int) -> None:
@@ -305,10 +304,6 @@ class PseudoGradientExchange:
             return
         all_gather_q(chunk, self.spec, self.topo, out=shared, accumulate=True,
                      subtract=shared[r * c:(r + 1) * c], seed=seed)  # qWD: the codec sends chunk - shared
-
-    def _decode_rows(self, send: torch.Tensor) -> torch.Tensor:
-        c = self.chunk
-        return quant.dequantize_messages(send, self.spec, self.spec.padded_numel(c))[:, :c].reshape(-1)[: self.numel]
 
 
 # ---- the outer loop -----------------------------------------------------------------------------

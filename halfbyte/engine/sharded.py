@@ -156,11 +156,12 @@ class ShardedDataParallel:
             clip_(grads, norm, self.grad_clip)
 
         self.step_count += 1
+        lr = self.optim.lr if lr is None else lr
         # Buckets are in backward order, so the next forward needs the last one first: update and
         # send in reverse, each all-gather starting while later buckets are still being updated.
         for k in reversed(range(len(self.buckets))):
             adamw_([self.master[k]], [self.exp_avg[k]], [self.exp_avg_sq[k]], [grads[k]],
-                   lr=self.optim.lr if lr is None else lr, step=self.step_count, config=self.optim)
+                   lr=lr, step=self.step_count, config=self.optim)
             self._launch_weight_gather(k)
         return StepResult(skipped=False, grad_norm=grad_norm)
 

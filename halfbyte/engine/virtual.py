@@ -327,14 +327,15 @@ class VirtualDataParallel:
         if not self._two_hops:  # one level; two-level with L == 1 is its inter hop alone
             hop = HOP_REDUCE_SCATTER if c.grads == "one-level" else HOP_INTER
             send = encode_chunks(b.grad, c.grad_spec, self.world_size, rank_seed(seed, rank, hop))
-            quant.dequantize_messages(send, c.grad_spec, self._chunk(b), out=total, accumulate=rank > 0, rotate=False)
+            quant.dequantize_messages(send, c.grad_spec, self._chunk(b), out=total, accumulate=rank > 0,
+                                      rotate=False)
         else:
             node, local = divmod(rank, L)
             node_sum = self._node_sums[b.index]
             send = encode_two_level(b.grad, c.grad_intra_spec, c.grad_spec, M, L,
                                     rank_seed(seed, rank, HOP_INTRA))
-            quant.dequantize_messages(send, c.grad_intra_spec, node_sum.shape[1], out=node_sum, accumulate=local > 0,
-                            rotate=False)
+            quant.dequantize_messages(send, c.grad_intra_spec, node_sum.shape[1], out=node_sum,
+                                      accumulate=local > 0, rotate=False)
             if local == L - 1:  # the node is complete: middle hop of each local peer, then inter hop
                 for peer in range(L):
                     packed = quant.quantize(node_sum[peer], c.grad_spec, rotate=False,

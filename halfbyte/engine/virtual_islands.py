@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from halfbyte import quant
 from halfbyte.comm import (
     HOP_ALL_GATHER,
     HOP_REDUCE_SCATTER,
     all_gather_bytes,
     chunk_numel,
+    decode_chunks,
     decode_gathered,
     decode_sum,
     encode_chunks,
@@ -146,11 +146,6 @@ class VirtualLocalUpdates:
             for mine, theirs in zip(engine.module.buffers(), first.module.buffers()):
                 mine.copy_(theirs)
 
-    def _decode_rows(self, send: torch.Tensor) -> torch.Tensor:
-        """What the K receivers of one island's reduce-scatter message decode, as one flat vector."""
-        c, spec = self.chunk, self.config.spec
-        return quant.dequantize_messages(send, spec, spec.padded_numel(c))[:, :c].reshape(-1)[: self.numel]
-
     def _average(self, pseudo_grads: list[torch.Tensor], l: int, seed: int) -> list[torch.Tensor]:
         """Island i's chunk of the islands' mean pseudo-gradient, for every i."""
         K, c, spec = self.num_islands, self.chunk, self.config.spec
@@ -167,7 +162,7 @@ class VirtualLocalUpdates:
                 g = g + self.residual[l][k]
             send = encode_chunks(g, spec, K, rank_seed(seed, k, HOP_REDUCE_SCATTER))
             if self.residual is not None:
-                self.residual[l][k] = g - self._decode_rows(send)
+                self.residual[l][k] = g - decode_chunks(send, spec, self.numel)
             sends.append(send)
         return [decode_sum(torch.stack([s[i] for s in sends]), spec, c, K, op="avg") for i in range(K)]
 
