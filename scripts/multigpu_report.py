@@ -17,6 +17,7 @@ Writes RUN_DIR/report.json and report.png; prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -62,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
                        cm.Cluster(1, 2, intra_gbps=rate, intra_latency_us=lk["latency_s"] * 1e6))
             wl = cm.Workload(compute_s=compute, tokens_per_step=2 * rank_tokens, optimizer_s=optimizer,
                              forward_fraction=forward, codec_tbps=1.0)
-            ref = {e.mode: e for e in cm.simulate(MODES, cm.MODELS[model].params, cluster, wl)}["sdp4bit"]
-            codec_tbps = ref.codec_s / (measured["nvlink"][(model, "sdp4bit")]["codec_ms"] / 1e3)
-            wl = cm.Workload(compute_s=compute, tokens_per_step=2 * rank_tokens, optimizer_s=optimizer,
-                             forward_fraction=forward, codec_tbps=codec_tbps)
+            # codec time is bytes / rate: its time at 1 TB/s over the measured time is the rate
+            (at_one_tbps,) = cm.simulate(["sdp4bit"], cm.MODELS[model].params, cluster, wl)
+            codec_tbps = at_one_tbps.codec_s / (measured["nvlink"][(model, "sdp4bit")]["codec_ms"] / 1e3)
+            wl = dataclasses.replace(wl, codec_tbps=codec_tbps)
             base_tokens_per_s = measured[transport][(model, "baseline")]["tokens_per_s"]
             for est in cm.simulate(MODES, cm.MODELS[model].params, cluster, wl):
                 row = measured[transport][(model, est.mode)]
