@@ -82,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in table:
         print(f"| {r['model']} | {r['transport']} | {r['mode']} | {r['measured_ms']:.1f} | {r['simulated_ms']:.1f} | "
               f"{r['error']:+.1%} | {r['measured_speedup']:.2f}x | {r['simulated_speedup']:.2f}x |")
-    (run / "report.json").write_text(json.dumps({"links": links, "rows": table}, indent=1) + "\n")
+    device = json.loads((run / "train-2gpu-tcp.json").read_text())["meta"]["device"]
+    command = "python scripts/multigpu_report.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    (run / "report.json").write_text(json.dumps({"command": command, "device": f"2x {device}", "links": links,
+                                                 "rows": table}, indent=1) + "\n")
     plot(table, models, run / "report.png")
     return 0
 
