@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from halfbyte.comm import accounting
-from halfbyte.engine.config import CommConfig
+from halfbyte.comm.config import CommConfig
 from halfbyte.quant import QuantSpec
 
 NIC_MODES = ("per-gpu", "per-node")

@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from halfbyte.bench import costmodel as cm
-from halfbyte.engine.config import CommConfig
+from halfbyte.comm.config import CommConfig
 from halfbyte.quant import QuantSpec
 
 

@@ -260,13 +260,9 @@ def _rss_bytes() -> int:
 
 # ---- one (model, preset) -----------------------------------------------------------------------
 def comm_for(preset: str, topo: Topology) -> tuple[CommConfig, str | None]:
-    """The preset, or on a single node its two-level gradients as one level with the inter codec."""
-    comm = CommConfig.preset(preset)
-    if comm.grads == "two-level" and topo.nodes < 2:
-        note = (f"{preset}: 1 node, so two-level grads run one-level with the inter-node codec "
-                f"{comm.grad_spec} (no int8 intra hop, no middle requantize)")
-        return dataclasses.replace(comm, grads="one-level", grad_intra_spec=None), note
-    return comm, None
+    """The preset on this topology (CommConfig.for_nodes: the single-node rule), and its note."""
+    comm, note = CommConfig.preset(preset).for_nodes(topo.nodes)
+    return comm, None if note is None else f"{preset}: {note}"
 
 
 def bf16_bytes(engine: ShardedDataParallel) -> dict[str, int]:

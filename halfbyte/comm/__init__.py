@@ -7,6 +7,7 @@ from halfbyte.comm.accounting import (
     reduce_scatter_bytes,
     reduce_scatter_two_level_bytes,
 )
+from halfbyte.comm.config import CommConfig
 from halfbyte.comm.collectives import (
     HOP_ALL_GATHER,
     HOP_INTER,
@@ -36,6 +37,7 @@ __all__ = [
     "HOP_INTER",
     "HOP_INTRA",
     "HOP_REDUCE_SCATTER",
+    "CommConfig",
     "CommHandle",
     "CommStats",
     "Topology",

@@ -33,7 +33,8 @@ from halfbyte.comm.topology import Topology
 from halfbyte.engine import seeds
 from halfbyte.engine.buffers import Bucket, build_buckets, register_grad_ready_hooks
 from halfbyte.engine.checkpoint import engine_meta, load_checkpoint, save_checkpoint
-from halfbyte.engine.config import AdamWConfig, CommConfig
+from halfbyte.comm.config import CommConfig
+from halfbyte.engine.config import AdamWConfig
 from halfbyte.engine.optim import adamw_, clip_
 
 logger = logging.getLogger(__name__)

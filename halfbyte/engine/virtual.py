@@ -59,7 +59,8 @@ from halfbyte.comm import (
 from halfbyte.comm.accounting import CommStats
 from halfbyte.engine import checkpoint, seeds
 from halfbyte.engine.buffers import Bucket, build_buckets, register_grad_ready_hooks
-from halfbyte.engine.config import AdamWConfig, CommConfig
+from halfbyte.comm.config import CommConfig
+from halfbyte.engine.config import AdamWConfig
 from halfbyte.engine.optim import adamw_, clip_
 from halfbyte.engine.sharded import StepResult, validate_engine
 

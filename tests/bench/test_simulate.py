@@ -11,7 +11,7 @@ from halfbyte.bench import comm as comm_bench
 from halfbyte.bench import costmodel as cm
 from halfbyte.bench import simulate, train_bench
 from halfbyte.comm import accounting
-from halfbyte.engine.config import CommConfig
+from halfbyte.comm.config import CommConfig
 
 MODES = list(CommConfig.preset_names())
 

@@ -13,7 +13,7 @@ import torch
 import halfbyte.comm.collectives as collectives
 from halfbyte.bench import train_bench
 from halfbyte.comm import accounting
-from halfbyte.engine.config import CommConfig
+from halfbyte.comm.config import CommConfig
 
 PRESETS = ["baseline", "zeropp", "sdp4bit"]
 FP32_BYTES = 4
@@ -81,7 +81,7 @@ def test_world_of_one_runs_two_level_presets_one_level(tmp_path, capsys):
                            "--presets", "sdp4bit", "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "sdp4bit: 1 node, so two-level grads run one-level" in printed and "codec %" in printed
+    assert "sdp4bit: 1 node: two-level gradients run one level" in printed and "codec %" in printed
     (row,) = json.loads(out.read_text())["rows"]
     assert row["comm"].startswith("weights qwd") and "grads one-level int4/g128/sr/H32" in row["comm"]
     assert row["wire_bytes_per_step"] == {"intra": 0, "inter": 0} and row["codec_ms"] > 0

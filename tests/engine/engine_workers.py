@@ -352,9 +352,7 @@ def gpu_presets_memorize(presets: list[str], steps: int) -> dict:
     out: dict = {"backend": codec.backend_for(torch.zeros(1, device=topo.device)).__name__}
     tokens = torch.randint(0, 512, (8, 65), generator=torch.Generator().manual_seed(1)).to(topo.device)
     for preset in presets:
-        comm = CommConfig.preset(preset)
-        if comm.grads == "two-level":  # one node: the inter-node codec alone, as bench train runs it
-            comm = dataclasses.replace(comm, grads="one-level", grad_intra_spec=None)
+        comm, _ = CommConfig.preset(preset).for_nodes(topo.nodes)  # one node: one level
         torch.manual_seed(0)
         model = build_model("tiny", vocab_size=512).to(topo.device, torch.bfloat16)
         engine = ShardedDataParallel(model, topo, optim=AdamWConfig(lr=3e-3), comm=comm, bucket_numel=200_000)

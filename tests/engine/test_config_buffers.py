@@ -152,3 +152,14 @@ def test_collective_seeds_are_deterministic_and_distinct():
     assert len(seen) == 2 * 20 * 5 * 2
     assert collective_seed(3, 7, 1, GRADS) == collective_seed(3, 7, 1, GRADS)
     assert all(0 <= s < 2**62 for s in seen)
+
+
+def test_single_node_rule_runs_two_level_grads_one_level_with_the_inter_codec():
+    sdp4bit = CommConfig.preset("sdp4bit")
+    same, note = sdp4bit.for_nodes(2)
+    assert same is sdp4bit and note is None
+    one, note = sdp4bit.for_nodes(1)
+    assert (one.grads, one.grad_spec, one.grad_intra_spec) == ("one-level", sdp4bit.grad_spec, None)
+    assert one.weights == sdp4bit.weights and "1 node" in note
+    qwd = CommConfig.preset("qwd")
+    assert qwd.for_nodes(1) == (qwd, None)
