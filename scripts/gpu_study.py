@@ -75,7 +75,7 @@ def common_args(data: str, steps: int) -> list[str]:
     return ["--config", "configs/gpt-125m.toml", "--data", data, "--seed", "0", "--steps", str(steps),
             "--batch-size", str(BATCH), "--train.seq_len", str(SEQ_LEN), "--lr", "1e-3", "--min_lr", "1e-4",
             "--warmup_steps", str(max(steps // 16, 1)), "--train.eval_interval", str(EVAL_EVERY),
-            "--train.eval_iters", "4", "--train.log_interval", "8", "--train.checkpoint_interval", "0",
+            "--train.eval_tokens", str(4 * BATCH * SEQ_LEN), "--train.log_interval", "8", "--train.checkpoint_interval", "0",
             "--train.check_replicas_interval", "0", "--train.sample_tokens", "0"]
 
 

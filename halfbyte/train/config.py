@@ -71,7 +71,8 @@ class TrainConfig:
     micro_batch_size: int = opt(0, "sequences per worker per forward pass (0: no gradient accumulation)")
     seq_len: int = opt(128, "tokens per training sequence")
     eval_interval: int = opt(50, "evaluate validation loss every N steps (0: only at the end)")
-    eval_iters: int = opt(8, "validation micro-batches per worker per evaluation")
+    eval_tokens: int = opt(16384, "validation tokens per evaluation: a fixed set of windows spread over the "
+                                   "whole validation file, the same for every world size")
     log_interval: int = opt(10, "write metrics every N steps")
     checkpoint_interval: int = opt(100, "save a checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = opt(1, "how many recent checkpoints to keep")
@@ -278,7 +279,7 @@ def validate(cfg: Config, given: set[str] = frozenset()) -> None:
     if t.dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {t.dtype!r}; use --train.dtype {' | '.join(DTYPES)}")
     positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.seq_len": t.seq_len,
-                "train.workers": t.workers, "train.eval_iters": t.eval_iters, "train.log_interval": t.log_interval,
+                "train.workers": t.workers, "train.eval_tokens": t.eval_tokens, "train.log_interval": t.log_interval,
                 "train.keep_checkpoints": t.keep_checkpoints, "optim.lr": o.lr, "train.bucket_numel": t.bucket_numel}
     positive |= {f"model.{k}": v for k, v in
                  (("n_layer", m.n_layer), ("n_head", m.n_head), ("d_model", m.d_model), ("ctx", m.ctx))
@@ -294,6 +295,9 @@ def validate(cfg: Config, given: set[str] = frozenset()) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"--{key} must be >= 0, got {value}")
+    if t.eval_tokens < t.seq_len:
+        raise ConfigError(f"--train.eval_tokens={t.eval_tokens} is less than one sequence of --train.seq_len="
+                          f"{t.seq_len}; raise eval_tokens")
     if o.min_lr > o.lr:
         raise ConfigError(f"--optim.min_lr={o.min_lr} exceeds --lr={o.lr}; lower min_lr")
     _validate_parallelism(cfg, given)

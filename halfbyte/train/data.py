@@ -257,11 +257,13 @@ def windows_to_batch(tokens: np.ndarray, starts: list[int], seq_len: int) -> tup
 
 
 def eval_batches(
-    data: TokenFile, seq_len: int, rank: int, world_size: int, batch_size: int, iters: int
+    data: TokenFile, seq_len: int, rank: int, world_size: int, batch_size: int, windows: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The same validation windows at every evaluation: window k goes to rank k % world_size."""
+    """A fixed evaluation set: `windows` windows spread evenly over the whole file (the same set for
+    every world size and batch size, so runs of any layout evaluate the same tokens), window k going
+    to rank k % world_size, in micro-batches of `batch_size`."""
     num_windows = (len(data) - 1) // seq_len
-    per_rank = min(iters * batch_size, num_windows // world_size)
-    starts = [(rank + world_size * i) * seq_len for i in range(per_rank)]
+    n = min(windows, num_windows)
+    starts = [(k * num_windows // n) * seq_len for k in range(rank, n, world_size)]
     return [windows_to_batch(data.tokens, starts[i : i + batch_size], seq_len)
-            for i in range(0, per_rank, batch_size)]
+            for i in range(0, len(starts), batch_size)]

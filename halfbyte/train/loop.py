@@ -195,7 +195,7 @@ class ProcessRank(_Ranks):
         self.train_data = open_tokens(plan.train_path)
         self.sampler = TokenSampler(self.train_data, t.seq_len, self.rank, plan.world_size, t.seed)
         self.val_batches = (eval_batches(open_tokens(plan.val_path), t.seq_len, self.rank, plan.world_size,
-                                         plan.micro_batch, t.eval_iters) if plan.val_path else [])
+                                         plan.micro_batch, t.eval_tokens // t.seq_len) if plan.val_path else [])
         self._reset_wire()
 
     def train_step(self, lr: float) -> tuple[torch.Tensor, StepResult]:
@@ -275,7 +275,7 @@ class VirtualRanks(_Ranks):
         self.samplers = [TokenSampler(self.train_data, t.seq_len, w, plan.world_size, t.seed)
                          for w in range(plan.world_size)]
         val = open_tokens(plan.val_path) if plan.val_path else None
-        self.val_batches = ([eval_batches(val, t.seq_len, w, plan.world_size, plan.micro_batch, t.eval_iters)
+        self.val_batches = ([eval_batches(val, t.seq_len, w, plan.world_size, plan.micro_batch, t.eval_tokens // t.seq_len)
                              for w in range(plan.world_size)] if val is not None else [])
         self._reset_wire()
 

@@ -101,10 +101,25 @@ def test_sampler_ranks_are_disjoint_deterministic_and_resumable(tmp_path):
 
 def test_eval_batches_are_disjoint_across_ranks(tmp_path):
     data = _token_file(tmp_path / "v.bin", 1001, vocab=20_000)
-    firsts = [set(x[:, 0].tolist()) for r in range(2) for x, _ in eval_batches(data, 10, r, 2, 4, 3)]
+    firsts = [set(x[:, 0].tolist()) for r in range(2) for x, _ in eval_batches(data, 10, r, 2, 4, 24)]
     rank0 = set().union(*firsts[:3])
     rank1 = set().union(*firsts[3:])
     assert len(rank0) == len(rank1) == 12 and not rank0 & rank1
+
+
+def test_eval_set_is_fixed_whatever_the_world_and_spans_the_whole_split(tmp_path):
+    """The same windows for every world size and micro-batch (a fixed evaluation set), spread evenly
+    over the whole file rather than its first windows."""
+    data = _token_file(tmp_path / "v.bin", 10_001, vocab=20_000)
+
+    def window_starts(world: int, micro: int) -> list[int]:
+        return sorted(int(x[i, 0]) for r in range(world) for x, _ in eval_batches(data, 10, r, world, micro, 40)
+                      for i in range(x.shape[0]))
+
+    one = window_starts(1, 8)
+    assert len(one) == 40 and one == window_starts(4, 3) == window_starts(8, 5)
+    assert max(one) >= 9_000  # tokens are their own positions here: the last window lies near the end
+    assert len(set(one)) == 40
 
 
 def test_sampler_rejects_too_little_data(tmp_path):

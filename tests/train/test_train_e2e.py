@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 SMALL = ["--model.n_layer=2", "--model.d_model=64", "--model.n_head=2", "--seq_len=32", "--batch-size=8",
-         "--lr=1e-2", "--warmup_steps=2", "--min_lr=1e-3", "--eval_iters=2", "--log_interval=1",
+         "--lr=1e-2", "--warmup_steps=2", "--min_lr=1e-3", "--eval_tokens=512", "--log_interval=1",
          "--sample_tokens=8"]
 
 
