@@ -8,7 +8,7 @@ import sys
 # name -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("halfbyte.train.cli", "train_main", "train a GPT with 4-bit sharded data parallelism"),
-    "prepare-data": ("halfbyte.train.cli", "prepare_data_main", "tokenize text into a memory-mapped token file"),
+    "prepare-data": ("halfbyte.train.prepare_cli", "prepare_data_main", "tokenize text into a memory-mapped token file"),
     "bench": ("halfbyte.bench.cli", "bench_main", "benchmarks: kernels | comm | train"),
     "simulate": ("halfbyte.bench.simulate", "main", "cost model: projected step time and speedup per mode"),
 }

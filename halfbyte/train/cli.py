@@ -1,4 +1,4 @@
-"""`halfbyte train` and `halfbyte prepare-data`.
+"""`halfbyte train`.
 
 Every check that can fail on bad input runs here, in the launching process, before any worker starts:
 a problem is one line on stderr naming it and the fix, and exit code 2.
@@ -6,7 +6,6 @@ a problem is one line on stderr naming it and the fix, and exit code 2.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -16,14 +15,9 @@ from pathlib import Path
 
 from halfbyte.engine import CommConfig
 from halfbyte.train.config import Config, ConfigError, batch_layout, help_text, parse_args
-from halfbyte.train.data import (
-    builtin_token_files,
-    open_tokens,
-    prepare,
-    read_text_files,
-    val_path_for,
-)
+from halfbyte.train.data import builtin_token_files, open_tokens, val_path_for
 from halfbyte.train.model import GPTConfig, PRESETS, check_hf_model
+from halfbyte.train.prepare_cli import sidecar_path
 from halfbyte.train.tokenizer import TokenizerError, load_tokenizer
 
 BUILTIN_DATA = "shakespeare"
@@ -40,15 +34,11 @@ def _launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".json")
-
-
 def _resolve_tokenizer(cfg: Config, data_vocab: int, builtin: bool, train_path: Path) -> str | None:
     """The tokenizer for the text sample: explicit, or `auto` from the data (None: no sample)."""
     name = cfg.data.tokenizer
     if name == "auto":
-        info = _sidecar(train_path)
+        info = sidecar_path(train_path)
         hf_dir = Path(cfg.model.name[3:]) if cfg.model.name.startswith("hf:") else None
         if builtin:
             name = "builtin"
@@ -248,61 +238,4 @@ def train_main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("halfbyte train: aborted", file=sys.stderr)
         return 130
-    return 0
-
-
-# ------------------------------------------------------------------------------------------ prepare-data
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit code 2
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def _input_files(inputs: list[str], pattern: str) -> list[Path]:
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            files += sorted(p for p in path.rglob(pattern) if p.is_file())
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise ValueError(f"input {item} does not exist; pass text files or directories")
-    if not files:
-        raise ValueError(f"no files matching --glob {pattern!r} under {', '.join(inputs)}; change --glob")
-    return files
-
-
-def prepare_data_main(argv: list[str]) -> int:
-    parser = _Parser(prog="halfbyte prepare-data", description=(
-        "Tokenize text files into a memory-mapped token file for `halfbyte train --data OUT`. Writes OUT "
-        "(training tokens), OUT's .val twin (the last --val-fraction of every file) and OUT.json (what made it)."))
-    parser.add_argument("inputs", nargs="+", help="text files, or directories searched recursively")
-    parser.add_argument("--out", required=True, help="output token file, e.g. data.bin (also writes data.val.bin)")
-    parser.add_argument("--tokenizer", default="builtin",
-                        help="builtin (4096-token BPE) | gpt2 (needs halfbyte[gpt2]) | path to tokenizer.json "
-                             "(default: builtin)")
-    parser.add_argument("--glob", default="*.txt", help="file name pattern inside directories (default: *.txt)")
-    parser.add_argument("--val-fraction", type=float, default=0.01,
-                        help="tail of every file kept for validation (default: 0.01)")
-    args = parser.parse_args(argv)
-    try:
-        if not 0.0 <= args.val_fraction < 1.0:
-            raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-        files = _input_files(args.inputs, args.glob)
-        tokenizer = load_tokenizer(args.tokenizer)
-    except ValueError as e:
-        return _fail("prepare-data", str(e))
-    out = Path(args.out)
-    total = sum(p.stat().st_size for p in files)
-    train, val = prepare(read_text_files(files), tokenizer, out, val_fraction=args.val_fraction,
-                         total_chars=total)
-    spec = args.tokenizer if args.tokenizer in ("builtin", "gpt2") else str(Path(args.tokenizer).resolve())
-    _sidecar(out).write_text(json.dumps({
-        "tokenizer": spec, "vocab_size": tokenizer.vocab_size, "files": len(files),
-        "train_tokens": len(train), "val_tokens": len(val), "val_fraction": args.val_fraction}, indent=1))
-    print(f"{len(files)} file(s) -> {out} ({len(train):,} tokens, {train.tokens.dtype}) and "
-          f"{val.path} ({len(val):,} tokens); vocab {tokenizer.vocab_size}")
     return 0

@@ -24,7 +24,8 @@ from halfbyte.engine.local import LocalUpdates, build_islands
 from halfbyte.engine.sharded import StepResult
 from halfbyte.engine.virtual import VirtualDataParallel
 from halfbyte.train.config import Config, OptimConfig
-from halfbyte.train.data import TokenSampler, eval_batches, open_tokens
+from halfbyte.train.data import open_tokens
+from halfbyte.train.sampling import TokenSampler, eval_batches
 from halfbyte.train.metrics import RunLogger, fmt_bytes, fmt_time, plot_loss
 from halfbyte.train.model import build_model, generate
 from halfbyte.train.tokenizer import load_tokenizer

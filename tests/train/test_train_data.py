@@ -4,15 +4,14 @@ import pytest
 from halfbyte.train.data import (
     HEADER,
     TokenFileError,
-    TokenSampler,
     TokenWriter,
-    eval_batches,
     open_tokens,
     prepare,
     read_builtin_plays,
     split_document,
     val_path_for,
 )
+from halfbyte.train.sampling import TokenSampler, eval_batches
 from halfbyte.train.tokenizer import load_tokenizer
 
 

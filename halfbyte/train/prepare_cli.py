@@ -1,0 +1,75 @@
+"""`halfbyte prepare-data`: text files -> a memory-mapped token file for `halfbyte train --data`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from halfbyte.train.data import prepare, read_text_files
+from halfbyte.train.tokenizer import load_tokenizer
+
+
+def _fail(message: str) -> int:
+    print(f"halfbyte prepare-data: error: {message}", file=sys.stderr)
+    return 2
+
+
+def sidecar_path(path: Path) -> Path:
+    """The JSON beside a token file that says how it was made (tokenizer, counts)."""
+    return path.with_name(path.name + ".json")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit code 2
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _input_files(inputs: list[str], pattern: str) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob(pattern) if p.is_file())
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ValueError(f"input {item} does not exist; pass text files or directories")
+    if not files:
+        raise ValueError(f"no files matching --glob {pattern!r} under {', '.join(inputs)}; change --glob")
+    return files
+
+
+def prepare_data_main(argv: list[str]) -> int:
+    parser = _Parser(prog="halfbyte prepare-data", description=(
+        "Tokenize text files into a memory-mapped token file for `halfbyte train --data OUT`. Writes OUT "
+        "(training tokens), OUT's .val twin (the last --val-fraction of every file) and OUT.json (what made it)."))
+    parser.add_argument("inputs", nargs="+", help="text files, or directories searched recursively")
+    parser.add_argument("--out", required=True, help="output token file, e.g. data.bin (also writes data.val.bin)")
+    parser.add_argument("--tokenizer", default="builtin",
+                        help="builtin (4096-token BPE) | gpt2 (needs halfbyte[gpt2]) | path to tokenizer.json "
+                             "(default: builtin)")
+    parser.add_argument("--glob", default="*.txt", help="file name pattern inside directories (default: *.txt)")
+    parser.add_argument("--val-fraction", type=float, default=0.01,
+                        help="tail of every file kept for validation (default: 0.01)")
+    args = parser.parse_args(argv)
+    try:
+        if not 0.0 <= args.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+        files = _input_files(args.inputs, args.glob)
+        tokenizer = load_tokenizer(args.tokenizer)
+    except ValueError as e:
+        return _fail(str(e))
+    out = Path(args.out)
+    total = sum(p.stat().st_size for p in files)
+    train, val = prepare(read_text_files(files), tokenizer, out, val_fraction=args.val_fraction,
+                         total_chars=total)
+    spec = args.tokenizer if args.tokenizer in ("builtin", "gpt2") else str(Path(args.tokenizer).resolve())
+    sidecar_path(out).write_text(json.dumps({
+        "tokenizer": spec, "vocab_size": tokenizer.vocab_size, "files": len(files),
+        "train_tokens": len(train), "val_tokens": len(val), "val_fraction": args.val_fraction}, indent=1))
+    print(f"{len(files)} file(s) -> {out} ({len(train):,} tokens, {train.tokens.dtype}) and "
+          f"{val.path} ({len(val):,} tokens); vocab {tokenizer.vocab_size}")
+    return 0
