@@ -1,10 +1,22 @@
-"""What the study scripts (local_updates_study.py, gpu_study.py) share: reading metrics and the
-validation-loss figure."""
+"""What the study scripts (local_updates_study.py, gpu_study.py, convergence_study.py) share: reading
+metrics, the validation-loss figure, and where the Python-source corpus comes from."""
 
 from __future__ import annotations
 
 import json
+import site
 from pathlib import Path
+
+# Large installed packages whose Python files make the GPU studies' corpus (nothing is redistributed:
+# it is rebuilt on the machine that trains).
+CORPUS_PACKAGES = ("torch", "transformers", "jax", "scipy", "sympy", "sklearn", "pandas", "numpy", "matplotlib")
+
+
+def corpus_dirs(packages: tuple[str, ...] = CORPUS_PACKAGES) -> list[str]:
+    """The installed directories of `packages` (those present), sorted, so that a machine with the
+    same packages tokenizes the same files in the same order."""
+    return sorted({str(Path(root) / pkg) for root in site.getsitepackages() for pkg in packages
+                   if (Path(root) / pkg).is_dir()})
 
 
 def read_jsonl(path: Path) -> list[dict]:

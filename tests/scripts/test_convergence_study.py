@@ -1,0 +1,285 @@
+"""scripts/convergence_study.py: the grid's pairing, `plan`, `run` (with a fake trainer that obeys
+SIGTERM and --resume auto: stop at the deadline, resume in the next call, refuse a changed design),
+`prepare`'s cache, and `report` on synthetic metrics (paired statistics, files, refusals)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "convergence_study.py"
+FAKE = Path(__file__).with_name("fake_train.py")
+
+
+def _load_study():
+    sys.path.insert(0, str(SCRIPT.parent))  # the script imports study_common by name
+    spec = importlib.util.spec_from_file_location("convergence_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["convergence_study"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+cs = _load_study()
+
+
+def study(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def options(argv: list[str]) -> dict[str, str]:
+    """--key value pairs of a train command (after `... -m halfbyte train`)."""
+    rest = argv[argv.index("train") + 1:]
+    assert len(rest) % 2 == 0 and all(k.startswith("--") for k in rest[::2])
+    return dict(zip(rest[::2], rest[1::2]))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A token file with a validation twin just large enough for the design's evaluation set."""
+    from halfbyte.train.data import TokenWriter, val_path_for
+
+    path = tmp_path_factory.mktemp("data") / "tokens.bin"
+    rng = np.random.default_rng(0)
+    for target, count in ((path, 50_000), (val_path_for(path), cs.EVAL_TOKENS + 1)):
+        writer = TokenWriter(target, 4096)
+        writer.write(rng.integers(0, 4096, count))
+        writer.close()
+    return path
+
+
+# ------------------------------------------------------------------------------------------ design
+
+
+def test_grid_pairs_arms_by_seed_and_matches_the_design(tmp_path):
+    runs = cs.grid()
+    assert len(runs) == len({r.name for r in runs}) == 4 * 4 + 2 * 4 + 2 * 4
+    assert [r.name for r in runs[:4]] == ["baseline-w8-seed0", "sdp4bit-w8-seed0", "qw4-w8-seed0", "zeropp-w8-seed0"]
+    argvs = {r: options(cs.train_argv(r, tmp_path / "d.bin", tmp_path, ["python3", "-m", "halfbyte", "train"]))
+             for r in runs}
+    per_run = {"--preset", "--train.name", "--out", "--seed", "--virtual-ranks", "--virtual-gpus-per-node",
+               "--train.micro_batch_size"}
+    shared = {k: v for k, v in argvs[runs[0]].items() if k not in per_run}
+    for run, opts in argvs.items():
+        # pairing: apart from arm, seed and layout, every run has the same command
+        assert {k: v for k, v in opts.items() if k not in per_run} == shared
+        assert opts["--preset"] == run.arm and opts["--seed"] == str(run.seed) and opts["--resume"] == "auto"
+        assert (opts["--virtual-ranks"], opts["--virtual-gpus-per-node"]) == (str(run.world), {8: "4", 32: "8"}[run.world])
+        assert int(opts["--train.micro_batch_size"]) * run.world == cs.BATCH
+        assert opts["--out"].endswith(run.name)
+    assert {r.arm for r in runs if r.world == 32} == {"baseline", "sdp4bit"}
+    assert all(sum(1 for r in runs if (r.arm, r.world) == (a, w)) == 4 for a, w in {(r.arm, r.world) for r in runs})
+    assert int(shared["--train.eval_tokens"]) >= 2_000_000
+    assert int(shared["--steps"]) % int(shared["--train.eval_interval"]) == 0  # evaluations fall on the last step
+    assert cs.CHECKPOINT_MARKER == __import__("halfbyte.engine.checkpoint", fromlist=["MARKER"]).MARKER
+
+
+def test_parameter_count_is_the_models():
+    from halfbyte.train.model import build_model
+
+    model = build_model("tiny", cs.VOCAB, n_layer=cs.N_LAYER, d_model=cs.D_MODEL, n_head=cs.N_HEAD, ctx=cs.SEQ_LEN)
+    assert cs.gpt_params() == model.num_params()
+    assert cs.gpt_params(2, 64, 128) == build_model("tiny", 128, n_layer=2, d_model=64, n_head=4).num_params()
+
+
+def test_fits_gates_runs_that_would_end_after_the_stop():
+    assert cs.fits(None, 1.0, 500.0, 100.0)  # no estimate yet: the first wave starts
+    assert cs.fits(100.0, 1.0, 0.0, 110.5) and not cs.fits(100.0, 1.0, 0.0, 109.5)  # 1.1 x 100 s
+    assert cs.fits(100.0, 0.25, 80.0, 108.0)  # a resumed run needs only its remaining quarter
+
+
+# ------------------------------------------------------------------------------------- plan / run
+
+
+def test_plan_lists_the_grid_with_status_and_commands(tmp_path, data):
+    (tmp_path / "qw4-w8-seed1").mkdir()
+    (tmp_path / "qw4-w8-seed1" / "metrics.jsonl").write_text('{"step": 16, "loss": 3.0}\n')
+    res = study("plan", "--runs-dir", str(tmp_path), "--data", str(data))
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    table = [line.split()[0] for line in lines if line.split() and line.split()[0] in {r.name for r in cs.grid()}]
+    assert table == [r.name for r in cs.grid()]
+    assert "qw4-w8-seed1" in next(line for line in lines if "partial (step 16, resumes from 0)" in line)
+    commands = [line for line in lines if " -m halfbyte train " in line]
+    assert len(commands) == len(cs.grid()) and all("--resume auto" in c for c in commands)
+    assert "20.98M parameters" in lines[0] and "67.1M tokens" in lines[0]
+
+
+def test_run_stops_at_the_deadline_resumes_and_records_provenance(tmp_path, data):
+    runs = "baseline-w8-seed0,sdp4bit-w8-seed0,qw4-w8-seed0"
+    common = ["--runs-dir", str(tmp_path), "--data", str(data), "--only", runs, "--poll-s", "0.05",
+              "--stop-margin-s", "2", "--train-cmd", f"{sys.executable} {FAKE}"]
+    env = {"FAKE_STEP_S": "0.004"}  # 1024 steps: >= 4 s per run
+    first = study("run", *common, "--parallel", "2", "--deadline-s", "3", "--stop-margin-s", "1.5", env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    stopped = {}
+    for name in ("baseline-w8-seed0", "sdp4bit-w8-seed0"):
+        d = tmp_path / name
+        steps = [r["step"] for r in cs.read_jsonl(d / "metrics.jsonl")]
+        assert 0 < steps[-1] < cs.STEPS and steps == list(range(1, steps[-1] + 1))
+        assert cs.newest_checkpoint_step(d) == steps[-1]  # SIGTERM saved a checkpoint at the stop
+        (segment,) = cs.read_provenance(d)["segments"]
+        assert segment["stopped_at_deadline"] and segment["exit_code"] == 0 and segment["from_step"] == 0
+        assert segment["to_step"] == steps[-1] and segment["code_sha"] and segment["start_utc"]
+        assert "--resume auto" in (d / "command.txt").read_text()
+        stopped[name] = steps[-1]
+    assert not (tmp_path / "qw4-w8-seed0").exists()  # its slot never freed before the stop
+    assert "not started" in first.stdout
+
+    second = study("run", *common, "--parallel", "3", "--deadline-s", "40", env=env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    for name in runs.split(","):
+        d = tmp_path / name
+        records = cs.read_jsonl(d / "metrics.jsonl")
+        assert [r["step"] for r in records] == list(range(1, cs.STEPS + 1))  # continuous, no duplicates
+        assert cs.status(d) == "done" and cs.final_val_loss(records) == records[-1]["val_loss"]
+        calls = [json.loads(line)["resumed_from"] for line in (d / "fake_calls.jsonl").read_text().splitlines()]
+        segments = cs.read_provenance(d)["segments"]
+        if name in stopped:
+            assert calls == [0, stopped[name]]
+            assert [s["from_step"] for s in segments] == [0, stopped[name]]
+        else:
+            assert calls == [0] and len(segments) == 1
+        assert segments[-1]["to_step"] == cs.STEPS and not segments[-1]["stopped_at_deadline"]
+        provenance = cs.read_provenance(d)
+        assert provenance["design"] == cs.DESIGN and provenance["data"]["val_tokens"] == cs.EVAL_TOKENS + 1
+        assert provenance["data"]["train_sha256"] == cs._sha256(data)
+
+    third = study("run", *common, "--deadline-s", "40", env=env)
+    assert third.returncode == 0 and "nothing to run" in third.stdout
+    assert len(cs.read_provenance(tmp_path / "qw4-w8-seed0")["segments"]) == 1
+
+    # a run recorded with another design cannot be continued (nor silently paired)
+    path = tmp_path / "qw4-w8-seed0" / "provenance.json"
+    changed = json.loads(path.read_text())
+    changed["design"]["--steps"] = "512"
+    path.write_text(json.dumps(changed))
+    refused = study("run", *common, "--deadline-s", "40", env=env)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "qw4-w8-seed0 was started with --steps 512" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_run_reports_a_failed_run_and_refuses_bad_input(tmp_path, data):
+    common = ["--runs-dir", str(tmp_path), "--data", str(data), "--poll-s", "0.05", "--stop-margin-s", "2",
+              "--train-cmd", f"{sys.executable} {FAKE}"]
+    res = study("run", *common, "--only", "zeropp-w8-seed2", "--deadline-s", "30", env={"FAKE_FAIL_PRESET": "zeropp"})
+    assert res.returncode == 1 and "failed: zeropp-w8-seed2" in res.stdout and "simulated failure" in res.stdout
+    assert cs.read_provenance(tmp_path / "zeropp-w8-seed2")["segments"][0]["exit_code"] == 1
+    for args, message in ((["--only", "nope-w8-seed0", "--deadline-s", "9"], "--only: unknown run(s) nope-w8-seed0"),
+                          (["--deadline-s", "10", "--stop-margin-s", "20"], "--deadline-s > --stop-margin-s")):
+        bad = study("run", *common, *args)
+        assert bad.returncode == 2 and message in bad.stderr and bad.stderr.count("\n") == 1
+    missing = study("run", "--runs-dir", str(tmp_path), "--data", str(tmp_path / "none.bin"), "--deadline-s", "90")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and missing.stderr.count("\n") == 1
+
+
+def test_prepare_tokenizes_once_then_uses_the_cache(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"m{i}.py").write_text("".join(f"def f{i}_{k}(x):\n    return x * {k}\n" for k in range(200)))
+    out = tmp_path / "corpus.bin"
+    first = study("prepare", "--data", str(out), "--inputs", str(src))
+    assert first.returncode == 0, first.stderr
+    made = json.loads(out.with_name("corpus.bin.json").read_text())
+    assert (made["tokenizer"], made["val_fraction"], made["files"]) == ("builtin", cs.VAL_FRACTION, 3)
+    assert made["val_tokens"] > 0 and out.with_name("corpus.val.bin").is_file()
+    again = study("prepare", "--data", str(out), "--inputs", str(src))
+    assert again.returncode == 0 and "cached" in again.stdout
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+BASE8 = {0: 2.00, 1: 2.10, 2: 1.90, 3: 2.00}
+GAPS = {("sdp4bit", 8): [0.001, -0.002, 0.002, 0.0], ("qw4", 8): [0.05, 0.06, 0.055, 0.052],
+        ("baseline", 32): [0.01, 0.02], ("sdp4bit", 32): [0.012, 0.021], ("zeropp", 8): [0.003]}
+
+
+def _synthetic_run(runs_dir: Path, arm: str, world: int, seed: int, final: float | None, **override) -> None:
+    run = cs.Run(arm, world, seed)
+    d = runs_dir / run.name
+    d.mkdir(parents=True)
+    last = cs.STEPS if final is not None else 512
+    curve = [{"step": s, "loss": final or 3.0, "val_loss": (final or 3.0) + 0.5 * (1 - s / last)}
+             for s in range(128, last + 1, 128)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
+    (d / "command.txt").write_text(f"python3 -m halfbyte train --preset {arm}\n")
+    data = {"train_sha256": "a" * 64, "val_sha256": "b" * 64, "train_tokens": 1, "val_tokens": 1}
+    segment = {"start_utc": "2026-11-30T10:00:00+00:00", "from_step": 0, "command": [], "commit": "c0ffee",
+               "code_sha": "1234", "device": "NVIDIA H200", "exit_code": 0}
+    provenance = {"run": run.name, "arm": arm, "world": world, "seed": seed, "design": dict(cs.DESIGN),
+                  "data": data, "segments": [segment]}
+    for key, value in override.items():
+        target = provenance if key in provenance else segment
+        target[key] = value
+    (d / "provenance.json").write_text(json.dumps(provenance))
+
+
+def _synthetic_study(runs_dir: Path) -> None:
+    for seed, loss in BASE8.items():
+        _synthetic_run(runs_dir, "baseline", 8, seed, loss)
+    for (arm, world), gaps in GAPS.items():
+        for seed, gap in enumerate(gaps):
+            base = BASE8[seed] + (GAPS[("baseline", 32)][seed] if world == 32 and arm != "baseline" else 0.0)
+            _synthetic_run(runs_dir, arm, world, seed, base + gap)
+    _synthetic_run(runs_dir, "sdp4bit", 32, 2, None)  # cut short: listed, not paired
+
+
+def test_report_pairs_by_seed_and_writes_results(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    _synthetic_study(runs)
+    res = study("report", "--runs-dir", str(runs), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    w8 = summary["comparisons"]["w8"]
+    qw4 = w8["arms"]["qw4"]
+    # by hand: gaps 0.05, 0.06, 0.055, 0.052 -> mean 0.05425; squared deviations sum 5.675e-5
+    sd = math.sqrt(5.675e-5 / 3)
+    assert qw4["n_seeds"] == 4 and qw4["nats"]["mean"] == pytest.approx(0.05425)
+    assert qw4["nats"]["sd"] == pytest.approx(sd)
+    assert qw4["nats"]["half_width"] == pytest.approx(3.182446 * sd / 2, rel=1e-6)
+    assert qw4["pct"]["mean"] == pytest.approx(sum(100 * g / BASE8[s] for s, g in enumerate(GAPS[("qw4", 8)])) / 4)
+    assert qw4["verdict"]["direction"] == "worse" and qw4["verdict"]["excludes_zero"]
+    sdp = w8["arms"]["sdp4bit"]
+    assert sdp["nats"]["mean"] == pytest.approx(0.00025) and sdp["verdict"]["direction"] == "no difference detected"
+    zeropp = w8["arms"]["zeropp"]  # one seed: no spread, no interval
+    assert zeropp["n_seeds"] == 1 and "pct" not in zeropp and "at least 2 seeds" in zeropp["note"]
+    w32 = summary["comparisons"]["w32"]["arms"]["sdp4bit"]
+    assert w32["seeds"] == [0, 1] and w32["differences_nats"] == pytest.approx([0.012, 0.021])
+    assert summary["unfinished"] == ["sdp4bit-w32-seed2"] and "tlq-hs-w8-seed0" in summary["not_started"]
+    for name in ("qw4-w8-seed3", "baseline-w32-seed1"):
+        for f in ("metrics.jsonl", "command.txt", "provenance.json"):
+            assert (out / name / f).read_bytes() == (runs / name / f).read_bytes()
+    assert not (out / "sdp4bit-w32-seed2").exists()
+    assert (out / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| qw4 | 8 | 4 |" in res.stdout and "worse than baseline" in res.stdout
+    assert "sdp4bit-w32-seed2" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("override, flags, message", [
+    ({"design": {**cs.DESIGN, "--steps": "512"}}, [],
+     "runs differ in their design: --steps"),
+    ({"data": {"train_sha256": "f" * 64, "val_sha256": "b" * 64}}, [], "runs differ in their data: train_sha256"),
+    ({"code_sha": "9999"}, ["--same-commit"], "--same-commit: runs were made with different code"),
+])
+def test_report_refuses_runs_it_cannot_pair(tmp_path, override, flags, message):
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        _synthetic_run(runs, "baseline", 8, seed, 2.0 + seed)
+    _synthetic_run(runs, "sdp4bit", 8, 0, 2.0, **override)
+    res = study("report", "--runs-dir", str(runs), "--out", str(tmp_path / "out"), *flags)
+    assert res.returncode == 2 and message in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert not (tmp_path / "out" / "summary.json").exists()
+    if flags:  # the same runs without --same-commit pair fine: code versions are recorded, not required
+        assert study("report", "--runs-dir", str(runs), "--out", str(tmp_path / "out")).returncode == 0
