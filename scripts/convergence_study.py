@@ -18,9 +18,11 @@ On the GPU machine (the repository is the working directory; runs/ is ignored by
     tar czf $OUT/runs.tgz --exclude=checkpoints -C runs convergence
 
 `run` starts the unfinished runs of the grid (in priority order, --parallel at a time, each one
-`halfbyte train ... --resume auto`), starts no run that the runs finished in this call say cannot
-end before the deadline, sends SIGTERM --stop-margin-s before it (halfbyte train saves a checkpoint
-and exits) and the next call resumes them. A run directory holds metrics.jsonl, train.log,
+`halfbyte train ... --resume auto`), watches their rates and, if not all of them can end before the
+deadline, stops the last-started ones early so that the others do (a run cut at the deadline is lost
+on a fresh machine; only back-to-back calls keep checkpoints); it starts no run that the runs finished
+in this call say cannot end in time, sends SIGTERM --stop-margin-s before the deadline (halfbyte train
+saves a checkpoint and exits), and the next call resumes what was stopped. A run directory holds metrics.jsonl, train.log,
 command.txt and provenance.json (design, data size and sha256, code version, start and end of every
 segment). A call that finds runs/convergence/ with earlier runs (copied there by the call's `carry`)
 skips what is done.
@@ -74,9 +76,9 @@ DESIGN: dict[str, str] = {
     "--model": "tiny", "--model.n_layer": str(N_LAYER), "--model.d_model": str(D_MODEL),
     "--model.n_head": str(N_HEAD), "--model.ctx": str(SEQ_LEN), "--model.rope": "true", "--model.dropout": "0",
     "--steps": str(STEPS), "--batch-size": str(BATCH), "--train.seq_len": str(SEQ_LEN),
-    "--lr": "1.5e-3", "--optim.min_lr": "1.5e-4", "--optim.warmup_steps": "64", "--optim.weight_decay": "0.1",
-    "--optim.beta1": "0.9", "--optim.beta2": "0.95", "--optim.eps": "1e-8", "--optim.grad_clip": "1.0",
-    "--train.eval_tokens": str(EVAL_TOKENS), "--train.dtype": "bf16", "--train.bucket_numel": "25000000",
+    "--lr": "1.5e-3", "--schedule.min_lr": "1.5e-4", "--schedule.warmup_steps": "64", "--optim.betas": "0.9,0.95",
+    "--optim.eps": "1e-8", "--optim.weight_decay": "0.1", "--engine.grad_clip": "1.0",
+    "--engine.bucket_numel": "25000000", "--train.eval_tokens": str(EVAL_TOKENS), "--train.dtype": "bf16",
 }
 # What only shapes the outputs: 8 evaluations of 2M tokens (~7% of a run), a checkpoint every quarter
 # (a run killed outright loses at most 256 steps; SIGTERM saves one at once).
@@ -95,7 +97,8 @@ LAYOUT = {8: 4, 32: 8}  # virtual ranks W -> GPUs per emulated node (W=8: 2 x 4,
 SEEDS = 4
 TARGET_PCT = 0.3
 CHECKPOINT_MARKER = "COMPLETE"  # halfbyte.engine.checkpoint.MARKER: a checkpoint directory is complete
-GATE_SAFETY = 1.1  # a run starts only if 1.1 x its predicted time ends before the stop
+GATE_SAFETY = 1.1  # a run starts (or is kept) only if 1.1 x its predicted time ends before the stop
+MIN_RATE_STEPS = 48  # steps a run's rate is measured over before it predicts the run's end
 
 
 class StudyError(Exception):
@@ -282,6 +285,9 @@ class Child:
     from_step: int
     log: IO[str]
     segment: int  # index into the run's provenance segments
+    window: tuple[float, int] | None = None  # (time, step) where its current rate measurement began
+    step: int = 0  # the last step seen in its metrics.jsonl
+    shed: bool = False  # stopped early so that the runs before it finish in this call
 
 
 def fits(estimate_s: float | None, remaining_fraction: float, now_s: float, stop_s: float) -> bool:
@@ -291,8 +297,35 @@ def fits(estimate_s: float | None, remaining_fraction: float, now_s: float, stop
     return estimate_s is None or now_s + GATE_SAFETY * estimate_s * remaining_fraction <= stop_s
 
 
+def keep_count(remaining_s: list[float], time_left_s: float) -> int:
+    """How many of k runs sharing the GPU (priority order; remaining_s[i]: run i's time to its end at
+    the current sharing) to keep so that every kept run ends within time_left_s, if the GPU's work is
+    shared evenly (keeping k' of k makes each k/k' times faster). All k when not even the first could
+    end in time alone: shedding would buy nothing in this call, and a back-to-back call resumes them."""
+    k = len(remaining_s)
+    for keep in range(k, 0, -1):
+        if all(GATE_SAFETY * r * keep / k <= time_left_s for r in remaining_s[:keep]):
+            return keep
+    return k
+
+
+def last_step(run_dir: Path) -> int:
+    """The last step in a run's metrics.jsonl (a line being written is skipped), else 0."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            continue
+    return 0
+
+
 class Launcher:
-    """Runs a list of runs as subprocesses, --parallel at a time, until done or the deadline."""
+    """Runs a list of runs as subprocesses, --parallel at a time, until done or the deadline. Once every
+    run has advanced MIN_RATE_STEPS steps under the current sharing, their rates predict their ends; if
+    some would end after the stop, the last-started ones are stopped (`shed`, resumable) so that the
+    others finish: on a fresh machine a run cut at the stop is lost, a finished one is not."""
 
     def __init__(self, runs_dir: Path, data: Path, train_cmd: list[str], parallel: int, deadline_s: float,
                  stop_margin_s: float, poll_s: float) -> None:
@@ -302,6 +335,7 @@ class Launcher:
         self.identity = data_identity(data)
         self.code, self.device, self.host = code_version(), device_name(), socket.gethostname()
         self.full_run_s: dict[int, float] = {}  # W -> the slowest full-run time implied by runs ended here
+        self.shed = False  # once runs were shed, no new run starts in this call
         self.t0 = time.monotonic()
 
     def now(self) -> float:
@@ -330,37 +364,61 @@ class Launcher:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         print(f"{self.now():6.0f} s  start {run.name} (from step {from_step})", flush=True)
-        return Child(run, proc, self.now(), from_step, log, len(provenance["segments"]) - 1)
+        return Child(run, proc, self.now(), from_step, log, len(provenance["segments"]) - 1, step=from_step)
 
     def end(self, child: Child, stopping: bool) -> str:
         """Record how a segment ended; returns the run's status (`failed (exit N): ...` for a run that
-        exited non-zero before the stop)."""
+        exited non-zero unasked)."""
         child.log.close()
         run_dir = self.runs_dir / child.run.name
         wall = self.now() - child.started_s
-        records = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
         state, code = status(run_dir), child.proc.returncode
+        stopped = None if state == "done" else "shed" if child.shed else "deadline" if stopping else None
         provenance = read_provenance(run_dir)
         provenance["segments"][child.segment] |= {"end_utc": utc_now(), "exit_code": code, "wall_s": round(wall, 1),
-                                                  "to_step": records[-1]["step"] if records else 0,
-                                                  "stopped_at_deadline": stopping and state != "done"}
+                                                  "to_step": last_step(run_dir), "stopped": stopped}
         write_json(run_dir / "provenance.json", provenance)
         if state == "done" and STEPS > child.from_step:
             full = wall * STEPS / (STEPS - child.from_step)
             self.full_run_s[child.run.world] = max(self.full_run_s.get(child.run.world, 0.0), full)
-        if code != 0 and not stopping:
+        if code != 0 and stopped is None:
             state = f"failed (exit {code}): {state}"
+        elif stopped:
+            state += f", stopped ({stopped})"
         print(f"{self.now():6.0f} s  {child.run.name}: exit {code}, {state}, {wall:.0f} s this call", flush=True)
         if state.startswith("failed"):
             tail = (run_dir / "train.log").read_text(errors="replace").splitlines()[-6:]
             print(f"--- {child.run.name}: end of its train.log:", *tail, sep="\n", flush=True)
         return state
 
+    def shed_late(self, running: list[Child], now: float) -> None:
+        """Measure each live run's rate since its window opened; shed runs if not all can end in time."""
+        live = [c for c in running if not c.shed]
+        for c in live:
+            c.step = last_step(self.runs_dir / c.run.name)
+            if c.window is None and c.step > c.from_step:
+                c.window = (now, c.step)
+        if not live or any(c.window is None or c.step - c.window[1] < MIN_RATE_STEPS for c in live):
+            return
+        remaining = [(STEPS - c.step) * (now - c.window[0]) / (c.step - c.window[1]) for c in live]
+        keep = keep_count(remaining, self.stop_s - now)
+        if keep == len(live):
+            return
+        self.shed = True
+        for c in live[keep:]:
+            c.shed = True
+            c.proc.send_signal(signal.SIGTERM)
+        for c in live[:keep]:
+            c.window = None  # faster now: measure again
+        print(f"{now:6.0f} s  {len(live)} runs would end {max(remaining):.0f} s from now, after the stop at "
+              f"{self.stop_s:.0f} s: shed {', '.join(c.run.name for c in live[keep:])}", flush=True)
+
     def execute(self, runs: list[Run]) -> dict[str, str]:
         """Run `runs` (none done); returns each one's status at the end of the call."""
         pending, running, outcome, stopping = list(runs), [], {}, False
         while pending or running:
-            for child in [c for c in running if c.proc.poll() is not None]:
+            ended = [c for c in running if c.proc.poll() is not None]
+            for child in ended:
                 running.remove(child)
                 outcome[child.run.name] = self.end(child, stopping)
             now = self.now()
@@ -377,16 +435,23 @@ class Launcher:
                         child.proc.kill()  # its last periodic checkpoint stays
                         child.proc.wait()
                     continue
-            while not stopping and pending and len(running) < self.parallel:
+            started = 0
+            while not stopping and not self.shed and pending and len(running) < self.parallel:
                 run = pending.pop(0)
                 from_step = newest_checkpoint_step(self.runs_dir / run.name)
                 if fits(self.estimate(run), (STEPS - from_step) / STEPS, now, self.stop_s):
                     running.append(self.start(run, from_step))
+                    started += 1
                 else:
                     outcome[run.name] = "not started: predicted to end after the stop"
+            if ended or started:
+                for child in running:
+                    child.window = None  # the sharing changed: rates are measured again
+            if not stopping:
+                self.shed_late(running, now)
             time.sleep(self.poll_s)
         for run in pending:
-            outcome.setdefault(run.name, "not started: deadline")
+            outcome.setdefault(run.name, "not started: " + ("runs were shed" if self.shed else "deadline"))
         return outcome
 
 

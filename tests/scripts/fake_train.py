@@ -4,8 +4,9 @@ SIGTERM stops at the next step boundary after saving a checkpoint, metrics.jsonl
 per step (records past the resumed step are dropped, as RunLogger does), and a fresh start into a
 non-empty --out is refused. Each invocation appends {"argv", "resumed_from"} to <out>/fake_calls.jsonl.
 
-Environment: FAKE_STEP_S (seconds per step, default 0), FAKE_FAIL_PRESET (exit 1 at step 3 for
-that --preset)."""
+Environment: FAKE_STEP_S (seconds per step, default 0), FAKE_SHARED (a directory: each live fake
+keeps a file there, and a step takes FAKE_STEP_S x the number of live fakes, as runs sharing one GPU
+do), FAKE_FAIL_PRESET (exit 1 at step 3 for that --preset)."""
 
 from __future__ import annotations
 
@@ -39,20 +40,33 @@ def main(argv: list[str]) -> int:
     with open(out / "fake_calls.jsonl", "a") as calls:
         calls.write(json.dumps({"argv": argv, "resumed_from": start}) + "\n")
     offset = 0.01 * seed + {"qw4": 0.05}.get(preset, 0.0)
+    fail = preset == os.environ.get("FAKE_FAIL_PRESET")
+    shared = Path(os.environ["FAKE_SHARED"]) if os.environ.get("FAKE_SHARED") else None
+    if shared is not None:
+        (shared / str(os.getpid())).touch()
+    try:
+        return train(out, metrics, range(start + 1, steps + 1), every, offset, fail, shared, stop)
+    finally:
+        if shared is not None:
+            (shared / str(os.getpid())).unlink()
+
+
+def train(out: Path, metrics: Path, steps: range, every: int, offset: float, fail: bool, shared: Path | None,
+          stop: list) -> int:
     step_s = float(os.environ.get("FAKE_STEP_S", "0"))
     with open(metrics, "a") as log:
-        for step in range(start + 1, steps + 1):
-            time.sleep(step_s)
-            if preset == os.environ.get("FAKE_FAIL_PRESET") and step == 3:
+        for step in steps:
+            time.sleep(step_s * (len(os.listdir(shared)) if shared is not None else 1))
+            if fail and step == 3:
                 print("fake train: simulated failure", file=sys.stderr)
                 return 1
             loss = 2.0 + 3.0 * math.exp(-step / 100) + offset
             record = {"step": step, "loss": round(loss + 0.1, 5), "elapsed_s": step * step_s}
-            if step % every == 0 or step == steps:
+            if step % every == 0 or step == steps[-1]:
                 record["val_loss"] = round(loss, 5)
             log.write(json.dumps(record) + "\n")
             log.flush()
-            if stop or step == steps:
+            if stop or step == steps[-1]:
                 (out / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
                 (out / "checkpoints" / f"step_{step:06d}" / MARKER).write_text("ok\n")
                 if stop:

@@ -84,6 +84,20 @@ def test_grid_pairs_arms_by_seed_and_matches_the_design(tmp_path):
     assert cs.CHECKPOINT_MARKER == __import__("halfbyte.engine.checkpoint", fromlist=["MARKER"]).MARKER
 
 
+def test_halfbyte_train_reads_every_command_as_designed(tmp_path):
+    from halfbyte.train.config import batch_layout, parse_args
+
+    for run in cs.grid():
+        cfg = parse_args(cs.train_argv(run, tmp_path / "d.bin", tmp_path, []))
+        m, t = cfg.model, cfg.train
+        assert (m.n_layer, m.d_model, m.n_head, m.ctx, m.dropout) == (cs.N_LAYER, cs.D_MODEL, cs.N_HEAD, cs.SEQ_LEN, 0)
+        assert (t.steps, t.batch_size, t.seq_len, t.eval_tokens) == (cs.STEPS, cs.BATCH, cs.SEQ_LEN, cs.EVAL_TOKENS)
+        assert (t.virtual_ranks, t.gpus_per_node, t.preset, t.seed) == (run.world, run.gpus_per_node, run.arm, run.seed)
+        assert t.resume == "auto" and t.out_dir.endswith(run.name) and t.dtype == "bf16"
+        assert (cfg.optim.lr, cfg.schedule.min_lr, cfg.engine.grad_clip) == (1.5e-3, 1.5e-4, 1.0)
+        assert batch_layout(cfg, run.world) == (cs.BATCH // run.world, 1)  # no accumulation
+
+
 def test_parameter_count_is_the_models():
     from halfbyte.train.model import build_model
 
@@ -96,6 +110,14 @@ def test_fits_gates_runs_that_would_end_after_the_stop():
     assert cs.fits(None, 1.0, 500.0, 100.0)  # no estimate yet: the first wave starts
     assert cs.fits(100.0, 1.0, 0.0, 110.5) and not cs.fits(100.0, 1.0, 0.0, 109.5)  # 1.1 x 100 s
     assert cs.fits(100.0, 0.25, 80.0, 108.0)  # a resumed run needs only its remaining quarter
+
+
+def test_keep_count_sheds_the_last_runs_only_when_that_lets_the_others_end():
+    # 4 runs sharing the GPU, each 100 s from its end; 60 s left: keeping 2 makes them 50 s (x 1.1 = 55 s)
+    assert cs.keep_count([100.0] * 4, 60.0) == 2
+    assert cs.keep_count([100.0] * 4, 111.0) == 4
+    assert cs.keep_count([100.0, 100.0, 300.0], 80.0) == 2  # the first two then need 1.1 x 66.7 s
+    assert cs.keep_count([100.0] * 4, 20.0) == 4  # not even one alone (27.5 s) ends: keep all for a resume
 
 
 # ------------------------------------------------------------------------------------- plan / run
@@ -129,7 +151,7 @@ def test_run_stops_at_the_deadline_resumes_and_records_provenance(tmp_path, data
         assert 0 < steps[-1] < cs.STEPS and steps == list(range(1, steps[-1] + 1))
         assert cs.newest_checkpoint_step(d) == steps[-1]  # SIGTERM saved a checkpoint at the stop
         (segment,) = cs.read_provenance(d)["segments"]
-        assert segment["stopped_at_deadline"] and segment["exit_code"] == 0 and segment["from_step"] == 0
+        assert segment["stopped"] == "deadline" and segment["exit_code"] == 0 and segment["from_step"] == 0
         assert segment["to_step"] == steps[-1] and segment["code_sha"] and segment["start_utc"]
         assert "--resume auto" in (d / "command.txt").read_text()
         stopped[name] = steps[-1]
@@ -150,7 +172,7 @@ def test_run_stops_at_the_deadline_resumes_and_records_provenance(tmp_path, data
             assert [s["from_step"] for s in segments] == [0, stopped[name]]
         else:
             assert calls == [0] and len(segments) == 1
-        assert segments[-1]["to_step"] == cs.STEPS and not segments[-1]["stopped_at_deadline"]
+        assert segments[-1]["to_step"] == cs.STEPS and segments[-1]["stopped"] is None
         provenance = cs.read_provenance(d)
         assert provenance["design"] == cs.DESIGN and provenance["data"]["val_tokens"] == cs.EVAL_TOKENS + 1
         assert provenance["data"]["train_sha256"] == cs._sha256(data)
@@ -167,6 +189,23 @@ def test_run_stops_at_the_deadline_resumes_and_records_provenance(tmp_path, data
     refused = study("run", *common, "--deadline-s", "40", env=env)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert "qw4-w8-seed0 was started with --steps 512" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_run_sheds_runs_that_would_make_all_miss_the_stop(tmp_path, data):
+    # fakes that share a "GPU": a step takes 2 ms x the number of live fakes, 1024 steps. Three side
+    # by side need ~6 s, past the stop at 5.9 s; two need ~4 s: the third is shed, the first two end.
+    shared = tmp_path / "gpu"
+    shared.mkdir()
+    runs = "baseline-w8-seed0,sdp4bit-w8-seed0,qw4-w8-seed0"
+    res = study("run", "--runs-dir", str(tmp_path), "--data", str(data), "--only", runs, "--parallel", "3",
+                "--poll-s", "0.05", "--deadline-s", "8.5", "--stop-margin-s", "2.6",
+                "--train-cmd", f"{sys.executable} {FAKE}", env={"FAKE_STEP_S": "0.002", "FAKE_SHARED": str(shared)})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "shed qw4-w8-seed0" in res.stdout
+    assert [cs.status(tmp_path / n) for n in runs.split(",")[:2]] == ["done", "done"]
+    (segment,) = cs.read_provenance(tmp_path / "qw4-w8-seed0")["segments"]
+    assert segment["stopped"] == "shed" and 0 < segment["to_step"] < cs.STEPS
+    assert cs.newest_checkpoint_step(tmp_path / "qw4-w8-seed0") == segment["to_step"]  # resumable
 
 
 def test_run_reports_a_failed_run_and_refuses_bad_input(tmp_path, data):
