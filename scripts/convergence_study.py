@@ -80,7 +80,7 @@ DESIGN: dict[str, str] = {
     "--optim.eps": "1e-8", "--optim.weight_decay": "0.1", "--engine.grad_clip": "1.0",
     "--engine.bucket_numel": "25000000", "--train.eval_tokens": str(EVAL_TOKENS), "--train.dtype": "bf16",
 }
-# What only shapes the outputs: 8 evaluations of 2M tokens (~7% of a run), a checkpoint every quarter
+# What only shapes the outputs: 8 evaluations of 2M tokens (~8% of a run), a checkpoint every quarter
 # (a run killed outright loses at most 256 steps; SIGTERM saves one at once).
 OUTPUT_ARGS = ("--train.eval_interval", "128", "--train.log_interval", "16", "--train.checkpoint_interval", "256",
                "--train.keep_checkpoints", "1", "--train.check_replicas_interval", "0", "--train.sample_tokens", "0")
