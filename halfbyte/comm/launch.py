@@ -1,4 +1,5 @@
-"""Start N local worker processes (one per rank) and collect their results; never hang.
+"""Start N local worker processes (one per rank) and collect their results; never hang, never leave a
+worker behind.
 
 `spawn(fn, 4)` runs `fn(*args)` in 4 fresh processes (multiprocessing 'spawn' context) with the
 environment torchrun would give them (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
@@ -7,18 +8,36 @@ otherwise), and returns `[result of rank 0, result of rank 1, ...]`. The first r
 dies takes the others down with it, and the parent raises `WorkerError` naming that rank and its
 traceback; an overall timeout bounds everything. `fn` must be importable (module level), results
 must be picklable.
+
+**Parent death.** Workers never outlive the process that called `spawn`, however it ends (`kill -9`
+included): two mechanisms, set up first thing in each worker, before `fn` runs:
+- Linux: prctl(PR_SET_PDEATHSIG, SIGKILL), then a check that the parent is still the launcher (it may
+  have died before prctl, and then no signal comes). The kernel sends the signal when the *thread* that
+  started the worker ends; `spawn` starts them from the calling thread and returns only once they are
+  gone, so for `spawn` that is the same as the process.
+- Everywhere (the fallback, e.g. macOS): a watchdog thread waits on the pipe multiprocessing keeps from
+  the parent (`multiprocessing.parent_process().sentinel`), which reaches end-of-file when the parent is
+  gone, and ends the worker with os._exit.
+Neither lets the worker's own code run on the way out, deliberately: in halfbyte training SIGTERM / SIGINT
+mean "save a checkpoint, then stop" and exit handlers flush event files, outputs that a run must not write
+once the process that owns it is gone.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import io
 import os
 import pickle
 import queue
+import signal
 import socket
+import sys
+import threading
 import time
 import traceback
+from multiprocessing import connection
 from typing import Any, Callable
 
 import torch
@@ -28,6 +47,8 @@ import torch.multiprocessing as mp
 #: Default process-group timeout: long enough for a first step that compiles, short enough that a
 #: rank stuck in a collective surfaces as an error instead of a hang.
 DEFAULT_PG_TIMEOUT_S = 300.0
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class WorkerError(RuntimeError):
@@ -68,8 +89,31 @@ def init_process_group_from_env(backend: str | None = None, *,
     return backend
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Never outlive the launcher (see the module docstring)."""
+    if sys.platform.startswith("linux"):
+        # A failure here (-1) leaves the watchdog, which covers the same case a moment later.
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _start_orphan_watchdog()
+    if os.getppid() != parent_pid:  # the launcher died before prctl: no signal will come
+        os._exit(1)
+
+
+def _start_orphan_watchdog() -> None:
+    """A thread that ends this process once its parent is gone: the pipe multiprocessing keeps from the
+    parent reaches end-of-file then. os._exit: nothing of the worker's own runs on the way out."""
+    sentinel = mp.parent_process().sentinel
+
+    def watch() -> None:
+        connection.wait([sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="halfbyte-orphan-watchdog", daemon=True).start()
+
+
 def _worker(rank: int, nprocs: int, port: int, env: dict[str, str], backend: str | None,
-            pg_timeout_s: float, results: Any, fn: Callable[..., Any], args: tuple) -> None:
+            pg_timeout_s: float, parent_pid: int, results: Any, fn: Callable[..., Any], args: tuple) -> None:
+    _die_with_parent(parent_pid)
     os.environ.update(env)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs),
                       LOCAL_WORLD_SIZE=str(nprocs), GROUP_RANK="0",
@@ -102,7 +146,9 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 12
     backend: process group the workers get before `fn` runs ("gloo", "nccl"), or None to leave
     initialization to `fn` (call `init_process_group_from_env`). env: extra environment variables.
     pg_timeout_s: process-group timeout (default: min(timeout_s, 300 s)).
-    Raises WorkerError naming the first failing rank, or on timeout; every worker is gone by then.
+    Raises WorkerError naming the first failing rank, or on timeout; every worker is gone by then. The
+    workers die with this process if it dies first (on Linux, with the thread that called spawn: it is
+    the one that waits here until they are gone).
     """
     if nprocs < 1:
         raise ValueError(f"nprocs must be >= 1, got {nprocs}")
@@ -112,7 +158,8 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 12
     pg_timeout = pg_timeout_s if pg_timeout_s is not None else min(timeout_s, DEFAULT_PG_TIMEOUT_S)
     procs = [
         ctx.Process(target=_worker, daemon=True, name=f"halfbyte-rank{rank}",
-                    args=(rank, nprocs, port, dict(env or {}), backend, pg_timeout, results, fn, args))
+                    args=(rank, nprocs, port, dict(env or {}), backend, pg_timeout, os.getpid(), results,
+                          fn, args))
         for rank in range(nprocs)
     ]
     for p in procs:
