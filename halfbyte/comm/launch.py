@@ -1,13 +1,28 @@
 """Start N local worker processes (one per rank) and collect their results; never hang, never leave a
-worker behind.
+worker behind, and say which rank failed and how.
 
 `spawn(fn, 4)` runs `fn(*args)` in 4 fresh processes (multiprocessing 'spawn' context) with the
 environment torchrun would give them (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT on a free port of 127.0.0.1), initializes the default process group (gloo unless told
-otherwise), and returns `[result of rank 0, result of rank 1, ...]`. The first rank that raises or
-dies takes the others down with it, and the parent raises `WorkerError` naming that rank and its
-traceback; an overall timeout bounds everything. `fn` must be importable (module level), results
-must be picklable.
+otherwise), and returns `[result of rank 0, result of rank 1, ...]`. `fn` must be importable (module
+level), results must be picklable; an overall timeout bounds everything. POSIX only (Linux, macOS).
+
+**Failures.** The first rank that fails takes the others down with it, and the parent raises `WorkerError`
+naming that rank, how it ended (its traceback, or its exit code or signal when it died without reporting)
+and the last lines it printed. "First" is by time, with one rule on top: an error that says a peer or
+the link to it went away (gloo's transport errors such as "Connection closed by peer", timeouts included;
+torch.distributed's DistError family, e.g. NCCL's DistBackendError) is how a rank fails when another one
+vanished, so such a failure is blamed only when no rank failed in another way. Each worker reports through
+its own pipe before it exits, so a rank that exited is known to have reported or not; after a link
+failure the parent waits up to SETTLE_S for the other ranks to end, so that the cause is seen even when
+its consequence arrives first.
+
+**Output.** Each worker's stdout and stderr are a pipe or, where the parent's own stream is a terminal,
+a pseudo-terminal of the same size (progress bars, widths and anything else that asks isatty() behave as
+before). A thread of the parent passes every byte on to the parent's fd 1 / 2 as it comes and keeps the
+last TAIL_BYTES of each rank for the report; it lives in the parent because a dying worker cannot be
+trusted to save its own output. Workers print line-buffered, with faulthandler on, so a crash's last words
+and its Python stack reach the report.
 
 **Parent death.** Workers never outlive the process that called `spawn`, however it ends (`kill -9`
 included): two mechanisms, set up first thing in each worker, before `fn` runs:
@@ -27,17 +42,21 @@ from __future__ import annotations
 
 import ctypes
 import datetime
-import io
+import faulthandler
+import fcntl
 import os
 import pickle
-import queue
+import pty
+import selectors
 import signal
 import socket
 import sys
+import termios
 import threading
 import time
 import traceback
-from multiprocessing import connection
+from dataclasses import dataclass, field
+from multiprocessing import connection, reduction
 from typing import Any, Callable
 
 import torch
@@ -47,6 +66,14 @@ import torch.multiprocessing as mp
 #: Default process-group timeout: long enough for a first step that compiles, short enough that a
 #: rank stuck in a collective surfaces as an error instead of a hang.
 DEFAULT_PG_TIMEOUT_S = 300.0
+#: After a first failure, how long the other ranks get to end (or report) before they are stopped: when
+#: only link failures (consequences) came in, long enough for their cause to show; after a cause, a moment
+#: to list what followed it. A rank blocked in a collective with a dead peer fails within milliseconds.
+SETTLE_S = 2.0
+SETTLE_AFTER_CAUSE_S = 0.5
+#: Output kept per rank for the report (stdout and stderr together), and lines of it shown.
+TAIL_BYTES = 16384
+TAIL_LINES = 20
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
@@ -89,6 +116,9 @@ def init_process_group_from_env(backend: str | None = None, *,
     return backend
 
 
+# ------------------------------------------------------------------------------------------- in the worker
+
+
 def _die_with_parent(parent_pid: int) -> None:
     """Never outlive the launcher (see the module docstring)."""
     if sys.platform.startswith("linux"):
@@ -111,9 +141,29 @@ def _start_orphan_watchdog() -> None:
     threading.Thread(target=watch, name="halfbyte-orphan-watchdog", daemon=True).start()
 
 
+def _redirect_output(stdout_fd: int, stderr_fd: int) -> None:
+    """fd 1 / 2 become the launcher's capture; line-buffered so a dying worker loses nothing it printed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd, target in ((stdout_fd, 1), (stderr_fd, 2)):
+        os.dup2(fd, target)
+        os.close(fd)
+    sys.stdout.reconfigure(line_buffering=True)
+    faulthandler.enable(all_threads=False)  # SIGSEGV, SIGABRT...: the crashing stack goes into the report
+
+
+def _is_link_failure(error: BaseException) -> bool:
+    """Whether the error says a peer or the link to it went away: the consequence of another rank's
+    failure more often than a cause. Read from the error itself, not from where it surfaced: a Work's
+    wait() raises wherever the caller waits (halfbyte.comm, the engine, user code)."""
+    return isinstance(error, dist.DistError) or "gloo/transport" in str(error)
+
+
 def _worker(rank: int, nprocs: int, port: int, env: dict[str, str], backend: str | None,
-            pg_timeout_s: float, parent_pid: int, results: Any, fn: Callable[..., Any], args: tuple) -> None:
+            pg_timeout_s: float, parent_pid: int, stdout_fd: int, stderr_fd: int,
+            report: connection.Connection, fn: Callable[..., Any], args: tuple) -> None:
     _die_with_parent(parent_pid)
+    _redirect_output(stdout_fd, stderr_fd)
     os.environ.update(env)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs),
                       LOCAL_WORLD_SIZE=str(nprocs), GROUP_RANK="0",
@@ -121,21 +171,195 @@ def _worker(rank: int, nprocs: int, port: int, env: dict[str, str], backend: str
     # Ranks share the host's cores: one rank must not spin threads on all of them.
     if "OMP_NUM_THREADS" not in env:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
+    failed = False
     try:
         if backend is not None:
             init_process_group_from_env(backend, timeout_s=pg_timeout_s)
-        value = fn(*args)
         # Plain pickle (not torch's shared-memory reducers): the child may exit before the parent
         # reads, and a result is small.
-        buf = io.BytesIO()
-        pickle.dump(value, buf)
-        results.put((rank, True, buf.getvalue()))
-    except BaseException:  # report everything, KeyboardInterrupt included, then exit non-zero
-        results.put((rank, False, traceback.format_exc()))
-        raise SystemExit(1)
+        outcome: tuple = (True, pickle.dumps(fn(*args)))
+    except BaseException as e:  # report everything, KeyboardInterrupt included, then exit non-zero
+        failed = True
+        outcome = (False, traceback.format_exc(), time.time(), _is_link_failure(e))
+    try:
+        report.send_bytes(pickle.dumps(outcome))  # before the process group goes: peers fail after this
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if failed:
+        raise SystemExit(1)
+
+
+# ------------------------------------------------------------------------------------------- in the parent
+
+
+class _PassedFd:
+    """A file descriptor handed to a 'spawn' child with the Process arguments, the way multiprocessing
+    hands over a Connection: the child receives its own copy (an int)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple:
+        return _adopt_fd, (reduction.DupFd(self.fd),)
+
+
+def _adopt_fd(dup: Any) -> int:
+    return dup.detach()
+
+
+def _capture_pair(target: int) -> tuple[int, int]:
+    """(parent's read end, worker's write end) for a worker's stdout (target 1) or stderr (2): a
+    pseudo-terminal of the parent's size where the parent's own stream is a terminal, else a pipe."""
+    if not os.isatty(target):
+        return os.pipe()
+    reader, writer = pty.openpty()
+    mode = termios.tcgetattr(writer)
+    mode[1] &= ~termios.OPOST  # bytes pass unchanged; the parent's own terminal translates "\n"
+    termios.tcsetattr(writer, termios.TCSANOW, mode)
+    fcntl.ioctl(writer, termios.TIOCSWINSZ, fcntl.ioctl(target, termios.TIOCGWINSZ, b"\0" * 8))
+    return reader, writer
+
+
+class _OutputTee:
+    """The parent's end of every worker's stdout and stderr: a thread passes each chunk on to the parent's
+    fd 1 / 2 as it comes and keeps each rank's last TAIL_BYTES (both streams, in arrival order)."""
+
+    def __init__(self, nprocs: int) -> None:
+        self._tails = [bytearray() for _ in range(nprocs)]
+        self.worker_ends: dict[int, tuple[int, int]] = {}  # rank: its (stdout, stderr) until it started
+        self._readers: list[int] = []
+        self._selector = selectors.DefaultSelector()
+        self._unforwardable: set[int] = set()
+        self._closing = threading.Event()
+        for rank in range(nprocs):
+            ends = []
+            for target in (1, 2):
+                reader, writer = _capture_pair(target)
+                self._readers.append(reader)
+                self._selector.register(reader, selectors.EVENT_READ, (rank, target))
+                ends.append(writer)
+            self.worker_ends[rank] = (ends[0], ends[1])
+        self._thread = threading.Thread(target=self._pump, name="halfbyte-worker-output", daemon=True)
+        self._thread.start()
+
+    def started(self, rank: int) -> None:
+        """The worker has its own copies: drop ours, so that its death reads as end-of-file here."""
+        for fd in self.worker_ends.pop(rank):
+            os.close(fd)
+
+    def _pump(self) -> None:
+        drain_until = None
+        while self._selector.get_map():
+            if self._closing.is_set() and drain_until is None:
+                drain_until = time.monotonic() + 1.0  # bounded: a worker's orphaned child may go on writing
+            events = self._selector.select(timeout=0 if drain_until else 0.1)
+            if drain_until is not None and (not events or time.monotonic() > drain_until):
+                return
+            for key, _ in events:
+                rank, target = key.data
+                try:
+                    data = os.read(key.fd, 65536)
+                except OSError:  # EIO: a pseudo-terminal whose writers are all gone
+                    data = b""
+                if not data:
+                    self._selector.unregister(key.fd)
+                    continue
+                self._forward(target, data)
+                tail = self._tails[rank]
+                tail += data
+                del tail[:-TAIL_BYTES]
+
+    def _forward(self, target: int, data: bytes) -> None:
+        if target in self._unforwardable:
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(target, view):]
+        except OSError:  # the parent's stream is closed or broken (`| head`): keep capturing only
+            self._unforwardable.add(target)
+
+    def close(self) -> None:
+        """Once the workers are gone: read what is left, stop the thread, close everything."""
+        self._closing.set()
+        self._thread.join(timeout=5.0)
+        self._selector.close()
+        for fd in self._readers + [fd for ends in self.worker_ends.values() for fd in ends]:
+            os.close(fd)
+
+    def last_lines(self, rank: int) -> list[str]:
+        """The last TAIL_LINES non-blank lines rank printed, a progress bar's redraws reduced to the last."""
+        tail = self._tails[rank]
+        lines = tail.decode("utf-8", "replace").split("\n")
+        if len(tail) == TAIL_BYTES:
+            lines = lines[1:]  # its first line is cut
+        lines = [line.rstrip("\r").rsplit("\r", 1)[-1].rstrip() for line in lines]
+        return [line for line in lines if line.strip()][-TAIL_LINES:]
+
+    def describe(self, rank: int) -> str:
+        lines = self.last_lines(rank)
+        if not lines:
+            return f"rank {rank} printed nothing once started (errors while starting up are printed above)"
+        return f"last lines of rank {rank} (stdout and stderr):\n" + "\n".join(f"  | {line}" for line in lines)
+
+
+@dataclass
+class _Ending:
+    """How a rank ended badly, as the parent learned it."""
+
+    rank: int
+    at: float  # time.time(): when it raised (its clock) or when the parent saw it die unreported
+    traceback: str | None = None  # None: it died without reporting
+    exitcode: int | None = None
+    link_failure: bool = False
+
+    def how(self) -> str:
+        """How a rank that reported nothing ended."""
+        if self.exitcode is not None and self.exitcode < 0:
+            try:
+                name = signal.Signals(-self.exitcode).name
+            except ValueError:
+                name = str(-self.exitcode)
+            return f"died from signal {name} before reporting a result"
+        return f"died with exit code {self.exitcode} before reporting a result"
+
+
+@dataclass
+class _Outcome:
+    """What the parent saw: every result, or the ranks that failed and those still running."""
+
+    values: dict[int, Any] = field(default_factory=dict)
+    endings: dict[int, _Ending] = field(default_factory=dict)
+
+    def culprit(self) -> _Ending:
+        """The first failure by time; a link failure only when there is no other."""
+        endings = list(self.endings.values())
+        causes = [e for e in endings if not e.link_failure] or endings
+        return min(causes, key=lambda e: (e.at, e.rank))
+
+    def report(self, nprocs: int, timeout_s: float, tee: _OutputTee) -> str:
+        running = [r for r in range(nprocs) if r not in self.values and r not in self.endings]
+        if not self.endings:  # nobody failed: the deadline passed
+            return "\n".join([f"timed out after {timeout_s:.0f} s waiting for ranks {running}",
+                              *(tee.describe(r) for r in running)])
+        first = self.culprit()
+        if first.traceback is not None:
+            lines = [f"rank {first.rank} of {nprocs} failed:", first.traceback.rstrip("\n")]
+        else:
+            lines = [f"rank {first.rank} of {nprocs} {first.how()}"]
+        lines.append(tee.describe(first.rank))
+        for e in sorted(self.endings.values(), key=lambda e: (e.at, e.rank)):
+            if e is first:
+                continue
+            if e.traceback is None:
+                lines.append(f"then rank {e.rank} {e.how()}")
+                continue
+            where = f", most likely because rank {first.rank} was gone" if e.link_failure else ""
+            lines.append(f"then rank {e.rank} failed too{where}: {e.traceback.rstrip().splitlines()[-1]}")
+        if running:
+            lines.append(f"ranks {running} were still running and were stopped")
+        return "\n".join(lines)
 
 
 def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 120.0,
@@ -153,53 +377,70 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 12
     if nprocs < 1:
         raise ValueError(f"nprocs must be >= 1, got {nprocs}")
     ctx = mp.get_context("spawn")
-    results = ctx.Queue()
     port = free_port()
     pg_timeout = pg_timeout_s if pg_timeout_s is not None else min(timeout_s, DEFAULT_PG_TIMEOUT_S)
-    procs = [
-        ctx.Process(target=_worker, daemon=True, name=f"halfbyte-rank{rank}",
-                    args=(rank, nprocs, port, dict(env or {}), backend, pg_timeout, os.getpid(), results,
-                          fn, args))
-        for rank in range(nprocs)
-    ]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout_s
-    values: dict[int, Any] = {}
+    tee = _OutputTee(nprocs)
+    procs: list[Any] = []
+    receivers: list[connection.Connection] = []
+    outcome = _Outcome()
     try:
-        while len(values) < nprocs:
-            try:
-                rank, ok, payload = results.get(timeout=0.2)
-            except queue.Empty:
-                _check_alive(procs, values, results)
-                if time.monotonic() > deadline:
-                    missing = sorted(set(range(nprocs)) - set(values))
-                    raise WorkerError(f"timed out after {timeout_s:.0f} s waiting for ranks {missing}")
+        for rank in range(nprocs):
+            receiver, sender = ctx.Pipe(duplex=False)
+            out_fd, err_fd = tee.worker_ends[rank]
+            p = ctx.Process(target=_worker, daemon=True, name=f"halfbyte-rank{rank}",
+                            args=(rank, nprocs, port, dict(env or {}), backend, pg_timeout, os.getpid(),
+                                  _PassedFd(out_fd), _PassedFd(err_fd), sender, fn, args))
+            p.start()
+            tee.started(rank)
+            sender.close()
+            procs.append(p)
+            receivers.append(receiver)
+        outcome = _wait(procs, receivers, time.monotonic() + timeout_s)
+    finally:
+        # all reported: let them tear down their process groups; else stop them now
+        _stop(procs, grace_s=10.0 if len(outcome.values) == nprocs else 0.0)
+        for receiver in receivers:
+            receiver.close()
+        tee.close()
+    if len(outcome.values) < nprocs:
+        raise WorkerError(outcome.report(nprocs, timeout_s, tee))
+    return [outcome.values[r] for r in range(nprocs)]
+
+
+def _wait(procs: list, receivers: list[connection.Connection], deadline: float) -> _Outcome:
+    """Results and failures as they come, until every rank reported or ended, or a while after a first
+    failure (SETTLE_S / SETTLE_AFTER_CAUSE_S), or the deadline."""
+    outcome = _Outcome()
+    settle_until = float("inf")
+    while True:
+        open_ranks = [r for r in range(len(procs)) if r not in outcome.values and r not in outcome.endings]
+        now = time.monotonic()
+        if not open_ranks or now > settle_until or now > deadline:
+            return outcome
+        ready = connection.wait([receivers[r] for r in open_ranks] + [procs[r].sentinel for r in open_ranks],
+                                timeout=min(0.2, max(0.0, min(deadline, settle_until) - now)))
+        for r in open_ranks:
+            # Whether it ended first, its pipe second: a rank that ended has sent whatever it will send.
+            ended = procs[r].sentinel in ready or procs[r].exitcode is not None
+            message = None
+            if receivers[r].poll():
+                try:
+                    message = pickle.loads(receivers[r].recv_bytes())
+                except EOFError:  # its end closed: it died without a (complete) report
+                    ended = True
+            if message is not None and message[0]:
+                outcome.values[r] = pickle.loads(message[1])
                 continue
-            if not ok:
-                raise WorkerError(f"rank {rank} of {nprocs} failed:\n{payload}")
-            values[rank] = pickle.loads(payload)
-    except BaseException:
-        _stop(procs, grace_s=0.0)
-        raise
-    _stop(procs, grace_s=10.0)  # all reported: let them tear down their process groups
-    return [values[r] for r in range(nprocs)]
-
-
-def _check_alive(procs: list, values: dict[int, Any], results: Any) -> None:
-    """A rank that exited without reporting (killed, segfault, os._exit) is a failure too."""
-    for rank, p in enumerate(procs):
-        if rank not in values and p.exitcode is not None:
-            # Its report may still be in flight: give the queue a moment before blaming the exit.
-            try:
-                r, ok, payload = results.get(timeout=1.0)
-            except queue.Empty:
-                raise WorkerError(f"rank {rank} of {len(procs)} died with exit code {p.exitcode} "
-                                  "without reporting a result") from None
-            if not ok:
-                raise WorkerError(f"rank {r} of {len(procs)} failed:\n{payload}")
-            values[r] = pickle.loads(payload)
-            return
+            if message is not None:
+                _, text, at, link_failure = message
+                outcome.endings[r] = _Ending(r, at, traceback=text, link_failure=link_failure)
+            elif ended:
+                procs[r].join(timeout=1.0)  # the sentinel fires a moment before the exit code is there
+                outcome.endings[r] = _Ending(r, time.time(), exitcode=procs[r].exitcode)
+            else:
+                continue
+            settle = SETTLE_S if outcome.endings[r].link_failure else SETTLE_AFTER_CAUSE_S
+            settle_until = min(settle_until, time.monotonic() + settle)
 
 
 def _stop(procs: list, grace_s: float) -> None:
