@@ -122,6 +122,11 @@ class TokenWriter:
         os.replace(self._tmp, self.path)  # atomic: concurrent writers of the same file cannot tear it
         return self.path
 
+    def discard(self) -> None:
+        """Drop what was written: a failed or interrupted prepare leaves no temporary file behind."""
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
 
 def _pieces(text: str) -> list[str]:
     """Cut a long text at line breaks into ~ENCODE_PIECE_CHARS pieces so encode_batch can parallelize."""
@@ -152,7 +157,7 @@ def prepare(
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     eot = tokenizer.eot_id
-    writers = TokenWriter(out, tokenizer.vocab_size), TokenWriter(val_path_for(out), tokenizer.vocab_size)
+    writers: list[TokenWriter] = []
     bar = tqdm(total=total_chars, unit="char", unit_scale=True, desc="tokenizing", disable=not progress)
     pending: list[tuple[int, str, bool]] = []  # (writer, piece, ends its document part), in file order
     pending_chars = 0
@@ -165,25 +170,45 @@ def prepare(
         bar.update(sum(len(piece) for _, piece, _ in pending))
         pending.clear()
 
-    for doc in documents:
-        for which, part in enumerate(split_document(doc, val_fraction)):
-            if not part:
-                continue
-            pieces = _pieces(part)
-            pending.extend((which, piece, i == len(pieces) - 1) for i, piece in enumerate(pieces))
-            pending_chars += len(part)
-        if pending_chars >= ENCODE_BATCH_CHARS:
-            flush()
-            pending_chars = 0
-    flush()
-    bar.close()
-    train, val = (open_tokens(w.close()) for w in writers)
+    try:
+        for path in (Path(out), val_path_for(out)):
+            writers.append(TokenWriter(path, tokenizer.vocab_size))
+        for doc in documents:
+            for which, part in enumerate(split_document(doc, val_fraction)):
+                if not part:
+                    continue
+                pieces = _pieces(part)
+                pending.extend((which, piece, i == len(pieces) - 1) for i, piece in enumerate(pieces))
+                pending_chars += len(part)
+            if pending_chars >= ENCODE_BATCH_CHARS:
+                flush()
+                pending_chars = 0
+        flush()
+        train, val = (open_tokens(w.close()) for w in writers)
+    except BaseException:
+        for w in writers:
+            w.discard()
+        raise
+    finally:
+        bar.close()
     return train, val
+
+
+def read_text(path: Path) -> tuple[str, int]:
+    """A file's text, and how many of its bytes are not UTF-8. Those become U+FFFD (one per undecodable
+    sequence) and line ends read as "\n", as in text mode: the characters of a file are not its size."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if "\ufffd" not in text:  # nothing replaced (a U+FFFD in the file itself is counted as 0 below)
+        return text, 0
+    data = path.read_bytes()
+    # surrogateescape turns each undecodable byte into one lone surrogate, which "ignore" then drops
+    valid = data.decode("utf-8", errors="surrogateescape").encode("utf-8", errors="ignore")
+    return text, len(data) - len(valid)
 
 
 def read_text_files(paths: list[Path]) -> Iterator[str]:
     for path in paths:
-        yield path.read_text(encoding="utf-8", errors="replace")
+        yield read_text(path)[0]
 
 
 def cache_dir() -> Path:

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
-from halfbyte.train.data import prepare, read_text_files
+from tqdm import tqdm
+
+from halfbyte.train.data import prepare, read_text, read_text_files, val_path_for
 from halfbyte.train.tokenizer import load_tokenizer
+
+#: Files named in the warning about undecodable bytes; the rest are counted.
+NAMED_FILES = 10
 
 
 def _fail(message: str) -> int:
@@ -42,6 +49,46 @@ def _input_files(inputs: list[str], pattern: str) -> list[Path]:
     return files
 
 
+def _output_path(arg: str) -> Path:
+    """--out, checked before any work: a file name, not a directory, where this process can write."""
+    out = Path(arg)
+    if arg.endswith(("/", os.sep)) or out.is_dir():
+        raise ValueError(f"--out {arg} is a directory; name the token file, e.g. --out {out / 'data.bin'}")
+    for path, what in ((val_path_for(out), "validation tokens"), (sidecar_path(out), "description")):
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory, where --out {arg} would write its {what}; choose another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot write --out {arg}: {e.strerror or e}") from None
+    return out
+
+
+def _count_characters(files: list[Path]) -> tuple[int, dict[Path, int]]:
+    """(characters of all files, undecodable bytes per file that has any): a first pass, so that the
+    tokenizing bar counts what it will see and the warning comes before the long part."""
+    chars, undecodable = 0, {}
+    with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True, desc="reading",
+              leave=False) as bar:
+        for path in files:
+            text, bad = read_text(path)
+            chars += len(text)
+            if bad:
+                undecodable[path] = bad
+            bar.update(path.stat().st_size)
+    return chars, undecodable
+
+
+def _undecodable_warning(undecodable: dict[Path, int], nfiles: int) -> str:
+    named = [f"{path} ({n:,} byte{'s' if n > 1 else ''})" for path, n in list(undecodable.items())[:NAMED_FILES]]
+    if len(undecodable) > NAMED_FILES:
+        named.append(f"and {len(undecodable) - NAMED_FILES} more")
+    return (f"halfbyte prepare-data: warning: {len(undecodable)} of {nfiles} files are not valid UTF-8, their "
+            f"undecodable bytes become U+FFFD: {', '.join(named)}")
+
+
 def prepare_data_main(argv: list[str]) -> int:
     parser = _Parser(prog="halfbyte prepare-data", description=(
         "Tokenize text files into a memory-mapped token file for `halfbyte train --data OUT`. Writes OUT "
@@ -60,16 +107,24 @@ def prepare_data_main(argv: list[str]) -> int:
             raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
         files = _input_files(args.inputs, args.glob)
         tokenizer = load_tokenizer(args.tokenizer)
+        out = _output_path(args.out)
     except ValueError as e:
         return _fail(str(e))
-    out = Path(args.out)
-    total = sum(p.stat().st_size for p in files)
-    train, val = prepare(read_text_files(files), tokenizer, out, val_fraction=args.val_fraction,
-                         total_chars=total)
-    spec = args.tokenizer if args.tokenizer in ("builtin", "gpt2") else str(Path(args.tokenizer).resolve())
-    sidecar_path(out).write_text(json.dumps({
-        "tokenizer": spec, "vocab_size": tokenizer.vocab_size, "files": len(files),
-        "train_tokens": len(train), "val_tokens": len(val), "val_fraction": args.val_fraction}, indent=1))
+    try:
+        chars, undecodable = _count_characters(files)
+    except OSError as e:
+        return _fail(f"cannot read {e.filename}: {e.strerror or e}")
+    if undecodable:
+        print(_undecodable_warning(undecodable, len(files)), file=sys.stderr)
+    try:
+        train, val = prepare(read_text_files(files), tokenizer, out, val_fraction=args.val_fraction,
+                             total_chars=chars)
+        spec = args.tokenizer if args.tokenizer in ("builtin", "gpt2") else str(Path(args.tokenizer).resolve())
+        sidecar_path(out).write_text(json.dumps({
+            "tokenizer": spec, "vocab_size": tokenizer.vocab_size, "files": len(files),
+            "train_tokens": len(train), "val_tokens": len(val), "val_fraction": args.val_fraction}, indent=1))
+    except OSError as e:  # a full disk, a file changed under us
+        return _fail(f"cannot write {e.filename or out}: {e.strerror or e}")
     print(f"{len(files)} file(s) -> {out} ({len(train):,} tokens, {train.tokens.dtype}) and "
           f"{val.path} ({len(val):,} tokens); vocab {tokenizer.vocab_size}")
     return 0
