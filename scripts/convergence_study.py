@@ -59,7 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # halfbyte from this checkout, also where it is not installed (the GPU machine)
 
 # scripts/ is on sys.path when a script runs, so its shared module imports by name
-from study_common import corpus_dirs, read_jsonl  # noqa: E402
+from study_common import corpus_dirs  # noqa: E402
 
 MODEL_TAG = "21m"
 RESULTS = ROOT / "benchmarks" / "results" / f"convergence-{MODEL_TAG}"
@@ -166,10 +166,23 @@ def newest_checkpoint_step(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
+def read_metrics(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl records; a last line still being written (or torn by a kill) is left out."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise StudyError(f"{rel(path)} line {i + 1} is not JSON; the run's metrics are damaged") from None
+    return records
+
+
 def status(run_dir: Path) -> str:
     """done | partial (step N, resumable from M) | pending."""
-    metrics = run_dir / "metrics.jsonl"
-    records = read_jsonl(metrics) if metrics.is_file() else []
+    records = read_metrics(run_dir)
     if final_val_loss(records) is not None:
         return "done"
     if records:
@@ -310,15 +323,9 @@ def keep_count(remaining_s: list[float], time_left_s: float) -> int:
 
 
 def last_step(run_dir: Path) -> int:
-    """The last step in a run's metrics.jsonl (a line being written is skipped), else 0."""
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    for line in reversed(lines):
-        try:
-            return int(json.loads(line)["step"])
-        except (ValueError, KeyError):
-            continue
-    return 0
+    """The last step in a run's metrics.jsonl, else 0."""
+    records = read_metrics(run_dir)
+    return int(records[-1]["step"]) if records else 0
 
 
 class Launcher:
@@ -563,9 +570,7 @@ def collect(runs_dir: Path) -> list[Record]:
     records = []
     for path in sorted(runs_dir.glob("*/provenance.json")):
         p = json.loads(path.read_text())
-        metrics = path.parent / "metrics.jsonl"
-        records.append(Record(Run(p["arm"], p["world"], p["seed"]), path.parent, p,
-                              read_jsonl(metrics) if metrics.is_file() else []))
+        records.append(Record(Run(p["arm"], p["world"], p["seed"]), path.parent, p, read_metrics(path.parent)))
     if not records:
         raise StudyError(f"no study runs (*/provenance.json) under {runs_dir}; unpack the calls' runs.tgz there")
     return records

@@ -147,7 +147,7 @@ def test_run_stops_at_the_deadline_resumes_and_records_provenance(tmp_path, data
     stopped = {}
     for name in ("baseline-w8-seed0", "sdp4bit-w8-seed0"):
         d = tmp_path / name
-        steps = [r["step"] for r in cs.read_jsonl(d / "metrics.jsonl")]
+        steps = [r["step"] for r in cs.read_metrics(d)]
         assert 0 < steps[-1] < cs.STEPS and steps == list(range(1, steps[-1] + 1))
         assert cs.newest_checkpoint_step(d) == steps[-1]  # SIGTERM saved a checkpoint at the stop
         (segment,) = cs.read_provenance(d)["segments"]
@@ -162,7 +162,7 @@ def test_run_stops_at_the_deadline_resumes_and_records_provenance(tmp_path, data
     assert second.returncode == 0, second.stdout + second.stderr
     for name in runs.split(","):
         d = tmp_path / name
-        records = cs.read_jsonl(d / "metrics.jsonl")
+        records = cs.read_metrics(d)
         assert [r["step"] for r in records] == list(range(1, cs.STEPS + 1))  # continuous, no duplicates
         assert cs.status(d) == "done" and cs.final_val_loss(records) == records[-1]["val_loss"]
         calls = [json.loads(line)["resumed_from"] for line in (d / "fake_calls.jsonl").read_text().splitlines()]
@@ -220,6 +220,14 @@ def test_run_reports_a_failed_run_and_refuses_bad_input(tmp_path, data):
         assert bad.returncode == 2 and message in bad.stderr and bad.stderr.count("\n") == 1
     missing = study("run", "--runs-dir", str(tmp_path), "--data", str(tmp_path / "none.bin"), "--deadline-s", "90")
     assert missing.returncode == 2 and "does not exist" in missing.stderr and missing.stderr.count("\n") == 1
+
+
+def test_metrics_being_written_are_read_without_their_torn_last_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
+    assert cs.last_step(tmp_path) == 2 and cs.status(tmp_path).startswith("partial (step 2,")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"st\n{"step": 3}\n')
+    with pytest.raises(cs.StudyError, match="line 2 is not JSON"):
+        cs.read_metrics(tmp_path)
 
 
 def test_prepare_tokenizes_once_then_uses_the_cache(tmp_path):
