@@ -26,9 +26,12 @@ from halfbyte.comm.launch import _Ending, _is_link_failure, _Outcome
 
 
 def _report(offset: int) -> tuple:
+    print(f"out of rank {dist.get_rank()}", flush=True)
+    print(f"err of rank {dist.get_rank()}", file=sys.stderr, flush=True)
     t = torch.tensor([float(dist.get_rank() + offset)])
     dist.all_reduce(t)
-    return (dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]), os.environ["HALFBYTE_X"], t.item())
+    return (dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]), os.environ["HALFBYTE_X"], t.item(),
+            os.isatty(1) or os.isatty(2))
 
 
 def _fail_or_hang(mode: str) -> None:
@@ -38,14 +41,20 @@ def _fail_or_hang(mode: str) -> None:
             raise RuntimeError("boom from the worker")
         if mode == "die":
             os._exit(7)
+    if mode == "hang":
+        print(f"rank {rank} waits forever", flush=True)
     if mode == "hang" or rank == 0:
         time.sleep(600)  # rank 0 waits forever: the launcher must not
 
 
 @pytest.mark.timeout(60)
-def test_results_in_rank_order_with_env():
+def test_results_in_rank_order_with_env_and_output_on_the_launchers_streams(capfd):
     results = spawn(_report, 2, 10, env={"HALFBYTE_X": "y"}, timeout_s=50)
-    assert results == [(0, 2, 0, "y", 21.0), (1, 2, 1, "y", 21.0)]
+    assert results == [(0, 2, 0, "y", 21.0, False), (1, 2, 1, "y", 21.0, False)]  # no terminal: pipes
+    out, err = capfd.readouterr()
+    for rank in range(2):
+        assert f"out of rank {rank}" in out and f"err of rank {rank}" in err
+        assert f"err of rank {rank}" not in out and f"out of rank {rank}" not in err
 
 
 @pytest.mark.timeout(60)
@@ -61,8 +70,9 @@ def test_failing_rank_is_named_and_others_stopped(mode, message):
 @pytest.mark.timeout(60)
 def test_timeout_never_hangs():
     start = time.monotonic()
-    with pytest.raises(WorkerError, match="timed out"):
+    with pytest.raises(WorkerError, match=r"timed out after 8 s waiting for ranks \[0, 1\]") as info:
         spawn(_fail_or_hang, 2, "hang", timeout_s=8, backend=None)
+    assert "  | rank 0 waits forever" in str(info.value) and "  | rank 1 waits forever" in str(info.value)
     assert time.monotonic() - start < 30
 
 
@@ -104,19 +114,10 @@ def test_crash_report_names_the_rank_that_died_and_its_last_lines(mode, headline
         assert "Segmentation fault" in last_lines and "_crash_while_rank0_waits" in last_lines, report
 
 
-def _talk(tag: str) -> tuple[bool, bool, int]:
-    print(f"{tag} out of rank {dist.get_rank()}", flush=True)
-    print(f"{tag} err of rank {dist.get_rank()}", file=sys.stderr, flush=True)
-    return os.isatty(1), os.isatty(2), os.get_terminal_size(1).columns if os.isatty(1) else 0
-
-
-@pytest.mark.timeout(60)
-def test_worker_output_reaches_the_launchers_stdout_and_stderr(capfd):
-    assert spawn(_talk, 2, "hello", timeout_s=50) == [(False, False, 0)] * 2
-    out, err = capfd.readouterr()
-    for rank in range(2):
-        assert f"hello out of rank {rank}" in out and f"hello err of rank {rank}" in err
-        assert f"hello err of rank {rank}" not in out and f"hello out of rank {rank}" not in err
+def _talk() -> tuple[bool, bool, int]:
+    print(f"tty out of rank {dist.get_rank()}", flush=True)
+    print(f"tty err of rank {dist.get_rank()}", file=sys.stderr, flush=True)
+    return os.isatty(1), os.isatty(2), os.get_terminal_size(1).columns
 
 
 @pytest.mark.timeout(60)
@@ -131,7 +132,7 @@ def test_workers_see_a_terminal_when_the_launcher_has_one():
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from halfbyte.comm import spawn
         import test_comm_launch as t
-        print("results", spawn(t._talk, 2, "tty", timeout_s=50), flush=True)
+        print("results", spawn(t._talk, 2, timeout_s=50), flush=True)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=term, stderr=term, close_fds=True)
     os.close(term)
