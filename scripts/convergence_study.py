@@ -15,19 +15,20 @@ On the GPU machine (the repository is the working directory; runs/ is ignored by
 
     python3 scripts/convergence_study.py prepare                  # corpus -> runs/convergence-data/ (cached)
     python3 scripts/convergence_study.py run --deadline-s 540 --parallel 8
-    tar czf $OUT/runs.tgz --exclude=checkpoints -C runs convergence
+    tar czf $OUT/runs.tgz --exclude=checkpoints --exclude=tensorboard -C runs/convergence .
 
 `run` starts the unfinished runs of the grid (in priority order, --parallel at a time, each one
-`halfbyte train ... --resume auto`), watches their rates and, if not all of them can end before the
-deadline, stops the last-started ones early so that the others do (a run cut at the deadline is lost
-on a fresh machine; only back-to-back calls keep checkpoints); it starts no run that the runs finished
-in this call say cannot end in time, sends SIGTERM --stop-margin-s before the deadline (halfbyte train
-saves a checkpoint and exits), and the next call resumes what was stopped. A run directory holds metrics.jsonl, train.log,
-command.txt and provenance.json (design, data size and sha256, code version, start and end of every
-segment). A call that finds runs/convergence/ with earlier runs (copied there by the call's `carry`)
-skips what is done.
+`halfbyte train ... --resume auto`) in runs/convergence/, watches their rates and, if not all of them
+can end before the deadline, stops the last-started ones early so that the others do (a run cut at
+the deadline is lost on a fresh machine; only back-to-back calls keep checkpoints); it starts no run
+that the runs finished in this call say cannot end in time, sends SIGTERM --stop-margin-s before the
+deadline (halfbyte train saves a checkpoint and exits), and the next call resumes what was stopped.
+Runs finished in earlier calls are skipped if their directories are in runs/convergence-done/ (the
+calls' runs.tgz unpacked here and carried there: a separate directory, so that carrying it never
+replaces a warm machine's checkpoints). A run directory holds metrics.jsonl, train.log, command.txt
+and provenance.json (design, data size and sha256, code version, start and end of every segment).
 
-Here, with each call's runs.tgz unpacked (`tar xzf runs.tgz -C runs`):
+Here, after each call (`mkdir -p runs/convergence-done; tar xzf runs.tgz -C runs/convergence-done`):
 
     python scripts/convergence_study.py plan                       # the grid, its status, the commands
     python scripts/convergence_study.py report [--same-commit]     # -> benchmarks/results/convergence-21m/
@@ -63,7 +64,8 @@ from study_common import corpus_dirs  # noqa: E402
 
 MODEL_TAG = "21m"
 RESULTS = ROOT / "benchmarks" / "results" / f"convergence-{MODEL_TAG}"
-RUNS_DIR = ROOT / "runs" / "convergence"
+RUNS_DIR = ROOT / "runs" / "convergence"  # where runs train (checkpoints included)
+DONE_DIR = ROOT / "runs" / "convergence-done"  # earlier calls' run directories, unpacked here, carried there
 DATA = ROOT / "runs" / "convergence-data" / "py-builtin.bin"
 TOKENIZER, VAL_FRACTION = "builtin", 0.02  # 4096-token BPE: a small embedding; 2% of every file: ~4M val tokens
 
@@ -462,6 +464,13 @@ class Launcher:
         return outcome
 
 
+def run_status(run: Run, args: argparse.Namespace) -> str:
+    """The run's status in --runs-dir, or `done (earlier call)` when --done-in holds it finished."""
+    if status(Path(args.done_in) / run.name) == "done":
+        return "done (earlier call)"
+    return status(Path(args.runs_dir) / run.name)
+
+
 def select(args: argparse.Namespace) -> list[Run]:
     runs = grid(args.seeds)
     if args.only:
@@ -486,8 +495,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                          f"the evaluation set of {EVAL_TOKENS:,}; prepare it with a larger --val-fraction")
     todo = []
     for run in select(args):
-        check_recorded(run, read_provenance(runs_dir / run.name), launcher.identity, runs_dir / run.name)
-        if status(runs_dir / run.name) != "done":
+        for where in (runs_dir, Path(args.done_in)):
+            check_recorded(run, read_provenance(where / run.name), launcher.identity, where / run.name)
+        if not run_status(run, args).startswith("done"):
             todo.append(run)
     if not todo:
         print("nothing to run: every selected run is done", flush=True)
@@ -542,7 +552,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"{'run':<22} {'arm':<9} {'W':>3} {'layout':>6} {'seed':>4}  status")
     for run in runs:
         layout = f"{run.world // run.gpus_per_node}x{run.gpus_per_node}"
-        print(f"{run.name:<22} {run.arm:<9} {run.world:>3} {layout:>6} {run.seed:>4}  {status(runs_dir / run.name)}")
+        print(f"{run.name:<22} {run.arm:<9} {run.world:>3} {layout:>6} {run.seed:>4}  {run_status(run, args)}")
     print("\n# data (cached):")
     print(shlex.join(["python3", "scripts/convergence_study.py", "prepare", "--data", rel(data)]))
     print("# each run (what `run` starts):")
@@ -766,6 +776,8 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(verb, help={"plan": "print the grid, each run's status and its command",
                                        "run": "run unfinished runs until done or --deadline-s"}[verb])
         p.add_argument("--runs-dir", default=rel(RUNS_DIR), help="one directory per run (default: %(default)s)")
+        p.add_argument("--done-in", default=rel(DONE_DIR), help="earlier calls' run directories: runs finished "
+                       "there are skipped (default: %(default)s)")
         p.add_argument("--data", default=rel(DATA), help="token file from `prepare` (default: %(default)s)")
         p.add_argument("--seeds", type=int, default=SEEDS, help="seeds 0..N-1 per arm (default: %(default)s)")
         p.add_argument("--only", help="comma-separated run names (default: the whole grid, in its order)")
@@ -778,7 +790,8 @@ def main(argv: list[str] | None = None) -> int:
                            help="the trainer, followed by the run's options (default: %(default)s)")
             p.add_argument("--poll-s", type=float, default=1.0, help=argparse.SUPPRESS)
     p = sub.add_parser("report", help="paired statistics, figure and per-run files under benchmarks/results/")
-    p.add_argument("--runs-dir", default=rel(RUNS_DIR), help="the unpacked runs (default: %(default)s)")
+    p.add_argument("--runs-dir", default=rel(DONE_DIR), help="the calls' run directories, unpacked "
+                   "(default: %(default)s)")
     p.add_argument("--out", default=rel(RESULTS), help="results directory (default: %(default)s)")
     p.add_argument("--seeds", type=int, default=SEEDS, help="seeds planned per arm (default: %(default)s)")
     p.add_argument("--target-pct", type=float, default=TARGET_PCT, help="resolution target, %% of baseline "

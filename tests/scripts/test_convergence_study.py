@@ -126,12 +126,14 @@ def test_keep_count_sheds_the_last_runs_only_when_that_lets_the_others_end():
 def test_plan_lists_the_grid_with_status_and_commands(tmp_path, data):
     (tmp_path / "qw4-w8-seed1").mkdir()
     (tmp_path / "qw4-w8-seed1" / "metrics.jsonl").write_text('{"step": 16, "loss": 3.0}\n')
-    res = study("plan", "--runs-dir", str(tmp_path), "--data", str(data))
+    _synthetic_run(tmp_path / "done", "zeropp", 8, 3, 2.5)  # finished in an earlier call
+    res = study("plan", "--runs-dir", str(tmp_path), "--done-in", str(tmp_path / "done"), "--data", str(data))
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     table = [line.split()[0] for line in lines if line.split() and line.split()[0] in {r.name for r in cs.grid()}]
     assert table == [r.name for r in cs.grid()]
     assert "qw4-w8-seed1" in next(line for line in lines if "partial (step 16, resumes from 0)" in line)
+    assert "zeropp-w8-seed3" in next(line for line in lines if "done (earlier call)" in line)
     commands = [line for line in lines if " -m halfbyte train " in line]
     assert len(commands) == len(cs.grid()) and all("--resume auto" in c for c in commands)
     assert "20.98M parameters" in lines[0] and "67.1M tokens" in lines[0]
@@ -139,7 +141,7 @@ def test_plan_lists_the_grid_with_status_and_commands(tmp_path, data):
 
 def test_run_stops_at_the_deadline_resumes_and_records_provenance(tmp_path, data):
     runs = "baseline-w8-seed0,sdp4bit-w8-seed0,qw4-w8-seed0"
-    common = ["--runs-dir", str(tmp_path), "--data", str(data), "--only", runs, "--poll-s", "0.05",
+    common = ["--runs-dir", str(tmp_path), "--done-in", str(tmp_path / "done"), "--data", str(data), "--only", runs, "--poll-s", "0.05",
               "--stop-margin-s", "2", "--train-cmd", f"{sys.executable} {FAKE}"]
     env = {"FAKE_STEP_S": "0.004"}  # 1024 steps: >= 4 s per run
     first = study("run", *common, "--parallel", "2", "--deadline-s", "3", "--stop-margin-s", "1.5", env=env)
@@ -179,6 +181,23 @@ def test_run_stops_at_the_deadline_resumes_and_records_provenance(tmp_path, data
 
     third = study("run", *common, "--deadline-s", "40", env=env)
     assert third.returncode == 0 and "nothing to run" in third.stdout
+
+    # a run finished in an earlier call (its directory carried into --done-in) is not run again ...
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "zeropp-w8-seed0").mkdir()
+    for f in ("metrics.jsonl", "provenance.json", "command.txt"):
+        (done / "zeropp-w8-seed0" / f).write_bytes((tmp_path / "qw4-w8-seed0" / f).read_bytes())
+    only_zeropp = [("zeropp-w8-seed0" if x == runs else x) for x in common]
+    skipped = study("run", *only_zeropp, "--deadline-s", "40", env=env)
+    assert skipped.returncode == 0 and "nothing to run" in skipped.stdout
+    assert not (tmp_path / "zeropp-w8-seed0").exists()
+    # ... unless it was trained on other data: then nothing runs beside it
+    carried = json.loads((done / "zeropp-w8-seed0" / "provenance.json").read_text())
+    carried["data"]["val_sha256"] = "0" * 64
+    (done / "zeropp-w8-seed0" / "provenance.json").write_text(json.dumps(carried))
+    other = study("run", *only_zeropp, "--deadline-s", "40", env=env)
+    assert other.returncode == 2 and "was trained on other data (val_sha256 000000000000" in other.stderr
     assert len(cs.read_provenance(tmp_path / "qw4-w8-seed0")["segments"]) == 1
 
     # a run recorded with another design cannot be continued (nor silently paired)
@@ -197,7 +216,7 @@ def test_run_sheds_runs_that_would_make_all_miss_the_stop(tmp_path, data):
     shared = tmp_path / "gpu"
     shared.mkdir()
     runs = "baseline-w8-seed0,sdp4bit-w8-seed0,qw4-w8-seed0"
-    res = study("run", "--runs-dir", str(tmp_path), "--data", str(data), "--only", runs, "--parallel", "3",
+    res = study("run", "--runs-dir", str(tmp_path), "--done-in", str(tmp_path / "done"), "--data", str(data), "--only", runs, "--parallel", "3",
                 "--poll-s", "0.05", "--deadline-s", "8.5", "--stop-margin-s", "2.6",
                 "--train-cmd", f"{sys.executable} {FAKE}", env={"FAKE_STEP_S": "0.002", "FAKE_SHARED": str(shared)})
     assert res.returncode == 0, res.stdout + res.stderr
@@ -209,7 +228,7 @@ def test_run_sheds_runs_that_would_make_all_miss_the_stop(tmp_path, data):
 
 
 def test_run_reports_a_failed_run_and_refuses_bad_input(tmp_path, data):
-    common = ["--runs-dir", str(tmp_path), "--data", str(data), "--poll-s", "0.05", "--stop-margin-s", "2",
+    common = ["--runs-dir", str(tmp_path), "--done-in", str(tmp_path / "done"), "--data", str(data), "--poll-s", "0.05", "--stop-margin-s", "2",
               "--train-cmd", f"{sys.executable} {FAKE}"]
     res = study("run", *common, "--only", "zeropp-w8-seed2", "--deadline-s", "30", env={"FAKE_FAIL_PRESET": "zeropp"})
     assert res.returncode == 1 and "failed: zeropp-w8-seed2" in res.stdout and "simulated failure" in res.stdout
@@ -218,7 +237,7 @@ def test_run_reports_a_failed_run_and_refuses_bad_input(tmp_path, data):
                           (["--deadline-s", "10", "--stop-margin-s", "20"], "--deadline-s > --stop-margin-s")):
         bad = study("run", *common, *args)
         assert bad.returncode == 2 and message in bad.stderr and bad.stderr.count("\n") == 1
-    missing = study("run", "--runs-dir", str(tmp_path), "--data", str(tmp_path / "none.bin"), "--deadline-s", "90")
+    missing = study("run", "--runs-dir", str(tmp_path), "--done-in", str(tmp_path / "done"), "--data", str(tmp_path / "none.bin"), "--deadline-s", "90")
     assert missing.returncode == 2 and "does not exist" in missing.stderr and missing.stderr.count("\n") == 1
 
 
