@@ -684,7 +684,8 @@ def plot(records: list[Record], comparisons: dict[str, Any], path: Path, title: 
 
 
 def results_table(comparisons: dict[str, Any]) -> str:
-    lines = ["| arm | W | seeds | baseline loss | gap (nats) | 95% CI (nats) | gap (% of baseline) | 95% CI (%) | verdict |",
+    lines = ["| arm | W | seeds | baseline loss | gap (nats) | 95% CI (nats) | gap (% of baseline) | 95% CI (%) "
+             "| verdict |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for key, block in comparisons.items():
         for arm, g in block["arms"].items():

@@ -37,6 +37,11 @@ def study(*args: str, env: dict | None = None, timeout: float = 60) -> subproces
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
+def dirs(tmp_path: Path) -> list[str]:
+    """--runs-dir and --done-in inside the test's directory (never the checkout's runs/)."""
+    return ["--runs-dir", str(tmp_path), "--done-in", str(tmp_path / "done")]
+
+
 def options(argv: list[str]) -> dict[str, str]:
     """--key value pairs of a train command (after `... -m halfbyte train`)."""
     rest = argv[argv.index("train") + 1:]
@@ -74,7 +79,8 @@ def test_grid_pairs_arms_by_seed_and_matches_the_design(tmp_path):
         # pairing: apart from arm, seed and layout, every run has the same command
         assert {k: v for k, v in opts.items() if k not in per_run} == shared
         assert opts["--preset"] == run.arm and opts["--seed"] == str(run.seed) and opts["--resume"] == "auto"
-        assert (opts["--virtual-ranks"], opts["--virtual-gpus-per-node"]) == (str(run.world), {8: "4", 32: "8"}[run.world])
+        layout = (opts["--virtual-ranks"], opts["--virtual-gpus-per-node"])
+        assert layout == (str(run.world), {8: "4", 32: "8"}[run.world])
         assert int(opts["--train.micro_batch_size"]) * run.world == cs.BATCH
         assert opts["--out"].endswith(run.name)
     assert {r.arm for r in runs if r.world == 32} == {"baseline", "sdp4bit"}
@@ -127,7 +133,7 @@ def test_plan_lists_the_grid_with_status_and_commands(tmp_path, data):
     (tmp_path / "qw4-w8-seed1").mkdir()
     (tmp_path / "qw4-w8-seed1" / "metrics.jsonl").write_text('{"step": 16, "loss": 3.0}\n')
     _synthetic_run(tmp_path / "done", "zeropp", 8, 3, 2.5)  # finished in an earlier call
-    res = study("plan", "--runs-dir", str(tmp_path), "--done-in", str(tmp_path / "done"), "--data", str(data))
+    res = study("plan", *dirs(tmp_path), "--data", str(data))
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     table = [line.split()[0] for line in lines if line.split() and line.split()[0] in {r.name for r in cs.grid()}]
@@ -141,7 +147,7 @@ def test_plan_lists_the_grid_with_status_and_commands(tmp_path, data):
 
 def test_run_stops_at_the_deadline_resumes_and_records_provenance(tmp_path, data):
     runs = "baseline-w8-seed0,sdp4bit-w8-seed0,qw4-w8-seed0"
-    common = ["--runs-dir", str(tmp_path), "--done-in", str(tmp_path / "done"), "--data", str(data), "--only", runs, "--poll-s", "0.05",
+    common = [*dirs(tmp_path), "--data", str(data), "--only", runs, "--poll-s", "0.05",
               "--stop-margin-s", "2", "--train-cmd", f"{sys.executable} {FAKE}"]
     env = {"FAKE_STEP_S": "0.004"}  # 1024 steps: >= 4 s per run
     first = study("run", *common, "--parallel", "2", "--deadline-s", "3", "--stop-margin-s", "1.5", env=env)
@@ -216,7 +222,7 @@ def test_run_sheds_runs_that_would_make_all_miss_the_stop(tmp_path, data):
     shared = tmp_path / "gpu"
     shared.mkdir()
     runs = "baseline-w8-seed0,sdp4bit-w8-seed0,qw4-w8-seed0"
-    res = study("run", "--runs-dir", str(tmp_path), "--done-in", str(tmp_path / "done"), "--data", str(data), "--only", runs, "--parallel", "3",
+    res = study("run", *dirs(tmp_path), "--data", str(data), "--only", runs, "--parallel", "3",
                 "--poll-s", "0.05", "--deadline-s", "8.5", "--stop-margin-s", "2.6",
                 "--train-cmd", f"{sys.executable} {FAKE}", env={"FAKE_STEP_S": "0.002", "FAKE_SHARED": str(shared)})
     assert res.returncode == 0, res.stdout + res.stderr
@@ -228,7 +234,7 @@ def test_run_sheds_runs_that_would_make_all_miss_the_stop(tmp_path, data):
 
 
 def test_run_reports_a_failed_run_and_refuses_bad_input(tmp_path, data):
-    common = ["--runs-dir", str(tmp_path), "--done-in", str(tmp_path / "done"), "--data", str(data), "--poll-s", "0.05", "--stop-margin-s", "2",
+    common = [*dirs(tmp_path), "--data", str(data), "--poll-s", "0.05", "--stop-margin-s", "2",
               "--train-cmd", f"{sys.executable} {FAKE}"]
     res = study("run", *common, "--only", "zeropp-w8-seed2", "--deadline-s", "30", env={"FAKE_FAIL_PRESET": "zeropp"})
     assert res.returncode == 1 and "failed: zeropp-w8-seed2" in res.stdout and "simulated failure" in res.stdout
@@ -237,7 +243,7 @@ def test_run_reports_a_failed_run_and_refuses_bad_input(tmp_path, data):
                           (["--deadline-s", "10", "--stop-margin-s", "20"], "--deadline-s > --stop-margin-s")):
         bad = study("run", *common, *args)
         assert bad.returncode == 2 and message in bad.stderr and bad.stderr.count("\n") == 1
-    missing = study("run", "--runs-dir", str(tmp_path), "--done-in", str(tmp_path / "done"), "--data", str(tmp_path / "none.bin"), "--deadline-s", "90")
+    missing = study("run", *dirs(tmp_path), "--data", str(tmp_path / "none.bin"), "--deadline-s", "90")
     assert missing.returncode == 2 and "does not exist" in missing.stderr and missing.stderr.count("\n") == 1
 
 
