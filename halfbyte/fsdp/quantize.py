@@ -25,10 +25,11 @@ from halfbyte.comm.topology import Topology, topology_from_mesh
 from halfbyte.fsdp import internals
 from halfbyte.fsdp.comms import HalfbyteAllGather, HalfbyteReduceScatter
 
-#: Key suffix of a group's qWD counters in replica_state_dict (after the FSDP module's FQN; "/"
-#: never occurs in an FQN, so the keys cannot collide with a parameter's).
-UPDATES_KEY = "/qwd_updates"
-STALE_KEY = "/qwd_stale"
+#: Key suffix of a group's counters in replica_state_dict, after the FSDP module's FQN ("/" never
+#: occurs in an FQN, so the key cannot collide with a parameter's): int64 [weight counter (qWD
+#: updates, or direct-mode gathers), gradient reduce-scatters, stale (qWD: the weights changed
+#: since the replica was last updated)].
+COUNTERS_KEY = "/halfbyte_counters"
 
 
 @dataclass
@@ -97,18 +98,24 @@ class QuantizedComms:
                                    f"{g.slots[0].fqn} ... {g.slots[-1].fqn}) differs between ranks")
 
     def replica_state_dict(self) -> dict[str, torch.Tensor]:
-        """The qWD replicas as full-shape tensors keyed by parameter FQN, plus each group's update
-        counter and a stale flag (1 when its weights changed since the replica was last updated)
-        under '<module fqn>/qwd_updates' and '/qwd_stale'. Identical on every rank of a shard
-        group (tensor-parallel parameters come as DTensors replicated over dp, sharded over tp like
-        the parameter), so a checkpoint can store them as replicated tensors (e.g. under a
-        'replica.' prefix). Empty for the direct and full weight modes and before the first
-        forward."""
+        """What a resumed run needs to continue bit-identically: the qWD replicas as full-shape
+        tensors keyed by parameter FQN, and each group's seed counters under
+        '<module fqn>/halfbyte_counters' (COUNTERS_KEY). Identical on every rank of a shard group
+        (tensor-parallel parameters come as DTensors replicated over dp, sharded over tp like the
+        parameter), so a checkpoint can store them as replicated tensors (e.g. under a 'replica.'
+        prefix). Replicas only in the qwd weight mode after the first forward; counters only when
+        something is quantized (the baseline's dict is empty)."""
         self._sync()
         out: dict[str, torch.Tensor] = {}
+        if self.comm.weights == "full" and self.comm.grads == "full":
+            return out
         W = self.topo.world_size
         for g in self._groups:
-            replica = g.gather.replica
+            gather, replica = g.gather, g.gather.replica
+            stale = replica is not None and internals.shard_versions(g.group) != gather.sent_versions
+            weight_counter = gather.updates if self.comm.weights == "qwd" else gather.calls
+            out[g.name + COUNTERS_KEY] = torch.tensor([weight_counter, g.scatter.calls, int(stale)],
+                                                      dtype=torch.int64)
             if replica is None:
                 continue
             rows = replica.view(W, -1)
@@ -117,49 +124,57 @@ class QuantizedComms:
                 full = torch.cat(list(chunks.unbind(0)), dim=slot.shard_dim)
                 full = full.narrow(slot.shard_dim, 0, slot.orig_size[slot.shard_dim]).clone()
                 out[slot.fqn] = internals.as_replicated(full, fsdp_param)
-            stale = internals.shard_versions(g.group) != g.gather.sent_versions
-            out[g.name + UPDATES_KEY] = torch.tensor(g.gather.updates, dtype=torch.int64)
-            out[g.name + STALE_KEY] = torch.tensor(int(stale), dtype=torch.int64)
         return out
 
     def load_replica_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore what replica_state_dict returned, after the model's own weights were loaded
-        (a replica saved as not stale is marked as matching the weights present now). A resumed
-        run then sends the same differences with the same seeds as one that never stopped."""
-        if self.comm.weights != "qwd":
+        (a replica saved as not stale is marked as matching the weights present now). The resumed
+        run then sends the same bytes with the same seeds as one that never stopped."""
+        if self.comm.weights == "full" and self.comm.grads == "full":
             if state:
-                raise ValueError(f"load_replica_state_dict: weights={self.comm.weights!r} keeps no "
-                                 f"replica, but the state holds {len(state)} entries")
+                raise ValueError(f"load_replica_state_dict: {self.comm.describe()} keeps no state, "
+                                 f"but the state holds {len(state)} entries")
             return
         W = self.topo.world_size
         for g in self._groups:
-            missing = [k for k in [s.fqn for s in g.slots] + [g.name + UPDATES_KEY, g.name + STALE_KEY]
-                       if k not in state]
+            key = g.name + COUNTERS_KEY
+            if key not in state:
+                raise ValueError(f"load_replica_state_dict: no entry for {key!r}; was the state saved "
+                                 "by the same model with the same CommConfig?")
+            weight_counter, grad_calls, stale = (int(v) for v in state[key])
+            g.scatter.calls = grad_calls
+            if self.comm.weights != "qwd":
+                g.gather.calls = weight_counter
+                continue
+            g.gather.updates = weight_counter
+            missing = [s.fqn for s in g.slots if s.fqn not in state]
+            if len(missing) == len(g.slots):  # saved before the first forward filled the replica
+                g.gather.replica, g.gather.sent_versions = None, None
+                continue
             if missing:
                 raise ValueError(f"load_replica_state_dict: no entry for {missing[0]!r} (FSDP module "
-                                 f"{g.name or '<root>'!r}); was the state saved by the same model?")
-            fsdp_params = g.group.fsdp_params
-            device = fsdp_params[0].sharded_param.device
-            dtype = internals.all_gather_dtype(g.group)
-            per_rank = g.slots[-1].offset + g.slots[-1].numel
-            replica = torch.empty(W * per_rank, dtype=dtype, device=device)
-            rows = replica.view(W, per_rank)
-            for slot in g.slots:
-                full = state[slot.fqn]
-                full = full.to_local() if hasattr(full, "to_local") else full
-                if tuple(full.shape) != slot.orig_size:
-                    raise ValueError(f"load_replica_state_dict: {slot.fqn!r} has shape "
-                                     f"{tuple(full.shape)}, the model's is {slot.orig_size}")
-                d = slot.shard_dim
-                padded = full.new_zeros(*slot.padded_size[:d], slot.padded_size[d] * W,
-                                        *slot.padded_size[d + 1:])
-                padded.narrow(d, 0, full.shape[d]).copy_(full)
-                chunks = torch.stack(padded.chunk(W, dim=d)).reshape(W, slot.numel)
-                rows[:, slot.offset:slot.offset + slot.numel].copy_(chunks)
-            g.gather.replica = replica
-            g.gather.updates = int(state[g.name + UPDATES_KEY])
-            stale = bool(int(state[g.name + STALE_KEY]))
+                                 f"{g.name or '<root>'!r})")
+            g.gather.replica = self._replica_from(g, state, W)
             g.gather.sent_versions = None if stale else internals.shard_versions(g.group)
+
+    def _replica_from(self, g: _Group, state: dict[str, torch.Tensor], W: int) -> torch.Tensor:
+        """One group's flat replica (W rows of the padded shards) from full-shape tensors."""
+        device = g.group.fsdp_params[0].sharded_param.device
+        per_rank = g.slots[-1].offset + g.slots[-1].numel
+        replica = torch.empty(W * per_rank, dtype=internals.all_gather_dtype(g.group), device=device)
+        rows = replica.view(W, per_rank)
+        for slot in g.slots:
+            full = state[slot.fqn]
+            full = full.to_local() if hasattr(full, "to_local") else full
+            if tuple(full.shape) != slot.orig_size:
+                raise ValueError(f"load_replica_state_dict: {slot.fqn!r} has shape {tuple(full.shape)}, "
+                                 f"the model's is {slot.orig_size}")
+            d = slot.shard_dim
+            padded = full.new_zeros(*slot.padded_size[:d], slot.padded_size[d] * W, *slot.padded_size[d + 1:])
+            padded.narrow(d, 0, full.shape[d]).copy_(full)
+            rows[:, slot.offset:slot.offset + slot.numel].copy_(
+                torch.stack(padded.chunk(W, dim=d)).reshape(W, slot.numel))
+        return replica
 
     def _sync(self) -> None:
         # The replicas are written on FSDP's all-gather stream; readers here run on the default one.
@@ -200,7 +215,12 @@ def quantize_comms(model: nn.Module, comm: CommConfig, topo: Topology | None = N
     found = [(name, m, internals.param_groups(m)) for name, m in modules]
     for name, _, groups in found:
         _check_module(name or "<root>", groups, comm)
-    owned = [(name, m, gs[0]) for name, m, gs in found if gs]
+    # fully_shard([a, b]) shares one parameter group between a and b: install once, on the first.
+    owned, seen = [], set()
+    for name, m, gs in found:
+        if gs and id(gs[0]) not in seen:
+            seen.add(id(gs[0]))
+            owned.append((name, m, gs[0]))
     if not owned:
         raise ValueError("quantize_comms: no FSDP module owns parameters")
     meshes = {tuple(dist.get_process_group_ranks(internals.shard_group(g))) for _, _, g in owned}
