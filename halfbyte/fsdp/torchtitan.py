@@ -15,7 +15,8 @@ From torchtitan's command line, this module is itself a config registry:
         --module halfbyte.fsdp.torchtitan --config llama3_debugmodel_sdp4bit
 
 Needs `pip install halfbyte[torchtitan]`; torchtitan 0.3.0 imports
-torch.distributed.fsdp.DataParallelMeshDims, which torch 2.11 lacks (2.13 has it).
+torch.distributed.fsdp.DataParallelMeshDims, which torch 2.11 lacks (2.13 has it), and its models
+import triton. See docs/fsdp.md.
 """
 
 from __future__ import annotations
@@ -101,14 +102,12 @@ def install(model: nn.Module, comm: CommConfig, *, seed: int = 0,
 
 
 def llama3_debugmodel_sdp4bit() -> Any:
-    """torchtitan's llama3_debugmodel with sdp4bit (config registry entry for --config)."""
+    """torchtitan's llama3_debugmodel with sdp4bit (config registry entry for --config), on
+    torchtitan's partial_dtensor path (fully_shard over the "fsdp" mesh: the one tested; its default
+    spmd_types path shards on the full SPMD mesh). Compare with the plain debug model run with
+    --parallelism.spmd_backend partial_dtensor."""
     from torchtitan.models.llama3.config_registry import llama3_debugmodel
 
-    return with_halfbyte(llama3_debugmodel(), "sdp4bit")
-
-
-def llama3_debugmodel_zeropp() -> Any:
-    """torchtitan's llama3_debugmodel with ZeRO++ (qwZ int8 weights, qgZ int4 gradients)."""
-    from torchtitan.models.llama3.config_registry import llama3_debugmodel
-
-    return with_halfbyte(llama3_debugmodel(), "zeropp")
+    config = llama3_debugmodel()
+    config.parallelism.spmd_backend = "partial_dtensor"
+    return with_halfbyte(config, "sdp4bit")
