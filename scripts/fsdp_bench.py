@@ -93,9 +93,6 @@ def run_mode(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
         after = handle.stats.summary()
         result["sent_MB_per_step"] = (after["sent_MB"] - sent_before["sent_MB"]) / args.steps
         result["uncompressed_MB_per_step"] = (after["baseline_MB"] - sent_before["baseline_MB"]) / args.steps
-    del model, opt, handle
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return result
 
 
@@ -103,7 +100,11 @@ def worker(args: argparse.Namespace) -> list[dict]:
     init_process_group_from_env(args.backend)
     device = torch.device(args.device) if args.device else (
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
-    results = [run_mode(mode, args, device) for mode in args.modes]
+    results = []
+    for mode in args.modes:
+        results.append(run_mode(mode, args, device))
+        if device.type == "cuda":  # the previous mode's model and optimizer are gone: start clean
+            torch.cuda.empty_cache()
     return results
 
 

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from halfbyte.comm.config import CommConfig
 from halfbyte.fsdp import OP_FROM_REPLICA, OP_REPLICA_INIT, QuantizedComms
 from halfbyte.fsdp.torchtitan import with_halfbyte
 
