@@ -1,7 +1,7 @@
 """Quantization core: group-wise int4/int8 codecs, Hadamard smoothing, bit packing.
 
 `quantize`, `dequantize`, `dequantize_sum`, `reduce_requantize` and the all-to-all message forms
-`quantize_messages` / `dequantize_messages` run the fused Triton kernels for
+`quantize_messages` / `dequantize_messages` / `reduce_requantize_messages` run the fused Triton kernels for
 CUDA tensors when Triton is importable, and the plain-torch reference otherwise. Set
 HALFBYTE_QUANT_BACKEND=reference to force the reference (e.g. to compare). No torch.distributed here.
 """
@@ -14,6 +14,7 @@ from halfbyte.quant.codec import (
     quantize,
     quantize_messages,
     reduce_requantize,
+    reduce_requantize_messages,
 )
 from halfbyte.quant.hadamard import fwht
 from halfbyte.quant.packed import Packed, to_message_major, to_section_major
@@ -32,6 +33,7 @@ __all__ = [
     "quantize",
     "quantize_messages",
     "reduce_requantize",
+    "reduce_requantize_messages",
     "to_message_major",
     "to_section_major",
 ]

@@ -1,6 +1,6 @@
 """Backend dispatch: the Triton kernels for CUDA tensors, the reference everywhere else.
 
-Both backends expose the same six functions with the same signatures and wire format.
+Both backends expose the same seven functions with the same signatures and wire format.
 """
 
 from __future__ import annotations
@@ -73,9 +73,15 @@ def reduce_requantize(chunks: torch.Tensor, in_spec: QuantSpec, numel: int, out_
     return backend_for(chunks).reduce_requantize(chunks, in_spec, numel, out_spec, seed=seed)
 
 
+def reduce_requantize_messages(chunks: torch.Tensor, in_spec: QuantSpec, n: int, m: int, out_spec: QuantSpec, *,
+                               seed: int | None = None) -> torch.Tensor:
+    return backend_for(chunks).reduce_requantize_messages(chunks, in_spec, n, m, out_spec, seed=seed)
+
+
 quantize.__doc__ = reference.quantize.__doc__
 dequantize.__doc__ = reference.dequantize.__doc__
 dequantize_sum.__doc__ = reference.dequantize_sum.__doc__
 quantize_messages.__doc__ = reference.quantize_messages.__doc__
 dequantize_messages.__doc__ = reference.dequantize_messages.__doc__
 reduce_requantize.__doc__ = reference.reduce_requantize.__doc__
+reduce_requantize_messages.__doc__ = reference.reduce_requantize_messages.__doc__

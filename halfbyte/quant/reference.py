@@ -210,12 +210,20 @@ def dequantize(
 def quantize_messages(x: torch.Tensor, spec: QuantSpec, *, seed: int | None = None) -> torch.Tensor:
     """Quantize the n rows of x ([n, m], m whole groups) as one tensor -> uint8 [n, wire_nbytes(m)],
     row i the wire format of row i: the bytes of `quantize(x)` (stochastic draws included), laid out
-    one message per all-to-all peer."""
-    if x.dim() != 2:
-        raise ValueError(f"quantize_messages expects a 2-D tensor [messages, values], got {tuple(x.shape)}")
-    n, m = x.shape
+    one message per all-to-all peer. x may also be [n, k, c] (any strides, e.g. a transposed view):
+    message i is then x[i, 0], ..., x[i, k-1] in order, m = k * c values, as if x were reshaped to
+    [n, m] first (the Triton kernels read such a view in place when c is whole groups)."""
+    check_message_input(x)
+    n, m = x.shape[0], x[0].numel()
     _check_message_numel(spec, m)
     return to_message_major(quantize(x.reshape(-1), spec, seed=seed).data, spec, n, m)
+
+
+def check_message_input(x: torch.Tensor) -> None:
+    """quantize_messages' input: a floating-point [messages, values] or [messages, pieces, values]."""
+    if x.dim() not in (2, 3) or not x.is_floating_point():
+        raise ValueError(f"quantize_messages expects a 2-D [messages, values] or 3-D [messages, pieces, "
+                         f"values] floating-point tensor, got {tuple(x.shape)} {x.dtype}")
 
 
 def dequantize_messages(messages: torch.Tensor, spec: QuantSpec, m: int, *, out: torch.Tensor | None = None,
@@ -285,3 +293,13 @@ def reduce_requantize(
         )
     total = dequantize_sum(chunks, in_spec, numel, rotate=False)
     return quantize(total, out_spec, seed=seed, rotate=False)
+
+
+def reduce_requantize_messages(chunks: torch.Tensor, in_spec: QuantSpec, n: int, m: int, out_spec: QuantSpec, *,
+                               seed: int | None = None) -> torch.Tensor:
+    """`reduce_requantize` of W chunks of n*m values whose result goes out as n all-to-all messages
+    of m values (m whole out_spec groups) -> uint8 [n, out_spec.wire_nbytes(m)]: the bytes of
+    `to_message_major(reduce_requantize(...).data, out_spec, n, m)`, stochastic draws included."""
+    _check_message_numel(out_spec, m)
+    packed = reduce_requantize(chunks, in_spec, n * m, out_spec, seed=seed)
+    return to_message_major(packed.data, out_spec, n, m)

@@ -1,6 +1,6 @@
 """Fused Triton kernels for the group-wise codecs (CUDA tensors).
 
-Same six functions, signatures and wire bytes as `reference.py`, whose docstring defines the
+Same seven functions, signatures and wire bytes as `reference.py`, whose docstring defines the
 arithmetic. Each kernel makes one pass over memory: a program owns a tile of whole groups, keeps it in
 registers through subtract -> Hadamard -> absmax -> scale -> round -> pack (or unpack -> scale ->
 sum over chunks -> inverse Hadamard -> add into `out`), and writes each output byte once.
@@ -26,6 +26,12 @@ Falls back to the reference for what the kernels do not cover: group_size not a 
 [8, 16384], input or `out` dtypes other than fp32/bf16/fp16, a non-contiguous `out`, non-CUDA tensors.
 `reduce_requantize` with different in/out group sizes runs two Triton passes (dequantize_sum, then
 quantize) instead of one fused kernel.
+
+Messages. The all-to-all forms write n wire buffers side by side ([n, wire_nbytes(m)]) in the same
+launch, each program placing its groups at their offset in their message, with the stochastic draws
+keyed by the group's index in the whole [n, m] tensor: the bytes of the flat kernel followed by
+`to_message_major`, without that copy. `quantize_messages` also reads a message made of k strided
+pieces (a [n, k, c] view, c whole groups) in place.
 """
 
 from __future__ import annotations
@@ -138,10 +144,11 @@ def _divide_by_scale(v, s, usable):
 
 
 @triton.jit
-def _quantize_tile(v, out_ptr, g0, num_groups, pay_bytes, seed, rng_g0,
+def _quantize_tile(v, out_ptr, g0, group_end, num_groups, pay_bytes, seed, rng_g0,
                    BG: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr,
                    SYMMETRIC: tl.constexpr, STOCHASTIC: tl.constexpr, RUN: tl.constexpr):
-    """Quantize the fp32 tile v [BG, GS] (groups g0..g0+BG-1) and write levels, scales, zeros.
+    """Quantize the fp32 tile v [BG, GS] as groups g0..g0+BG-1 of the wire buffer at out_ptr (of
+    num_groups groups, payload pay_bytes) and write levels, scales, zeros of the groups < group_end.
     rng_g0: the index of group g0 in the whole tensor, which keys the stochastic draws.
 
     Per-group values stay [BG, 1] columns of the tile's own layout: a 1-D vector would make the
@@ -150,7 +157,7 @@ def _quantize_tile(v, out_ptr, g0, num_groups, pay_bytes, seed, rng_g0,
     compiler keeps the bytes where they are instead of regrouping them through shared memory.
     """
     rows = tl.arange(0, BG)[:, None]
-    row_ok = rows < num_groups - g0
+    row_ok = rows < group_end - g0
     # NaN-propagating extremes: one reduction gives both the scale and the NaN/Inf check
     if SYMMETRIC:
         QMAX: tl.constexpr = (1 << (BITS - 1)) - 1
@@ -194,7 +201,7 @@ def _quantize_tile(v, out_ptr, g0, num_groups, pay_bytes, seed, rng_g0,
         RUN_BYTES: tl.constexpr = RUN // PER_BYTE
         VB: tl.constexpr = min(16, RUN_BYTES)
         offs = _run_byte_offsets(NR, RUN_BYTES, VB)
-        ok = offs < (num_groups - g0) * ROW
+        ok = offs < (group_end - g0) * ROW
         tl.store(pay + offs, tl.reshape(byte, (NR, RUN_BYTES // VB, VB)), mask=ok)
     else:
         tl.store(pay + rows * ROW + tl.arange(0, ROW)[None, :], byte, mask=row_ok)
@@ -267,15 +274,28 @@ def _load_runs(ptr, base, numel, NR: tl.constexpr, RUN: tl.constexpr, VEC: tl.co
 # seed changes every call: specializing it (== 1, multiple of 16) would compile a variant mid-run
 @triton.jit(do_not_specialize=["seed"])
 def _quantize_kernel(x_ptr, sub_ptr, out_ptr, numel, num_groups, pay_bytes, seed, out_row_stride,
+                     in_row_stride, piece_stride, pieces,
                      BG: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
-                     STOCHASTIC: tl.constexpr, LOG2_H: tl.constexpr, HAS_SUB: tl.constexpr, VEC: tl.constexpr):
-    # grid (tiles, rows): row r quantizes values [r * numel, (r + 1) * numel) into its own wire
-    # buffer at out_ptr + r * out_row_stride (messages); one row is the plain quantize
-    row = tl.program_id(1).to(tl.int64)
-    x_ptr += row * numel
-    sub_ptr += row * numel
-    out_ptr += row * out_row_stride
+                     STOCHASTIC: tl.constexpr, LOG2_H: tl.constexpr, HAS_SUB: tl.constexpr, VEC: tl.constexpr,
+                     PIECES: tl.constexpr):
+    # grid (tiles, pieces, messages): program (t, j, i) quantizes tile t of piece j of message i,
+    # the `numel` values (num_groups groups) at x_ptr + i * in_row_stride + j * piece_stride, as
+    # groups j * num_groups + ... of message i's wire buffer at out_ptr + i * out_row_stride (pay_bytes
+    # of payload). One message of one piece is the plain quantize. PIECES: pieces > 1 (else the
+    # piece terms compile away: one piece per message costs nothing for them)
+    i = tl.program_id(2).to(tl.int64)
+    x_ptr += i * in_row_stride
+    sub_ptr += i * in_row_stride
+    out_ptr += i * out_row_stride
     g0 = tl.program_id(0).to(tl.int64) * BG
+    if PIECES:
+        j = tl.program_id(1).to(tl.int64)
+        x_ptr += j * piece_stride
+        g_out = j * num_groups + g0  # this tile's first group in the message
+        group_end = g_out - g0 + num_groups
+        msg_groups = pieces * num_groups
+    else:
+        g_out, group_end, msg_groups = g0, num_groups, num_groups
     base = g0 * GS
     if LOG2_H > 0:
         RUN: tl.constexpr = min(GS, _RUN)
@@ -291,8 +311,8 @@ def _quantize_kernel(x_ptr, sub_ptr, out_ptr, numel, num_groups, pay_bytes, seed
         v = tl.load(x_ptr + base + local, mask=m, other=0.0).to(tl.float32)
         if HAS_SUB:
             v = v - tl.load(sub_ptr + base + local, mask=m, other=0.0).to(tl.float32)
-    _quantize_tile(v, out_ptr, g0, num_groups, pay_bytes, seed, g0 + row * num_groups, BG, GS, BITS, SYMMETRIC,
-                   STOCHASTIC, RUN)
+    _quantize_tile(v, out_ptr, g_out, group_end, msg_groups, pay_bytes, seed, i * msg_groups + g_out,
+                   BG, GS, BITS, SYMMETRIC, STOCHASTIC, RUN)
 
 
 @triton.jit
@@ -345,19 +365,31 @@ def _dequantize_sum_kernel(chunks_ptr, chunk_stride, W, out_ptr, numel, num_grou
 # seed changes every call: specializing it (== 1, multiple of 16) would compile a variant mid-run
 @triton.jit(do_not_specialize=["seed"])
 def _reduce_requantize_kernel(chunks_ptr, chunk_stride, W, out_ptr, numel, num_groups, in_pay_bytes,
-                              out_pay_bytes, seed, BG: tl.constexpr, GS: tl.constexpr, IN_BITS: tl.constexpr,
+                              out_pay_bytes, seed, msg_groups, out_row_stride,
+                              BG: tl.constexpr, GS: tl.constexpr, IN_BITS: tl.constexpr,
                               IN_SYMMETRIC: tl.constexpr, OUT_BITS: tl.constexpr, OUT_SYMMETRIC: tl.constexpr,
                               STOCHASTIC: tl.constexpr, UNROLL: tl.constexpr, EXACT: tl.constexpr,
-                              PADDED: tl.constexpr):
+                              PADDED: tl.constexpr, MESSAGES: tl.constexpr):
+    # grid (tiles, messages): program (t, r) sums groups r * msg_groups + t * BG + ... of the W
+    # chunks and writes them as groups t * BG + ... of message r's wire buffer (msg_groups groups,
+    # out_pay_bytes of payload) at out_ptr + r * out_row_stride. One message is the flat result;
+    # MESSAGES: more than one (else the message terms compile away)
     g0 = tl.program_id(0).to(tl.int64) * BG
+    if MESSAGES:
+        row = tl.program_id(1).to(tl.int64)
+        g_in = row * msg_groups + g0
+        out_ptr += row * out_row_stride
+    else:
+        g_in = g0
     RUN: tl.constexpr = min(GS, _RUN)
-    v = _decode_sum_tile(chunks_ptr, chunk_stride, W, g0, num_groups, in_pay_bytes, BG, GS, IN_BITS,
+    # a message's last tile may read the next message's first groups: decoded, never stored
+    v = _decode_sum_tile(chunks_ptr, chunk_stride, W, g_in, num_groups, in_pay_bytes, BG, GS, IN_BITS,
                          IN_SYMMETRIC, UNROLL, EXACT, RUN)
     if PADDED:  # the reference drops the decoded padding (a zero point, say) and re-pads with zeros
         local = tl.arange(0, BG)[:, None] * GS + tl.arange(0, GS)[None, :]
-        v = tl.where(local < numel - g0 * GS, v, 0.0)
-    _quantize_tile(v, out_ptr, g0, num_groups, out_pay_bytes, seed, g0, BG, GS, OUT_BITS, OUT_SYMMETRIC, STOCHASTIC,
-                   RUN)
+        v = tl.where(local < numel - g_in * GS, v, 0.0)
+    _quantize_tile(v, out_ptr, g0, msg_groups, msg_groups, out_pay_bytes, seed, g_in,
+                   BG, GS, OUT_BITS, OUT_SYMMETRIC, STOCHASTIC, RUN)
 
 
 # ---- host side -------------------------------------------------------------------------------------
@@ -420,36 +452,43 @@ def quantize(
     out = torch.empty(spec.wire_nbytes(numel), dtype=torch.uint8, device=x.device)
     flat = x.reshape(-1)
     sub = subtract.reshape(-1) if subtract is not None else None
-    _launch_quantize(flat, sub, out, spec, numel, 1, seed, _log2_hadamard(spec, rotate, numel), tile_values, num_warps)
+    _launch_quantize(flat.view(1, 1, numel), sub, out, spec, seed, _log2_hadamard(spec, rotate, numel), tile_values,
+                     num_warps)
     return Packed(out, spec, numel, x.shape, x.dtype)
 
 
 def quantize_messages(x: torch.Tensor, spec: QuantSpec, *, seed: int | None = None,
                       tile_values: int = _TILE_VALUES, num_warps: int | None = None) -> torch.Tensor:
-    if x.dim() != 2 or not x.is_floating_point():
-        raise ValueError(f"quantize_messages expects a 2-D floating-point tensor, got {tuple(x.shape)} {x.dtype}")
-    n, m = x.shape
+    reference.check_message_input(x)
+    n, m = x.shape[0], x[0].numel()
     if not (_on_gpu(x) and x.dtype in _FLOAT_DTYPES and _supported_group(spec)):
         return reference.quantize_messages(x, spec, seed=seed)
     _check_message_numel(spec, m)
+    pieces = x.unsqueeze(1) if x.dim() == 2 else x  # [n, k, c]: message i is pieces i, 0..k-1
+    if pieces.stride(2) != 1 or (pieces.shape[1] > 1 and pieces.shape[2] % spec.group_size):
+        # strided values, or a group that would straddle two pieces: gather the messages first
+        pieces = x.reshape(n, 1, m).contiguous()
     out = torch.empty(n, spec.wire_nbytes(m), dtype=torch.uint8, device=x.device)
-    _launch_quantize(x.contiguous(), None, out, spec, m, n, seed, _log2_hadamard(spec, True, m), tile_values,
-                     num_warps)
+    _launch_quantize(pieces, None, out, spec, seed, _log2_hadamard(spec, True, m), tile_values, num_warps)
     return out
 
 
-def _launch_quantize(x: torch.Tensor, sub: torch.Tensor | None, out: torch.Tensor, spec: QuantSpec, numel: int,
-                     rows: int, seed: int | None, log2_h: int, tile_values: int, num_warps: int | None) -> None:
-    """rows wire buffers of `numel` values each, back to back in x and in out (contiguous)."""
+def _launch_quantize(x: torch.Tensor, sub: torch.Tensor | None, out: torch.Tensor, spec: QuantSpec,
+                     seed: int | None, log2_h: int, tile_values: int, num_warps: int | None) -> None:
+    """x [n, k, c] (unit stride along c; c whole groups when k > 1) -> n wire buffers of k * c
+    values in out ([n, wire] or 1-D for n = 1). sub: flat like x, for n = k = 1 only."""
+    n, pieces, numel = x.shape
     groups = spec.num_groups(numel)
     bg, warps = launch_config(spec.group_size, tile_values, num_warps, runs=log2_h > 0)
     seed = reference.resolve_seed(seed) if spec.rounding == "stochastic" else 0
-    if groups and rows:
-        _quantize_kernel[(triton.cdiv(groups, bg), rows)](
-            x, x if sub is None else sub, out, numel, groups, spec.payload_nbytes(numel), seed,
-            spec.wire_nbytes(numel), BG=bg, GS=spec.group_size, BITS=spec.bits, SYMMETRIC=spec.symmetric,
+    if groups and n and pieces:
+        _quantize_kernel[(triton.cdiv(groups, bg), pieces, n)](
+            x, x if sub is None else sub, out, numel, groups, spec.payload_nbytes(pieces * numel), seed,
+            spec.wire_nbytes(pieces * numel), x.stride(0), x.stride(1) if pieces > 1 else 0, pieces,
+            BG=bg, GS=spec.group_size, BITS=spec.bits, SYMMETRIC=spec.symmetric,
             STOCHASTIC=spec.rounding == "stochastic", LOG2_H=log2_h, HAS_SUB=sub is not None,
-            VEC=min(16 // x.element_size(), spec.group_size, _RUN.value), num_warps=warps, enable_fp_fusion=False,
+            VEC=min(16 // x.element_size(), spec.group_size, _RUN.value), PIECES=pieces > 1, num_warps=warps,
+            enable_fp_fusion=False,
         )
 
 
@@ -559,32 +598,58 @@ def reduce_requantize(
     tile_values: int = _TILE_VALUES,
     num_warps: int | None = None,
 ) -> Packed:
+    _check_same_rotation(in_spec, out_spec)
+    reference._check_chunks(chunks, in_spec, numel)
+    if not (_on_gpu(chunks) and _supported_group(in_spec) and _supported_group(out_spec)):
+        return reference.reduce_requantize(chunks, in_spec, numel, out_spec, seed=seed)
+    out = _reduce_requantize_into(chunks, in_spec, 1, numel, out_spec, seed, tile_values, num_warps)
+    return Packed(out.view(-1), out_spec, numel, torch.Size([numel]), torch.float32)
+
+
+def reduce_requantize_messages(chunks: torch.Tensor, in_spec: QuantSpec, n: int, m: int, out_spec: QuantSpec, *,
+                               seed: int | None = None, tile_values: int = _TILE_VALUES,
+                               num_warps: int | None = None) -> torch.Tensor:
+    _check_same_rotation(in_spec, out_spec)
+    reference._check_chunks(chunks, in_spec, n * m)
+    _check_message_numel(out_spec, m)
+    if not (_on_gpu(chunks) and _supported_group(in_spec) and _supported_group(out_spec)):
+        return reference.reduce_requantize_messages(chunks, in_spec, n, m, out_spec, seed=seed)
+    return _reduce_requantize_into(chunks, in_spec, n, m, out_spec, seed, tile_values, num_warps)
+
+
+def _check_same_rotation(in_spec: QuantSpec, out_spec: QuantSpec) -> None:
     if in_spec.hadamard != out_spec.hadamard:
         raise ValueError(
             f"reduce_requantize keeps the rotated domain: in_spec.hadamard ({in_spec.hadamard}) "
             f"must equal out_spec.hadamard ({out_spec.hadamard})"
         )
-    reference._check_chunks(chunks, in_spec, numel)
-    if not (_on_gpu(chunks) and _supported_group(in_spec) and _supported_group(out_spec)):
-        return reference.reduce_requantize(chunks, in_spec, numel, out_spec, seed=seed)
+
+
+def _reduce_requantize_into(chunks: torch.Tensor, in_spec: QuantSpec, n: int, m: int, out_spec: QuantSpec,
+                            seed: int | None, tile_values: int, num_warps: int | None) -> torch.Tensor:
+    """The sum of the W chunks (n * m values), requantized as n messages of m values -> [n, wire(m)]
+    (m need not be whole groups when n = 1)."""
+    numel = n * m
+    out = torch.empty(n, out_spec.wire_nbytes(m), dtype=torch.uint8, device=chunks.device)
     if in_spec.group_size != out_spec.group_size:  # tiles differ: two passes, still on the GPU
         total = dequantize_sum(chunks, in_spec, numel, rotate=False)
-        return quantize(total, out_spec, seed=seed, rotate=False)
+        _launch_quantize(total.view(n, 1, m), None, out, out_spec, seed, _log2_hadamard(out_spec, False, numel),
+                         tile_values, num_warps)
+        return out
     if in_spec.hadamard:
         reference._check_whole_blocks(numel, in_spec)
     chunks = _aligned_rows(chunks)
-    out = torch.empty(out_spec.wire_nbytes(numel), dtype=torch.uint8, device=chunks.device)
     groups = in_spec.num_groups(numel)
     bg, warps = launch_config(in_spec.group_size, tile_values, num_warps, runs=True)
     seed = reference.resolve_seed(seed) if out_spec.rounding == "stochastic" else 0
-    W = chunks.shape[0]
+    W, msg_groups = chunks.shape[0], out_spec.num_groups(m)
     if groups:
-        _reduce_requantize_kernel[(triton.cdiv(groups, bg),)](
+        _reduce_requantize_kernel[(triton.cdiv(msg_groups, bg), n)](
             chunks, chunks.stride(0), W, out, numel, groups, in_spec.payload_nbytes(numel),
-            out_spec.payload_nbytes(numel), seed,
+            out_spec.payload_nbytes(m), seed, msg_groups, out.stride(0),
             BG=bg, GS=in_spec.group_size, IN_BITS=in_spec.bits, IN_SYMMETRIC=in_spec.symmetric,
             OUT_BITS=out_spec.bits, OUT_SYMMETRIC=out_spec.symmetric,
             STOCHASTIC=out_spec.rounding == "stochastic", PADDED=numel % in_spec.group_size != 0,
-            num_warps=warps, enable_fp_fusion=False, **_unroll(W),
+            MESSAGES=n > 1, num_warps=warps, enable_fp_fusion=False, **_unroll(W),
         )
-    return Packed(out, out_spec, numel, torch.Size([numel]), torch.float32)
+    return out

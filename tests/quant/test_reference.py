@@ -26,6 +26,7 @@ from halfbyte.quant import (
     quantize,
     quantize_messages,
     reduce_requantize,
+    reduce_requantize_messages,
     to_message_major,
     to_section_major,
 )
@@ -423,6 +424,38 @@ def test_messages_are_the_flat_wire_format_one_row_per_peer(name: str) -> None:
         dequantize_messages(msgs[:, :-1], spec, m)
     with pytest.raises(ValueError, match="out has"):
         dequantize_messages(msgs, spec, m, out=out[:-1])
+
+
+@pytest.mark.parametrize("name", ["int8-sr-H32", "int4-g6"])
+def test_messages_of_strided_pieces_read_the_view_in_order(name: str) -> None:
+    """quantize_messages on [n, k, c] (the two-level send side: message l holds chunk l of every
+    node, a transposed view): the bytes of gathering each message first, stochastic draws included."""
+    spec = SPECS[name]
+    M, L, c = 3, 2, 2 * spec.group_size
+    full = make("student-t", M * L * c)
+    view = full.view(M, L, c).transpose(0, 1)
+    gathered = torch.cat([full.view(M, L, c)[:, l].reshape(-1) for l in range(L)]).view(L, M * c)
+    assert torch.equal(quantize_messages(view, spec, seed=3), quantize_messages(gathered, spec, seed=3))
+    with pytest.raises(ValueError, match="3-D"):
+        quantize_messages(view.unsqueeze(0), spec)
+
+
+@pytest.mark.parametrize("in_name, out_name", [("int8-sr-H32", "int4-H32"), ("int8", "int4-asym-sr"),
+                                               ("int8", "int4-g6")])
+def test_reduce_requantize_messages_is_the_flat_result_one_row_per_node(in_name: str, out_name: str) -> None:
+    """The middle hop: the sum of W chunks requantized as n messages: the flat reduce_requantize's
+    bytes (stochastic draws included) laid out one message per row."""
+    in_spec, out_spec = SPECS[in_name], SPECS[out_name]
+    W, n, m = 3, 4, 3 * 128  # whole groups of every spec here (6 divides 384)
+    chunks = torch.stack([quantize(make("student-t", n * m, seed=w), in_spec, rotate=False).data for w in range(W)])
+    msgs = reduce_requantize_messages(chunks, in_spec, n, m, out_spec, seed=5)
+    flat = reduce_requantize(chunks, in_spec, n * m, out_spec, seed=5)
+    assert msgs.shape == (n, out_spec.wire_nbytes(m))
+    assert torch.equal(msgs, to_message_major(flat.data, out_spec, n, m))
+    with pytest.raises(ValueError, match="whole groups"):
+        reduce_requantize_messages(chunks, in_spec, 2 * n, m // 2, QuantSpec(4, 256, hadamard=in_spec.hadamard))
+    with pytest.raises(ValueError, match="chunks must be"):
+        reduce_requantize_messages(chunks, in_spec, n + 1, m, out_spec)
 
 
 def test_dequantize_sum_rejects_bad_chunks() -> None:

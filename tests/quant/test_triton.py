@@ -166,6 +166,59 @@ def test_messages_match_the_flat_codec(tk, spec, dtype):
         assert torch.equal(replica, expect)
 
 
+@pytest.mark.parametrize("spec", [QuantSpec(8, 128, hadamard=32, rounding="stochastic"), QuantSpec(4, 128),
+                                  QuantSpec(4, 64, symmetric=False, rounding="stochastic"),
+                                  QuantSpec(8, 256, hadamard=16)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M, L, groups", [(2, 2, 3), (3, 2, 17), (2, 4, 1)])
+def test_messages_of_strided_pieces_are_read_in_place(tk, spec, dtype, M, L, groups):
+    """The two-level send side: message l holds chunk l of every node, a [L, M, c] transposed view
+    of the bucket. The kernel reads it where it lies and writes the bytes of gathering it first."""
+    c = groups * spec.group_size
+    view = _randn(M * L * c, dtype, seed=M * L + groups).view(M, L, c).transpose(0, 1)
+    ours = tk.quantize_messages(view, spec, seed=21)
+    gathered = view.reshape(L, M * c).contiguous()
+    assert torch.equal(ours, tk.quantize_messages(gathered, spec, seed=21))
+    assert torch.equal(ours, to_message_major(tk.quantize(gathered.reshape(-1), spec, seed=21).data, spec, L, M * c))
+    if spec.rounding == "nearest":
+        as_packed = lambda msgs: Packed(to_section_major(msgs, spec, M * c), spec, L * M * c,  # noqa: E731
+                                        torch.Size([L * M * c]), dtype)
+        assert_same_wire(as_packed(ours), as_packed(reference.quantize_messages(view, spec)))
+
+
+def test_messages_of_pieces_not_whole_groups_are_gathered_first(tk):
+    spec = QuantSpec(4, 256)
+    view = _randn(2 * 3 * 128, torch.float32, seed=4).view(2, 3, 128).transpose(0, 1)  # 2 pieces = 1 group
+    assert torch.equal(tk.quantize_messages(view, spec), reference.quantize_messages(view, spec))
+
+
+@pytest.mark.parametrize("W", [2, 4, 8])
+@pytest.mark.parametrize(
+    "in_spec,out_spec",
+    [
+        (QuantSpec(8, 128, hadamard=32), QuantSpec(4, 128, hadamard=32, rounding="stochastic")),
+        (QuantSpec(8, 128, hadamard=32), QuantSpec(4, 128, hadamard=32)),
+        (QuantSpec(8, 64, symmetric=False), QuantSpec(4, 64, rounding="stochastic")),
+        (QuantSpec(8, 128, hadamard=32), QuantSpec(4, 256, hadamard=32)),  # two-pass path
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("n, m_groups", [(2, 3), (3, 18), (5, 1)])  # messages end mid-tile or are one group
+def test_reduce_requantize_messages_write_each_message_in_place(tk, W, in_spec, out_spec, n, m_groups):
+    """The middle hop: one launch writes the n messages where they go, with the bytes (stochastic
+    draws included) of the flat kernel followed by to_message_major."""
+    m = m_groups * max(in_spec.group_size, out_spec.group_size)
+    chunks = torch.stack([reference.quantize(_randn(n * m, torch.float32, seed=30 + w), in_spec, rotate=False).data
+                          for w in range(W)])
+    ours = tk.reduce_requantize_messages(chunks, in_spec, n, m, out_spec, seed=17)
+    flat = tk.reduce_requantize(chunks, in_spec, n * m, out_spec, seed=17)
+    assert torch.equal(ours, to_message_major(flat.data, out_spec, n, m))
+    if out_spec.rounding == "nearest":
+        want = reference.reduce_requantize(chunks, in_spec, n * m, out_spec)
+        assert_same_wire(Packed(to_section_major(ours, out_spec, m), out_spec, n * m, torch.Size([n * m]),
+                                torch.float32), want)
+
+
 def test_dequantize_sum_strided_rows_and_bad_shape(tk):
     spec, n = SPECS[1], 4096
     nbytes = spec.wire_nbytes(n)
