@@ -10,32 +10,35 @@ reports, per rank and step, averaged over ranks:
   backward   loss.backward() (includes encoding and launching the gradient reduce-scatters)
   optimizer  engine.step(): wait for the reduce-scatters, grad norm, AdamW, launch the all-gathers
   zero_grad  engine.zero_grad() (it waits for the weight all-gathers still in flight)
-  codec      time inside the collectives' codec steps (encode_chunks, encode_two_level, middle_hop,
-             decode_sum, encode_shard, decode_gathered, pack_messages): quantize/dequantize and the
-             wire layout, nothing else. Overlaps the phases above (it happens inside them).
+  codec      time inside the collectives' codec steps (halfbyte.comm.timing.CODEC_STEPS: encode_chunks,
+             encode_two_level, middle_hop, decode_sum, encode_shard, decode_gathered, ...):
+             quantize/dequantize and the wire layout, nothing else. Overlaps the phases above (it
+             happens inside them). codec_calls_per_step counts the codec steps run per step.
   comm wait  exposed communication: time inside CommHandle.wait() minus the codec run inside it
              (decoding, the two-level middle hop). Also inside the phases above.
 
-Timing method. The codec steps and CommHandle.wait are wrapped for the run (the functions are looked
-up by name at call time, so the engine's own calls go through the wrappers). On CUDA every interval is
-a pair of CUDA events on the current stream, read after the measured steps: the time the stream spent
-between them, which for a wait includes stalling on the NCCL stream. On CPU it is perf_counter (gloo
-waits block the thread). A second run with an identity codec was rejected: it changes the bytes on
-the wire, hence the communication it is meant to hold fixed.
+Timing method. The collectives report each codec step and each wait through halfbyte.comm.timing
+(explicit regions in the steps themselves, so every caller's calls are seen); the Recorder is the
+timer installed for the run. On CUDA every interval is a pair of CUDA events on the current stream,
+read after the measured steps: the time the stream spent between them, which for a wait includes
+stalling on the NCCL stream. On CPU it is perf_counter (gloo waits block the thread). A second run
+with an identity codec was rejected: it changes the bytes on the wire, hence the communication it is
+meant to hold fixed.
 
 Launch: under torchrun (NCCL on GPUs), `--workers N` local gloo processes on CPU, or (default) one
 process as a world of one rank. Two-level gradient presets need >= 2 nodes; on one node they run
 their inter-node codec as a one-level reduce-scatter instead, and the row says so.
 Wire bytes per step are rank 0's CommStats; `bf16` is what bf16 all-gathers and reduce-scatters of
-the same buckets would send (halfbyte.comm.accounting).
+the same buckets would send (halfbyte.comm.accounting). The JSON goes to --out, by default
+runs/bench/bench-train-<device>.json under the current directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
-import functools
 import gc
 import json
 import os
@@ -45,14 +48,14 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import halfbyte.comm.collectives as collectives
-from halfbyte.comm import build_topology, init_process_group_from_env, spawn
+from halfbyte.bench import DEFAULT_RESULTS_DIR
+from halfbyte.comm import build_topology, init_process_group_from_env, spawn, timing
 from halfbyte.comm.accounting import all_gather_bytes, reduce_scatter_bytes
 from halfbyte.comm.launch import default_backend, free_port
 from halfbyte.comm.topology import Topology
@@ -63,8 +66,7 @@ from halfbyte.train.model import build_model
 
 BF16_BYTES = 2
 PHASES = ("forward", "backward", "optimizer", "zero_grad")
-CODEC_STEPS = ("encode_chunks", "encode_two_level", "middle_hop", "decode_sum", "encode_shard",
-               "decode_gathered", "pack_messages")
+CODEC_STEPS = timing.CODEC_STEPS
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 # Vocabulary per model when not given: the built-in tokenizer for tiny, GPT-2 padded to 64 otherwise.
 DEFAULT_VOCAB = {"tiny": 4096}
@@ -97,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="ranks per (emulated) node; default: the launcher's LOCAL_WORLD_SIZE")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None,
-                   help="JSON path (default benchmarks/results/bench-train-<device>.json)")
+                   help=f"JSON path (default {DEFAULT_RESULTS_DIR}/bench-train-<device>.json)")
     return p
 
 
@@ -164,7 +166,10 @@ def resolve(args: argparse.Namespace, command: str, on_gpu: bool) -> BenchConfig
 class Recorder:
     """Intervals of the measured steps: phases, codec steps, waits on communication handles.
 
-    Marks are CUDA events (read once after the measured steps) or perf_counter values.
+    The timer (halfbyte.comm.timing.Timer) installed for the run. Marks are CUDA events (read once
+    after the measured steps) or perf_counter values. Nested regions of one kind count once, in the
+    outermost (encode_chunks packs its messages with pack_messages; a gloo wait runs the next hop's
+    wait); a codec step inside a wait counts as codec, not as exposed communication.
     """
 
     def __init__(self, device: torch.device):
@@ -172,8 +177,13 @@ class Recorder:
         self.active = False
         self.phase = ""
         self.intervals: list[tuple[str, str, str, Any, Any]] = []  # (kind, name, phase, start, end)
-        self._codec_depth = 0
-        self._wait_depth = 0
+        self.calls: collections.Counter[str] = collections.Counter()  # outermost codec steps run
+        self._depth = {"codec": 0, "wait": 0}
+
+    def reset(self) -> None:
+        """Forget what was recorded (before the measured steps)."""
+        self.intervals.clear()
+        self.calls.clear()
 
     def mark(self) -> Any:
         if not self.cuda:
@@ -188,6 +198,27 @@ class Recorder:
     def add(self, kind: str, name: str, start: Any, end: Any) -> None:
         if self.active:
             self.intervals.append((kind, name, self.phase, start, end))
+
+    # ---- timing.Timer -------------------------------------------------------------------------
+    def begin(self, kind: timing.Kind, name: str) -> tuple[str, str, Any] | None:
+        if not self.active:
+            return None
+        outermost = self._depth[kind] == 0
+        self._depth[kind] += 1
+        return kind, name, self.mark() if outermost else None
+
+    def end(self, token: tuple[str, str, Any] | None) -> None:
+        if token is None:
+            return
+        kind, name, start = token
+        self._depth[kind] -= 1
+        if start is None or not self.active:
+            return
+        if kind == "codec":
+            self.calls[name] += 1
+            self.add("codec_in_wait" if self._depth["wait"] else "codec", name, start, self.mark())
+        else:
+            self.add("wait", self.phase, start, self.mark())
 
     def totals(self) -> dict[str, float]:
         """Seconds per phase; 'codec' and per codec step ('codec:<step>'); 'exposed' (waits minus
@@ -205,50 +236,6 @@ class Recorder:
                 out[key] = out.get(key, 0.0) + sign * s
         return out
 
-    def wrap_codec(self, name: str, fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            if not self.active or self._codec_depth:  # nested steps count once, in the outermost
-                return fn(*args, **kwargs)
-            self._codec_depth += 1
-            start = self.mark()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._codec_depth -= 1
-                self.add("codec_in_wait" if self._wait_depth else "codec", name, start, self.mark())
-        return timed
-
-    def wrap_wait(self, fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def timed(handle: Any) -> Any:
-            if not self.active or self._wait_depth:
-                return fn(handle)
-            self._wait_depth += 1
-            start = self.mark()
-            try:
-                return fn(handle)
-            finally:
-                self._wait_depth -= 1
-                self.add("wait", self.phase, start, self.mark())
-        return timed
-
-
-@contextlib.contextmanager
-def instrumented(rec: Recorder) -> Iterator[None]:
-    """Route the collectives' codec steps and CommHandle.wait through `rec` while inside."""
-    saved = {name: getattr(collectives, name) for name in CODEC_STEPS}
-    saved_wait = collectives.CommHandle.wait
-    try:
-        for name, fn in saved.items():
-            setattr(collectives, name, rec.wrap_codec(name, fn))
-        collectives.CommHandle.wait = rec.wrap_wait(saved_wait)
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(collectives, name, fn)
-        collectives.CommHandle.wait = saved_wait
-
 
 def _rss_bytes() -> int:
     try:
@@ -265,9 +252,9 @@ def comm_for(preset: str, topo: Topology) -> tuple[CommConfig, str | None]:
     return comm, None if note is None else f"{preset}: {note}"
 
 
-def bf16_bytes(engine: ShardedDataParallel) -> dict[str, int]:
+def bf16_bytes(engine: ShardedDataParallel, topo: Topology) -> dict[str, int]:
     """Bytes this rank would send per step with bf16 all-gathers and reduce-scatters."""
-    M, L = engine.topo.nodes, engine.topo.gpus_per_node
+    M, L = topo.nodes, topo.gpus_per_node
     total = {"intra": 0, "inter": 0}
     for b in engine.buckets:
         for sent in (all_gather_bytes(b.shard_numel, BF16_BYTES, M, L),
@@ -330,7 +317,7 @@ def bench_one(cfg: BenchConfig, model_name: str, preset: str, topo: Topology, re
         train_step()
     dist.barrier(group=topo.world_group)
     topo.stats.reset()
-    rec.intervals.clear()
+    rec.reset()
     rec.active = True
     try:
         start, end = train_step()
@@ -338,9 +325,10 @@ def bench_one(cfg: BenchConfig, model_name: str, preset: str, topo: Topology, re
             _, end = train_step()
         totals = rec.totals()  # synchronizes first: CUDA events can be read only once completed
         step_s = rec.seconds(start, end) / cfg.steps
+        calls = {name: n / cfg.steps for name, n in sorted(rec.calls.items())}
     finally:
         rec.active = False
-        rec.intervals.clear()
+        rec.reset()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss
 
     # Mean over ranks of every time; max of step time and peak memory.
@@ -367,11 +355,12 @@ def bench_one(cfg: BenchConfig, model_name: str, preset: str, topo: Topology, re
         **{f"{p}_ms": t[p] * 1e3 for p in PHASES},
         "codec_ms": t["codec"] * 1e3, "codec_pct": 100 * t["codec"] / step_s,
         "codec_ms_by_step": {n: t[f"codec:{n}"] * 1e3 for n in CODEC_STEPS if t[f"codec:{n}"] > 0},
+        "codec_calls_per_step": calls,
         "exposed_comm_ms": exposed * 1e3, "exposed_comm_pct": 100 * exposed / step_s,
         "exposed_comm_ms_by_phase": {p: t[f"exposed:{p}"] * 1e3 for p in PHASES},
         "peak_mem_bytes": peak,
         "peak_mem_kind": "cuda max_memory_allocated" if device.type == "cuda" else "RSS max at phase ends",
-        "wire_bytes_per_step": wire, "bf16_bytes_per_step": bf16_bytes(engine),
+        "wire_bytes_per_step": wire, "bf16_bytes_per_step": bf16_bytes(engine, topo),
         "uncompressed_bytes_per_step": sum(d["baseline"] for d in by_op.values()),
         "wire_by_op_per_step": by_op,
         "buckets": [{"padded_numel": b.padded_numel, "shard_numel": b.shard_numel} for b in engine.buckets],
@@ -400,7 +389,7 @@ def run_rank(cfg: BenchConfig) -> dict:
     rec = Recorder(topo.device)
     notes: list[str] = []
     rows = []
-    with instrumented(rec):
+    with timing.installed(rec):
         for model_name in cfg.models:
             for preset in cfg.presets:
                 row = bench_one(cfg, model_name, preset, topo, rec)
@@ -410,7 +399,7 @@ def run_rank(cfg: BenchConfig) -> dict:
     result = {"meta": _meta(cfg, topo, notes), "rows": rows}
     if topo.rank == 0:
         print_table(result)
-        out = cfg.out or Path("benchmarks/results") / f"bench-train-{device_slug(topo.device)}.json"
+        out = cfg.out or DEFAULT_RESULTS_DIR / f"bench-train-{device_slug(topo.device)}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}")

@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from halfbyte import quant
+from halfbyte.comm import timing
 from halfbyte.comm.accounting import chunk_numel
 from halfbyte.comm.topology import Topology
 from halfbyte.quant import QuantSpec
@@ -71,8 +72,11 @@ def _base_seed(seed: int | None, *specs: QuantSpec | None) -> int | None:
 
 # ---- pure codec steps (no communication) ------------------------------------------------------
 def pack_messages(x: torch.Tensor, spec: QuantSpec, *, seed: int | None) -> torch.Tensor:
-    """Quantize the rows of x ([n, m], m whole groups) in one codec call -> [n, wire_nbytes(m)]."""
-    return quant.quantize_messages(x, spec, seed=seed)
+    """Quantize the rows of x in one codec call -> [n, wire_nbytes(m)]: x is [n, m] (m whole
+    groups), or a view [n, k, c] whose message i is the k pieces x[i, 0], ..., x[i, k-1] in order
+    (any strides: the codec reads them in place, no layout copy)."""
+    with timing.region("codec", "pack_messages"):
+        return quant.quantize_messages(x, spec, seed=seed)
 
 
 def split_chunks(full: torch.Tensor, world: int, chunk_pad: int) -> torch.Tensor:
@@ -87,15 +91,17 @@ def split_chunks(full: torch.Tensor, world: int, chunk_pad: int) -> torch.Tensor
 
 def encode_chunks(full: torch.Tensor, spec: QuantSpec, world: int, seed: int | None) -> torch.Tensor:
     """One-level reduce-scatter, send side: chunk r of `full` quantized -> uint8 [W, wire(c)]."""
-    c = chunk_numel(full.numel(), world)
-    return pack_messages(split_chunks(full, world, spec.padded_numel(c)), spec, seed=seed)
+    with timing.region("codec", "encode_chunks"):
+        c = chunk_numel(full.numel(), world)
+        return pack_messages(split_chunks(full, world, spec.padded_numel(c)), spec, seed=seed)
 
 
 def decode_chunks(messages: torch.Tensor, spec: QuantSpec, numel: int) -> torch.Tensor:
     """Inverse of `encode_chunks` without the reduction: what the receivers decode from one rank's
     messages, laid back out as its `numel` values (the quantized input, e.g. for error feedback)."""
-    c = chunk_numel(numel, messages.shape[0])
-    return quant.dequantize_messages(messages, spec, spec.padded_numel(c))[:, :c].reshape(-1)[:numel]
+    with timing.region("codec", "decode_chunks"):
+        c = chunk_numel(numel, messages.shape[0])
+        return quant.dequantize_messages(messages, spec, spec.padded_numel(c))[:, :c].reshape(-1)[:numel]
 
 
 def decode_sum(received: torch.Tensor, spec: QuantSpec, chunk: int, world: int, *,
@@ -103,51 +109,56 @@ def decode_sum(received: torch.Tensor, spec: QuantSpec, chunk: int, world: int, 
     """Reduce-scatter, receive side: sum the decoded chunks (fp32, Hadamard undone), /W for avg,
     drop the padding -> `chunk` values in out_dtype (one codec pass: the average and the cast are
     fused into the decode)."""
-    return quant.dequantize_sum(received, spec, spec.padded_numel(chunk), dtype=out_dtype,
-                                divisor=world if op == "avg" else 1)[:chunk]
+    with timing.region("codec", "decode_sum"):
+        return quant.dequantize_sum(received, spec, spec.padded_numel(chunk), dtype=out_dtype,
+                                    divisor=world if op == "avg" else 1)[:chunk]
 
 
 def encode_two_level(full: torch.Tensor, intra_spec: QuantSpec, inter_spec: QuantSpec,
                      nodes: int, gpus_per_node: int, seed: int | None) -> torch.Tensor:
     """Two-level, send side: the message to local peer l holds chunks m*L + l of every node m
-    (each padded to whole inter_spec groups), quantized with intra_spec -> uint8 [L, wire(M*cp)]."""
-    M, L = nodes, gpus_per_node
-    cp = inter_spec.padded_numel(chunk_numel(full.numel(), M * L))
-    x = split_chunks(full, M * L, cp).view(M, L, cp).transpose(0, 1).reshape(L, M * cp)
-    return pack_messages(x, intra_spec, seed=seed)
+    (each padded to whole inter_spec groups), quantized with intra_spec -> uint8 [L, wire(M*cp)].
+    The chunks are read where they lie (a [L, M, cp] view), not gathered into messages first."""
+    with timing.region("codec", "encode_two_level"):
+        M, L = nodes, gpus_per_node
+        cp = inter_spec.padded_numel(chunk_numel(full.numel(), M * L))
+        return pack_messages(split_chunks(full, M * L, cp).view(M, L, cp).transpose(0, 1), intra_spec, seed=seed)
 
 
 def middle_hop(received: torch.Tensor, intra_spec: QuantSpec, inter_spec: QuantSpec, nodes: int,
                chunk_pad: int, seed: int | None) -> torch.Tensor:
     """Two-level, between the hops: sum the L node peers' messages and requantize with inter_spec,
-    staying in the Hadamard domain -> uint8 [M, wire(chunk_pad)], row m for node m."""
-    packed = quant.reduce_requantize(received, intra_spec, nodes * chunk_pad, inter_spec, seed=seed)
-    return quant.to_message_major(packed.data, inter_spec, nodes, chunk_pad)
+    staying in the Hadamard domain -> uint8 [M, wire(chunk_pad)], row m for node m (the codec
+    writes the messages in place: no layout pass after it)."""
+    with timing.region("codec", "middle_hop"):
+        return quant.reduce_requantize_messages(received, intra_spec, nodes, chunk_pad, inter_spec, seed=seed)
 
 
 def encode_shard(shard: torch.Tensor, spec: QuantSpec, seed: int | None,
                  subtract: torch.Tensor | None = None) -> torch.Tensor:
     """All-gather, send side: the wire bytes (1-D uint8) of the shard, or of shard - subtract (qWD:
     the codec fuses the difference)."""
-    return quant.quantize(shard.reshape(-1), spec, seed=seed, subtract=subtract).data
+    with timing.region("codec", "encode_shard"):
+        return quant.quantize(shard.reshape(-1), spec, seed=seed, subtract=subtract).data
 
 
 def decode_gathered(received: torch.Tensor, spec: QuantSpec, shard_numel: int, out: torch.Tensor,
                     *, accumulate: bool = False) -> torch.Tensor:
     """All-gather, receive side: decode the W shards ([W, wire(s)]) into `out` (W*s values),
     adding to it when accumulate (qWD)."""
-    W, s = received.shape[0], shard_numel
-    sp = spec.padded_numel(s)
-    flat = out.view(-1)
-    if sp == s:  # group-aligned shards decode straight into out (the engine's case)
-        quant.dequantize_messages(received, spec, s, out=flat, accumulate=accumulate)
+    with timing.region("codec", "decode_gathered"):
+        W, s = received.shape[0], shard_numel
+        sp = spec.padded_numel(s)
+        flat = out.view(-1)
+        if sp == s:  # group-aligned shards decode straight into out (the engine's case)
+            quant.dequantize_messages(received, spec, s, out=flat, accumulate=accumulate)
+            return out
+        values = quant.dequantize_messages(received, spec, sp)[:, :s]
+        if accumulate:
+            flat.view(W, s).add_(values)
+        else:
+            flat.view(W, s).copy_(values)
         return out
-    values = quant.dequantize_messages(received, spec, sp)[:, :s]
-    if accumulate:
-        flat.view(W, s).add_(values)
-    else:
-        flat.view(W, s).copy_(values)
-    return out
 
 
 # ---- communication ------------------------------------------------------------------------------
@@ -161,9 +172,10 @@ class CommHandle:
 
     def wait(self) -> torch.Tensor:
         if self._result is None:
-            if self._work is not None:
-                self._work.wait()
-            self._result = self._finish()
+            with timing.region("wait", "comm"):
+                if self._work is not None:
+                    self._work.wait()
+                self._result = self._finish()
         return self._result
 
 

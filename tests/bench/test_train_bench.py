@@ -1,6 +1,6 @@
 """`halfbyte bench train`: rows for every preset on 2 gloo ranks (2 emulated nodes), wire bytes equal
 to the accounting formulas, phases that add up to the step, the timing of nested codec/wait
-intervals, a world of one rank, and bad options."""
+intervals, a world of one rank, where results go by default, and bad options."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import time
 import pytest
 import torch
 
-import halfbyte.comm.collectives as collectives
 from halfbyte.bench import train_bench
-from halfbyte.comm import accounting
+from halfbyte.comm import accounting, timing
 from halfbyte.comm.config import CommConfig
 
 PRESETS = ["baseline", "zeropp", "sdp4bit"]
@@ -72,6 +71,12 @@ def test_two_workers_two_nodes_every_preset(tmp_path):
         assert r["codec_ms"] > 0
         assert sum(r["wire_bytes_per_step"].values()) < ratio * r["bf16_bytes_per_step"]["inter"]
     assert set(by_preset["sdp4bit"]["codec_ms_by_step"]) >= {"encode_shard", "decode_gathered", "decode_sum"}
+    # per bucket and step: the weight all-gather's two codec steps, the gradient's two (one rank per
+    # node: the two-level reduce-scatter quantizes its messages directly, then decodes them)
+    buckets = len(by_preset["sdp4bit"]["buckets"])
+    assert by_preset["sdp4bit"]["codec_calls_per_step"] == {
+        "decode_gathered": buckets, "decode_sum": buckets, "encode_shard": buckets, "pack_messages": buckets}
+    assert by_preset["baseline"]["codec_calls_per_step"] == {}
 
 
 @pytest.mark.timeout(120)
@@ -85,28 +90,48 @@ def test_world_of_one_runs_two_level_presets_one_level(tmp_path, capsys):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["comm"].startswith("weights qwd") and "grads one-level int4/g128/sr/H32" in row["comm"]
     assert row["wire_bytes_per_step"] == {"intra": 0, "inter": 0} and row["codec_ms"] > 0
-    # the wrappers are gone afterwards
-    assert collectives.encode_chunks.__module__ == collectives.__name__
-    assert not hasattr(collectives.CommHandle.wait, "__wrapped__")
 
 
 def test_recorder_separates_codec_inside_waits():
-    rec = train_bench.Recorder(train_bench.torch.device("cpu"))
-    codec = rec.wrap_codec("decode_sum", lambda: time.sleep(0.05))
+    rec = train_bench.Recorder(torch.device("cpu"))
 
-    def transfer_then_decode(_handle):
-        time.sleep(0.1)
-        codec()
+    def codec(name: str = "decode_sum", seconds: float = 0.05) -> None:
+        with timing.region("codec", name):
+            time.sleep(seconds)
 
-    wait = rec.wrap_wait(transfer_then_decode)
-    rec.active, rec.phase = True, "optimizer"
-    codec()  # outside any wait
-    wait(None)
-    rec.active = False
-    codec()  # not recorded
+    def transfer_then_decode() -> None:
+        with timing.region("wait", "comm"):
+            time.sleep(0.1)
+            codec()
+
+    def pack_inside_encode() -> None:  # nested steps count once, as the outermost
+        with timing.region("codec", "encode_chunks"):
+            codec("pack_messages", 0.02)
+
+    with timing.installed(rec):
+        rec.active, rec.phase = True, "optimizer"
+        codec()  # outside any wait
+        transfer_then_decode()
+        pack_inside_encode()
+        rec.active = False
+        codec()  # not recorded
+    codec()  # no timer installed any more
     t = rec.totals()
-    assert t["codec"] == pytest.approx(0.1, abs=0.03) and t["codec:decode_sum"] == t["codec"]
+    assert t["codec"] == pytest.approx(0.12, abs=0.03) and t["codec:decode_sum"] == pytest.approx(0.1, abs=0.03)
+    assert t["codec:encode_chunks"] == pytest.approx(0.02, abs=0.015) and "codec:pack_messages" not in t
     assert t["exposed"] == pytest.approx(0.1, abs=0.03) and t["exposed:optimizer"] == t["exposed"]
+    assert rec.calls == {"decode_sum": 2, "encode_chunks": 1}
+
+
+def test_results_default_under_runs_bench_of_the_current_directory(tmp_path, monkeypatch, capsys):
+    """Without --out the JSON lands in ./runs/bench/ (ignored by git), never in benchmarks/results/,
+    and the run says where."""
+    monkeypatch.chdir(tmp_path)
+    assert train_bench.main(["--models", "tiny", "--steps", "1", "--warmup", "0", "--micro-batch", "1",
+                             "--seq-len", "16", "--presets", "baseline"]) == 0
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.json"))
+    assert [str(p.parent) for p in written] == ["runs/bench"] and written[0].name.startswith("bench-train-")
+    assert f"wrote {written[0]}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [

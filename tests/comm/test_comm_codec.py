@@ -1,11 +1,12 @@
-"""Pure parts of the comm layer (one process): wire layout helpers, seeds, byte accounting, stats."""
+"""Pure parts of the comm layer (one process): wire layout helpers, seeds, byte accounting, stats,
+the timing hooks of the codec steps."""
 
 from __future__ import annotations
 
 import torch
 
 from halfbyte import comm, quant
-from halfbyte.comm import CommStats, chunk_numel, rank_seed
+from halfbyte.comm import CommStats, chunk_numel, rank_seed, timing
 from halfbyte.quant import to_message_major, to_section_major
 from halfbyte.quant import QuantSpec
 
@@ -60,3 +61,69 @@ def test_comm_stats_totals_and_summary():
     assert summary["calls"] == 3 and abs(summary["saved_MB"] - (128 - 38) / 1e6) < 1e-12
     stats.reset()
     assert stats.totals() == {"intra": 0, "inter": 0} and stats.by_op() == {}
+
+
+class _Log:
+    """A timing.Timer that records what it is told."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def begin(self, kind: str, name: str) -> str:
+        self.events.append(("begin", kind, name))
+        return name
+
+    def end(self, token: str) -> None:
+        self.events.append(("end", token))
+
+
+def test_timing_regions_reach_the_timer_installed_when_they_began():
+    outer, inner = _Log(), _Log()
+    with timing.region("codec", "encode_chunks"):  # nothing installed: a no-op
+        pass
+    with timing.installed(outer):
+        with timing.region("codec", "encode_chunks"):
+            with timing.installed(inner):
+                with timing.region("wait", "comm"):
+                    pass
+    with timing.region("codec", "decode_sum"):  # uninstalled again
+        pass
+    assert outer.events == [("begin", "codec", "encode_chunks"), ("end", "encode_chunks")]
+    assert inner.events == [("begin", "wait", "comm"), ("end", "comm")]
+
+
+def test_every_codec_step_reports_itself():
+    """Each name in timing.CODEC_STEPS is a function of the collectives whose call is one region of
+    that name (the outermost), so a profiler sees the step whoever calls it and however imported."""
+    spec, intra, inter = QuantSpec(4), QuantSpec(8, hadamard=32), QuantSpec(4, hadamard=32)
+    full, W, M, L = torch.randn(4 * 256), 4, 2, 2
+    sends = comm.encode_chunks(full, spec, W, None)
+    cp = inter.padded_numel(chunk_numel(full.numel(), W))
+    first = comm.encode_two_level(full, intra, inter, M, L, None)
+    gathered = torch.stack([comm.encode_shard(full[:256], spec, None)] * 2)
+    calls = {
+        "pack_messages": lambda: comm.pack_messages(full.view(4, 256), spec, seed=None),
+        "encode_chunks": lambda: comm.encode_chunks(full, spec, W, None),
+        "decode_chunks": lambda: comm.decode_chunks(sends, spec, full.numel()),
+        "decode_sum": lambda: comm.decode_sum(sends, spec, 256, W),
+        "encode_two_level": lambda: comm.encode_two_level(full, intra, inter, M, L, None),
+        "middle_hop": lambda: comm.middle_hop(first, intra, inter, M, cp, None),
+        "encode_shard": lambda: comm.encode_shard(full[:256], spec, None),
+        "decode_gathered": lambda: comm.decode_gathered(gathered, spec, 256, torch.empty(512)),
+    }
+    assert set(calls) == set(timing.CODEC_STEPS)
+    for name, call in calls.items():
+        log = _Log()
+        with timing.installed(log):
+            call()
+        assert log.events[0] == ("begin", "codec", name) and log.events[-1] == ("end", name), log.events
+
+
+def test_a_handle_reports_its_first_wait():
+    log = _Log()
+    received = comm.encode_chunks(torch.ones(256), QuantSpec(4), 1, None)
+    handle = comm.CommHandle(None, lambda: comm.decode_sum(received, QuantSpec(4), 256, 1))
+    with timing.installed(log):
+        result = handle.wait()
+        assert handle.wait() is result  # done: the second wait neither waits nor reports
+    assert [e[:2] for e in log.events] == [("begin", "wait"), ("begin", "codec"), ("end", "decode_sum"), ("end", "comm")]
