@@ -1,6 +1,7 @@
 """`halfbyte bench comm`: time and bandwidth of each collective and mode on whatever ranks exist.
 
-Runs under torchrun (NCCL on CUDA) or, without a launcher, spawns `--workers N` local gloo processes.
+Runs under torchrun (NCCL on CUDA) or, without a launcher, spawns `--workers N` local gloo processes
+on the CPU (also where CUDA is available: N processes must not share one GPU through NCCL).
 For every size N (values of the full tensor: the reduce-scatter input, the all-gather output) and
 mode it reports, from rank 0 (time = slowest rank's mean over --iters calls; the sweep runs
 --repeats times and a record keeps the fastest pass, the least disturbed on a shared machine):
@@ -13,7 +14,8 @@ The JSON is {"meta": {...}, "records": [...]}. A record is self-describing, so t
 `halfbyte simulate --calibrate` prices it with the cost model directly: collective, mode (a label),
 spec / intra_spec (QuantSpec fields, or null for the uncompressed dtype; intra_spec only for the
 two-level reduce-scatter), dtype_bytes (uncompressed element bytes), nodes, gpus_per_node, numel,
-seconds (fastest pass) and seconds_repeats (every pass).
+seconds (fastest pass) and seconds_repeats (every pass). It goes to --out, by default
+runs/bench/comm-<device type>-<backend>-<M>x<L>.json under the current directory.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from halfbyte.bench import DEFAULT_RESULTS_DIR
 from halfbyte.comm import (
     all_gather_q,
     build_topology,
@@ -77,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1,
                    help="passes over the whole sweep; a record keeps the fastest and lists all")
     p.add_argument("--out", type=Path, default=None,
-                   help="JSON path (default benchmarks/results/comm-<device>-<backend>-<M>x<L>.json)")
+                   help=f"JSON path (default {DEFAULT_RESULTS_DIR}/comm-<device>-<backend>-<M>x<L>.json)")
     return p
 
 
@@ -146,7 +149,7 @@ def _cpu_name() -> str:
 
 
 def _bench(args: argparse.Namespace, command: str) -> None:
-    init_process_group_from_env()
+    init_process_group_from_env()  # torchrun: the default backend; spawned workers already have gloo
     topo = build_topology(args.gpus_per_node)
     on_gpu = topo.device.type == "cuda"
     sizes = args.sizes or ([2**20 * k for k in (1, 4, 16, 64, 256)] if on_gpu else [2**16, 2**20])
@@ -166,8 +169,8 @@ def _bench(args: argparse.Namespace, command: str) -> None:
     records = [make_record(*case, topo.nodes, topo.gpus_per_node, seconds[case], wire[case]) for case in cases]
     _print_table(records, topo)
     device = torch.cuda.get_device_name(topo.device) if on_gpu else _cpu_name()
-    out = args.out or Path("benchmarks/results") / \
-        f"comm-{topo.device.type}-{topo.backend}-{topo.nodes}x{topo.gpus_per_node}.json"
+    layout = f"{topo.device.type}-{topo.backend}-{topo.nodes}x{topo.gpus_per_node}"
+    out = args.out or DEFAULT_RESULTS_DIR / f"comm-{layout}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "command": command, "backend": topo.backend, "device": device, "world_size": topo.world_size,
@@ -212,5 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     if "RANK" in os.environ:
         _bench(args, command)
     else:
-        spawn(_bench, args.workers, args, command, backend=None, timeout_s=3600)
+        # CPU workers, whatever the host has: left to the default backend, each would pick NCCL and
+        # cuda:<rank> where CUDA is available, which on a one-GPU host does not exist past rank 0
+        spawn(_bench, args.workers, args, command, backend="gloo", timeout_s=3600)
     return 0

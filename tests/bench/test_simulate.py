@@ -109,8 +109,9 @@ def test_compute_from_reads_the_baseline_row_of_bench_train(tmp_path, capsys):
     """--compute-from: the measured phases minus their waits, the optimizer rescaled to the target
     data-parallel size, tokens per step from the measured per-rank batch."""
     path = tmp_path / "train.json"
-    assert train_bench.main(["--steps", "1", "--warmup", "0", "--micro-batch", "2", "--seq-len", "16",
-                             "--presets", "baseline", "--out", str(path)]) == 0
+    # the model named: left to the default, a CUDA host would bench 125m, and no tiny row would exist
+    assert train_bench.main(["--models", "tiny", "--steps", "1", "--warmup", "0", "--micro-batch", "2",
+                             "--seq-len", "16", "--presets", "baseline", "--out", str(path)]) == 0
     (row,) = json.loads(path.read_text())["rows"]
     waits = row["exposed_comm_ms_by_phase"]
     fwd, bwd = row["forward_ms"] - waits["forward"], row["backward_ms"] - waits["backward"]
