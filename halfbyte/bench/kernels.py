@@ -338,8 +338,8 @@ def _sm_clock_mhz() -> int | None:
 
 
 def run(sizes: list[int], *, with_reference: bool, sweep: bool, rep_ms: float, repeats: int, only: str | None,
-        warmup_s: float) -> tuple[list[Row], dict]:
-    """Every kernel at every size; returns the rows and what the warm-up saw."""
+        warmup_s: float, on_row: Callable[[list[Row], dict], None]) -> list[Row]:
+    """Every kernel at every size; on_row(rows so far, what the warm-up saw) after each row."""
     from halfbyte.quant import triton_kernels as tk
 
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
@@ -375,10 +375,11 @@ def run(sizes: list[int], *, with_reference: bool, sweep: bool, rep_ms: float, r
                 row = make_row(case, name, times["kernel"], times["copy"], times["eager"], calls, ref_ms)
                 rows.append(row)
                 print(_fmt_row(row), flush=True)
+                on_row(rows, warm_info)
                 del kernel, copy  # their graphs hold the outputs of every captured call
             del case
         torch.cuda.empty_cache()
-    return rows, warm_info
+    return rows
 
 
 # ---- reporting ----------------------------------------------------------------------------------
@@ -528,18 +529,26 @@ def main(argv: list[str]) -> int:
     md = args.md or out.with_suffix(".md")
     command = "halfbyte bench kernels " + " ".join(argv)
     print(f"{device} | torch {torch.__version__} | triton {triton.__version__}", flush=True)
-    rows, warm = run(args.sizes, with_reference=not args.no_reference, sweep=args.sweep, rep_ms=args.rep_ms,
-                     repeats=args.repeats, only=args.only, warmup_s=args.warmup_s)
     meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__,
             "python": platform.python_version(), "command": command.strip(),
             "bandwidth": "TB/s = (bytes read + bytes written) / time", "repeats": args.repeats,
-            "rep_ms": args.rep_ms, "warmup": warm,
+            "rep_ms": args.rep_ms,
             "timing": "device: CUDA-graph replay of `calls` calls; eager: the same calls launched one by one; "
                       "medians and min/max over interleaved repeats"}
     out.parent.mkdir(parents=True, exist_ok=True)
     md.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
-    md.write_text(to_markdown(meta, rows))
+
+    def write(rows: list[Row], warm: dict) -> None:
+        # after every row: a run stopped by a time limit keeps what it measured
+        done = {**meta, "warmup": warm}
+        out.write_text(json.dumps({**done, "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
+        md.write_text(to_markdown(done, rows))
+
+    rows = run(args.sizes, with_reference=not args.no_reference, sweep=args.sweep, rep_ms=args.rep_ms,
+               repeats=args.repeats, only=args.only, warmup_s=args.warmup_s, on_row=write)
+    if not rows:
+        print(f"halfbyte bench kernels: no kernel matches --only {args.only!r}", file=sys.stderr)
+        return 2
     print(f"wrote {out} and {md}")
     if old_rows is not None:
         lines, agree = compare(old_rows, rows, args.tolerance)

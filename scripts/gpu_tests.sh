@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The whole test suite, CPU and GPU tests, on a GPU machine: run it whenever a change touches the
+# kernels, the engine or comm, and record the counts it prints with the change.
+#
+#   bash scripts/gpu_tests.sh [LOG] [pytest options...]     # from anywhere; LOG defaults to gpu-tests.log
+#   JOBS=4 bash scripts/gpu_tests.sh ...                      # pytest-xdist workers (default 8; 0: serial)
+#
+# CI (no GPU) skips every test marked `gpu`; here they run next to the CPU tests. The source tree is
+# put first on PYTHONPATH, so nothing needs installing on the machine (its torch, Triton and pytest
+# are used). pytest-xdist runs the tests in parallel when it is installed, else they run serially.
+# Prints pytest's summary and the number of GPU tests; exits with pytest's status (non-zero on any
+# failure, 2 when the machine has no usable GPU).
+set -uo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LOG=${1:-gpu-tests.log}
+shift $(( $# > 0 ? 1 : 0 ))
+case "$LOG" in /*) ;; *) LOG="$PWD/$LOG" ;; esac
+PY=${PYTHON:-python3}
+cd "$ROOT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# never NVLink multicast on shared hosts (see the machine notes); harmless elsewhere
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "gpu_tests.sh: no CUDA GPU visible to $PY (torch.cuda.is_available() is False); on a CPU machine run: python -m pytest -q" >&2
+  exit 2
+fi
+"$PY" -c "import torch, triton; print(f'torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}')" \
+  || echo "gpu_tests.sh: Triton is not importable: the Triton tests will be skipped" >&2
+
+PARALLEL=()
+JOBS=${JOBS:-8}
+if [ "$JOBS" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
+  PARALLEL=(-n "$JOBS")
+elif [ "$JOBS" != 0 ]; then
+  echo "gpu_tests.sh: pytest-xdist is not installed: running serially" >&2
+fi
+
+GPU_COUNT=$("$PY" -m pytest -q --collect-only -m gpu "$@" 2>/dev/null | tail -n 1)
+"$PY" -m pytest -q "${PARALLEL[@]}" "$@" 2>&1 | tee "$LOG"
+status=${PIPESTATUS[0]}
+echo "gpu_tests.sh: GPU tests collected: ${GPU_COUNT:-unknown}; log: $LOG; pytest exit status $status"
+exit "$status"
