@@ -71,14 +71,17 @@ class CommStats:
     _baseline: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     _calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
-    def record(self, op: str, sent: dict[str, int], baseline: dict[str, int] | None = None) -> None:
+    def record(self, op: str, sent: dict[str, int], baseline: dict[str, int] | None = None,
+               calls: int = 1) -> None:
+        """Add `calls` calls of `op` that sent `sent` bytes per link class together (`baseline`: what
+        they would have sent uncompressed; default `sent`)."""
         unknown = set(sent) - set(LINKS)
         if unknown:
             raise ValueError(f"CommStats.record: link classes must be {LINKS}, got {sorted(unknown)}")
         for link, n in sent.items():
             self._bytes[op][link] += int(n)
         self._baseline[op] += int(sum((baseline or sent).values()))
-        self._calls[op] += 1
+        self._calls[op] += calls
 
     def totals(self) -> dict[str, int]:
         """Bytes sent per link class over all ops."""

@@ -122,6 +122,12 @@ class CommConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CommConfig:
+        """The inverse of to_dict (e.g. from a checkpoint's JSON)."""
+        specs = ("weight_spec", "grad_spec", "grad_intra_spec")
+        return cls(**{k: (QuantSpec(**v) if k in specs and v is not None else v) for k, v in d.items()})
+
 
 def _int4_weights() -> QuantSpec:
     return QuantSpec(bits=4, group_size=2048, symmetric=True, rounding="stochastic")
