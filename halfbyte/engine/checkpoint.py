@@ -1,92 +1,368 @@
-"""Engine checkpoints with torch.distributed.checkpoint (DCP), written atomically.
+"""Checkpoints: one format for every world and engine, keyed by parameter name, written atomically.
 
-Layout of a checkpoint directory:
-  DCP files     replica buckets (identical on every rank, written once), each rank's master shards
-                and AdamW state, each rank's RNG states and `extra` dict, the model's buffers
-  meta.json     what the checkpoint belongs to: parameter names/shapes, world size, comm config,
-                bucket layout, step counters
-  COMPLETE      written last; a directory without it never loads
+A checkpoint is a torch.distributed.checkpoint (DCP) directory whose keys follow what FSDP2 with
+torch.optim produces through `torch.distributed.checkpoint.state_dict` (flattened optimizer state):
 
-All ranks write into `<path>.tmp`; after a barrier rank 0 moves it to `<path>` and writes COMPLETE.
-On several hosts `path` must be on a shared filesystem.
+  model.<fqn>                          fp32 master weights of trainable params (full shape, saved in
+                                       the pieces each rank owns); frozen params and buffers as is
+  optimizer.state.<fqn>.exp_avg        AdamW moments, same pieces; `.step` the optimizer step count
+  optimizer.state.<fqn>.exp_avg_sq
+  optimizer.param_groups.<fqn>.<key>   lr, betas, eps, weight_decay
+  replica.<fqn>                        the compute-dtype replica every rank holds (under qWD it lags
+                                       the master by one step's quantization error: resuming needs it)
+  halfbyte.engine                      step counters, seed, comm config, layout
+  halfbyte.rng.<process>               this process's RNG states
+  extra                                the caller's dict (data position, ...), identical on every rank
+plus meta.json (what the checkpoint belongs to, readable without DCP) and COMPLETE, written last.
+
+Because every tensor is addressed by parameter name and position inside the parameter, DCP reshards
+on load: a checkpoint written by W ranks resumes on any other number of ranks, real or virtual (the
+pieces a rank owns are contiguous ranges of a flat bucket, described to DCP as the rectangular
+blocks they decompose into). The RNG states are restored only on the same layout of processes.
+Several engines can share one checkpoint under key prefixes (islands of local updates).
+
+Run directories (`<run>/checkpoints/step_000100/`): `step_dir`, `complete_checkpoints`, `rotate`.
+All ranks write into `<path>.tmp`; after a barrier the leader writes meta.json, moves it to `<path>`
+and writes COMPLETE. On several hosts `path` must be on a shared filesystem.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import shutil
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+from halfbyte.comm.config import CommConfig
+from halfbyte.engine.buffers import Bucket
 
 if TYPE_CHECKING:
     from halfbyte.engine.sharded import ShardedDataParallel
+    from halfbyte.engine.world import World
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MARKER = "COMPLETE"
+META = "meta.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded here: the message says why and that nothing was changed."""
+
+
+# ---- pieces of a parameter-shaped tensor --------------------------------------------------------
+def flat_blocks(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
+    """Split the flat range [start, stop) of a row-major tensor of `shape` into rectangular blocks
+    (offsets, sizes, flat start). Every block is contiguous in memory; there are at most
+    2 * len(shape) - 1 of them."""
+    if start >= stop:
+        return []
+    if len(shape) <= 1:
+        return [((start,) * len(shape), (stop - start,) * len(shape), start)]
+    inner = math.prod(shape[1:])
+    row = start // inner
+    if row == (stop - 1) // inner and stop - start < inner:  # inside one row
+        return [((row, *o), (1, *s), f + row * inner)
+                for o, s, f in flat_blocks(shape[1:], start - row * inner, stop - row * inner)]
+    row_start, row_stop = -(-start // inner) * inner, stop // inner * inner
+    blocks = flat_blocks(shape, start, row_start)  # the partial head row (none when aligned)
+    if row_stop > row_start:
+        blocks.append(((row_start // inner, *(0,) * (len(shape) - 1)),
+                       ((row_stop - row_start) // inner, *shape[1:]), row_start))
+    return blocks + flat_blocks(shape, row_stop, stop)  # the partial tail row
+
+
+class Pieces:
+    """A tensor of `shape` of which this process holds some flat ranges, each a 1-D view into its
+    own storage (e.g. a master shard). DCP sees the rectangular blocks the ranges decompose into,
+    through its checkpointable protocol, so a load into another set of ranges reshards."""
+
+    def __init__(self, shape: torch.Size, ranges: list[tuple[int, torch.Tensor]]) -> None:
+        """ranges: (flat start inside the tensor, 1-D view of the values from there)."""
+        self.shape = torch.Size(shape)
+        self.blocks: dict[tuple[int, ...], torch.Tensor] = {}
+        for start, view in ranges:
+            for offsets, sizes, flat in flat_blocks(tuple(self.shape), start, start + view.numel()):
+                self.blocks[offsets] = view[flat - start: flat - start + math.prod(sizes)].view(sizes)
+
+    def size(self) -> torch.Size:
+        return self.shape
+
+    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
+        return [ChunkStorageMetadata(offsets=torch.Size(o), sizes=b.shape) for o, b in self.blocks.items()]
+
+    def __create_write_items__(self, fqn: str, obj: Any) -> list[WriteItem]:
+        return [WriteItem(index=MetadataIndex(fqn, torch.Size(o)), type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(
+                              chunk=ChunkStorageMetadata(offsets=torch.Size(o), sizes=b.shape),
+                              properties=TensorProperties.create_from_tensor(b), size=self.shape))
+                for o, b in self.blocks.items()]
+
+    def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
+        return self.blocks[tuple(index.offset)]
+
+
+class _SavePlanner(DefaultSavePlanner):
+    def lookup_object(self, index: MetadataIndex) -> Any:
+        obj = self.state_dict[index.fqn]
+        return obj.__get_tensor_shard__(index) if isinstance(obj, Pieces) else super().lookup_object(index)
+
+
+class _LoadPlanner(DefaultLoadPlanner):
+    def set_up_planner(self, state_dict: dict[str, Any], metadata: Any = None, is_coordinator: bool = False) -> None:
+        pieces = {k: v for k, v in state_dict.items() if isinstance(v, Pieces)}
+        super().set_up_planner(state_dict, metadata, is_coordinator)
+        # DCP's set-up replaces values that are not tensors with None; the keys are flat already.
+        state_dict.update(pieces)
+        self.state_dict.update(pieces)
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        obj = self.state_dict[index.fqn]
+        return obj.__get_tensor_shard__(index) if isinstance(obj, Pieces) else super().lookup_tensor(index)
+
+
+def _add_ranges(ranges: dict[str, list[tuple[int, torch.Tensor]]], bucket: Bucket, rank: int, lo: int,
+                values: torch.Tensor) -> None:
+    """values: 1-D view of positions [lo, lo + len) of `rank`'s shard of `bucket`; add the part of
+    it that lies in each parameter (padding is dropped)."""
+    start = rank * bucket.shard_numel + lo  # bucket-flat position of values[0]
+    for name, p, offset in zip(bucket.names, bucket.params, bucket.offsets):
+        a, e = max(start, offset), min(start + values.numel(), offset + p.numel())
+        if a < e:
+            ranges[name].append((a - offset, values[a - start: e - start]))
+
+
+def _pieces(engine: ShardedDataParallel, ranges: dict[str, list[tuple[int, torch.Tensor]]]) -> dict[str, Pieces]:
+    shapes = {name: p.shape for b in engine.buckets for name, p in zip(b.names, b.params)}
+    return {name: Pieces(shapes[name], r) for name, r in ranges.items()}
+
+
+def shard_pieces(engine: ShardedDataParallel, rows: list[list[torch.Tensor]]) -> dict[str, Pieces]:
+    """{param fqn: Pieces} of per-(owned rank, bucket) flat shards shaped like engine.master
+    (master weights, AdamW moments, ...)."""
+    ranges: dict[str, list[tuple[int, torch.Tensor]]] = {n: [] for b in engine.buckets for n in b.names}
+    for rank, row in zip(engine.world.owned, rows):
+        for b, shard in zip(engine.buckets, row):
+            _add_ranges(ranges, b, rank, 0, shard)
+    return _pieces(engine, ranges)
+
+
+def vector_pieces(engine: ShardedDataParallel, parts: list[tuple[int, int, torch.Tensor]]) -> dict[str, Pieces]:
+    """{param fqn: Pieces} of vectors over the concatenated shards of an owned rank. parts:
+    (owned index j, position q0 in the concatenation of rank owned[j]'s shards of every bucket,
+    1-D tensor of the values from q0 on; values past the last shard are padding, dropped)."""
+    ranges: dict[str, list[tuple[int, torch.Tensor]]] = {n: [] for b in engine.buckets for n in b.names}
+    for j, q0, values in parts:
+        rank, offset = engine.world.owned[j], 0
+        for b in engine.buckets:  # bucket b's shard sits at [offset, offset + shard_numel)
+            a, e = max(q0, offset), min(q0 + values.numel(), offset + b.shard_numel)
+            if a < e:
+                _add_ranges(ranges, b, rank, a - offset, values[a - q0: e - q0])
+            offset += b.shard_numel
+    return _pieces(engine, ranges)
+
+
+# ---- one engine's state -------------------------------------------------------------------------
+@dataclass
+class _Template:
+    """The DCP state dict of one engine: tensors that DCP fills in place, plus the byte entries."""
+
+    tensors: dict[str, Any]
+    entries: dict[str, Any]
 
 
 def engine_meta(engine: ShardedDataParallel) -> dict[str, Any]:
+    w = engine.world
     return {
-        "format": FORMAT_VERSION,
-        "world_size": engine.topo.world_size,
         "params": [[n, list(p.shape)] for b in engine.buckets for n, p in zip(b.names, b.params)],
         "comm": json.loads(json.dumps(engine.comm.to_dict())),
         "comm_describe": engine.comm.describe(),
-        "buckets": [[len(b.params), b.shard_numel] for b in engine.buckets],
-        "dtype": str(engine.buckets[0].replica.dtype),
+        "dtype": str(engine.buckets[0].replica.dtype).removeprefix("torch."),
+        "world": {"nodes": w.nodes, "gpus_per_node": w.gpus_per_node, "virtual": w.defers_gradients},
         "step_count": engine.step_count,
         "skipped_steps": engine.skipped_steps,
+        "seed": engine.seed,
     }
 
 
-def _state(engine: ShardedDataParallel, extra: Any) -> dict[str, Any]:
-    """The DCP state dict; rank-local entries carry the rank in their key so DCP keeps them all."""
-    r = engine.topo.rank
-    state: dict[str, Any] = {f"replica.{b.index}": b.replica for b in engine.buckets}
-    for k, (m, ea, eas) in enumerate(zip(engine.master, engine.exp_avg, engine.exp_avg_sq)):
-        state[f"master.{k}.rank{r}"] = m
-        state[f"exp_avg.{k}.rank{r}"] = ea
-        state[f"exp_avg_sq.{k}.rank{r}"] = eas
-    persistent = engine.module.state_dict(keep_vars=True)
-    for name, buf in engine.module.named_buffers():
-        if name in persistent:
-            state[f"buffer.{name}"] = buf
-    state[f"rng.cpu.rank{r}"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        state[f"rng.cuda.rank{r}"] = torch.cuda.get_rng_state()
-    state[f"extra.rank{r}"] = pickle.dumps(extra)  # bytes: DCP would flatten a dict into its keys
-    return state
+def _process_key(world: World) -> str:
+    """Which process's RNG: real rank r, or the one process of virtual ranks."""
+    return "virtual" if world.defers_gradients else f"rank{world.owned[0]}"
 
 
-def save_checkpoint(engine: ShardedDataParallel, path: str | Path, extra: dict) -> None:
-    """Save the whole training state plus the caller's `extra` (data position, ...) to `path`.
-    Collective: every rank calls it. Replaces an existing checkpoint at `path` only once the new
-    one is complete."""
-    if any(w is not None for w in engine._grad_work):
-        raise RuntimeError("save_checkpoint() while gradient reduce-scatters are in flight: call "
-                           "step() first")
-    engine.wait_weights()
+def _template(engine: ShardedDataParallel, prefix: str) -> _Template:
+    model, o = engine.module, engine.optim
+    tensors: dict[str, Any] = {}
+    masters = shard_pieces(engine, engine.master)
+    moments = {m: shard_pieces(engine, getattr(engine, m)) for m in ("exp_avg", "exp_avg_sq")}
+    canonical = {id(p): name for b in engine.buckets for name, p in zip(b.names, b.params)}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in canonical:  # trainable; a tied alias gets the same pieces, as torch lists both
+            tensors[f"{prefix}model.{name}"] = masters[canonical[id(t)]]
+        elif isinstance(t, torch.Tensor):
+            tensors[f"{prefix}model.{name}"] = t.data  # frozen params and persistent buffers
+    entries: dict[str, Any] = {f"{prefix}halfbyte.engine": engine_meta(engine)}
+    for b in engine.buckets:
+        for i, name in enumerate(b.names):
+            tensors[f"{prefix}replica.{name}"] = b.param_view(b.replica, i)
+            state = f"{prefix}optimizer.state.{name}"
+            tensors[f"{state}.exp_avg"] = moments["exp_avg"][name]
+            tensors[f"{state}.exp_avg_sq"] = moments["exp_avg_sq"][name]
+            tensors[f"{state}.step"] = torch.tensor(float(engine.step_count))
+            for key, value in (("lr", o.lr), ("betas", tuple(o.betas)), ("eps", o.eps),
+                               ("weight_decay", o.weight_decay)):
+                entries[f"{prefix}optimizer.param_groups.{name}.{key}"] = value
+    return _Template(tensors, entries)
+
+
+def save(path: str | Path, engines: dict[str, ShardedDataParallel], extra: dict[str, Any],
+         world: World, more: dict[str, Any] | None = None) -> None:
+    """Save every engine (key prefix -> engine; "" for a plain run), the caller's `extra` and `more`
+    (further DCP entries: tensors, Pieces, picklable values) to the directory `path`. Collective
+    over `world` (the world every process of the run is in). Replaces an existing checkpoint at
+    `path` only once the new one is complete."""
+    for engine in engines.values():
+        if engine.in_flight:
+            raise RuntimeError("checkpoint save while gradient reductions are in flight: call step() first")
+        engine.wait_weights()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    group = engine.topo.world_group
-    is_rank0 = engine.topo.rank == 0
-    if is_rank0:
+    if world.leader:
         shutil.rmtree(tmp, ignore_errors=True)  # left over from a run that died mid-save
         tmp.mkdir(parents=True)
-    dist.barrier(group=group)
-    dcp.save(_state(engine, dict(extra)), checkpoint_id=str(tmp), process_group=group)
-    dist.barrier(group=group)
-    if is_rank0:
-        (tmp / "meta.json").write_text(json.dumps(engine_meta(engine), indent=1))
+    _barrier(world)
+    state: dict[str, Any] = {"extra": dict(extra), **(more or {})}
+    for prefix, engine in engines.items():
+        t = _template(engine, prefix)
+        state |= t.tensors | t.entries
+    first = next(iter(engines.values()))
+    state[f"halfbyte.rng.{_process_key(first.world)}"] = _rng_state()
+    _dcp(dcp.save, _pickle_dicts(state), tmp, world, _SavePlanner())
+    _barrier(world)
+    metas = _gather_metas(engines, world)
+    if world.leader:
+        meta = {"format": FORMAT_VERSION, "engines": metas, "extra": _json_safe(extra)}
+        (tmp / META).write_text(json.dumps(meta, indent=1))
         publish(tmp, path)
-    dist.barrier(group=group)
+    _barrier(world)
 
 
+def load(path: str | Path, engines: dict[str, ShardedDataParallel], world: World,
+         more: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore what `save` wrote into `engines` (the same prefixes) and `more` (tensors and Pieces
+    filled in place, other values replaced in the dict), and return `extra`. Raises
+    CheckpointError, before any tensor is read, when the checkpoint is incomplete, corrupt, or was
+    written for a different model or comm config; another number of ranks is resharded."""
+    path = Path(path)
+    meta = read_meta(path)
+    saved, current = meta["engines"], _gather_metas(engines, world)
+    if set(saved) != set(current):
+        raise CheckpointError(f"checkpoint {path} holds {len(saved)} engine(s) ({_names(saved)}), this run "
+                              f"has {len(current)} ({_names(current)}): the number of islands differs; "
+                              "nothing was loaded")
+    for prefix, engine in engines.items():
+        check_compatible(saved[prefix], engine_meta(engine), path)
+        if engine.in_flight:
+            raise RuntimeError("checkpoint load while gradient reductions are in flight")
+        engine.wait_weights()
+    state: dict[str, Any] = {"extra": {}, **(more or {})}
+    for prefix, engine in engines.items():
+        state |= _template(engine, prefix).tensors  # the byte entries are meta.json's, read above
+    first = next(iter(engines.values()))
+    rng_key = f"halfbyte.rng.{_process_key(first.world)}"
+    same_layout = all(saved[p]["world"] == engine_meta(e)["world"] for p, e in engines.items())
+    if same_layout:
+        state[rng_key] = {}
+    try:
+        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} has an unreadable DCP .metadata ({type(e).__name__}): it "
+                              "is damaged; nothing was loaded") from None
+    missing = sorted(k for k in state if k not in stored)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {len(missing)} entries this run needs (first: "
+                              f"{', '.join(missing[:3])}): it was written with other settings; nothing was loaded")
+    dict_keys = [k for k, v in state.items() if isinstance(v, dict)]
+    state = _pickle_dicts(state)
+    try:
+        _dcp(dcp.load, state, path, world, _LoadPlanner())
+    except Exception as e:  # DCP raises many kinds on damaged files; the message names the file
+        raise CheckpointError(f"checkpoint {path} could not be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'no message'}): it is damaged") from e
+    for k in dict_keys:
+        state[k] = pickle.loads(state[k])
+    if same_layout:
+        _set_rng_state(state[rng_key])
+    if more is not None:
+        more |= {k: state[k] for k in more}
+    for prefix, engine in engines.items():
+        engine.step_count = saved[prefix]["step_count"]
+        engine.skipped_steps = saved[prefix]["skipped_steps"]
+        engine.zero_grad()
+        engine.zero_padding_()  # a load fills the real values only
+    return state["extra"]
+
+
+def _gather_metas(engines: dict[str, ShardedDataParallel], world: World) -> dict[str, Any]:
+    """{prefix: engine_meta} of every engine of every process (islands live in different processes)."""
+    mine = {p: engine_meta(e) for p, e in engines.items()}
+    if world.process_group is None:
+        return mine
+    every: list[Any] = [None] * dist.get_world_size(world.process_group)
+    dist.all_gather_object(every, mine, group=world.process_group)
+    return {p: m for metas in every for p, m in sorted(metas.items())}
+
+
+def _names(d: dict[str, Any]) -> str:
+    return ", ".join(repr(k) for k in d) or "none"
+
+
+def _dcp(fn: Any, state: dict[str, Any], path: Path, world: World, planner: Any) -> None:
+    group = world.process_group
+    if group is None:
+        with warnings.catch_warnings():  # DCP warns that no_dist means a single process: it does
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            fn(state, checkpoint_id=str(path), planner=planner, no_dist=True)
+    else:
+        fn(state, checkpoint_id=str(path), planner=planner, process_group=group)
+
+
+def _barrier(world: World) -> None:
+    if world.process_group is not None:
+        dist.barrier(group=world.process_group)
+
+
+def _pickle_dicts(state: dict[str, Any]) -> dict[str, Any]:
+    """Dict values travel as pickled bytes: DCP would flatten a dict into one key per item."""
+    return {k: pickle.dumps(v) if isinstance(v, dict) else v for k, v in state.items()}
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=repr))
+
+
+# ---- the directory ------------------------------------------------------------------------------
 def publish(tmp: Path, path: Path) -> None:
     """Put the fully written directory `tmp` at `path` (moving an existing one aside first) and only
     then write the completion marker: a save interrupted at any point never loads as valid."""
@@ -99,48 +375,84 @@ def publish(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(engine: ShardedDataParallel, path: str | Path) -> dict:
-    """Restore the state saved by save_checkpoint and return this rank's `extra`. Raises
-    ValueError, before reading any tensor, when the checkpoint is incomplete or was written for a
-    different model, world size, comm config or bucket layout."""
+def read_meta(path: Path) -> dict[str, Any]:
+    """meta.json of a complete checkpoint; CheckpointError naming what is wrong otherwise."""
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a file, not a checkpoint directory")
+    if not (path / MARKER).is_file():
+        raise CheckpointError(f"checkpoint {path} is missing or incomplete (no {MARKER} marker): it was "
+                              "never finished, e.g. the run stopped while saving")
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path} has an unreadable {META} ({type(e).__name__}): "
+                              "it is damaged; nothing was loaded") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION or "engines" not in meta:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"checkpoint {path} has format {found!r}, this version reads {FORMAT_VERSION}; "
+                              "nothing was loaded")
+    if not (path / ".metadata").is_file():
+        raise CheckpointError(f"checkpoint {path} has no DCP .metadata file: it is damaged; nothing was loaded")
+    return meta
+
+
+def verify(path: str | Path) -> dict[str, Any]:
+    """Check a checkpoint without loading it: complete, readable metadata, and every data file at
+    least as long as the metadata says. Returns meta.json; CheckpointError naming the damage."""
     path = Path(path)
-    if not (path / MARKER).exists():
-        raise ValueError(f"checkpoint {path} is missing or incomplete (no {MARKER} marker): it was "
-                         "never finished, e.g. the run stopped while saving")
-    saved = json.loads((path / "meta.json").read_text())
-    check_compatible(saved, engine_meta(engine), path)
-
-    if any(w is not None for w in engine._grad_work):
-        raise RuntimeError("load_checkpoint() while gradient reduce-scatters are in flight")
-    engine.wait_weights()
-    r = engine.topo.rank
-    state = _state(engine, None)
-    dcp.load(state, checkpoint_id=str(path), process_group=engine.topo.world_group)
-    torch.set_rng_state(state[f"rng.cpu.rank{r}"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state(state[f"rng.cuda.rank{r}"])
-    engine.step_count = saved["step_count"]
-    engine.skipped_steps = saved["skipped_steps"]
-    engine.zero_grad()
-    return pickle.loads(state[f"extra.rank{r}"])
+    meta = read_meta(path)
+    try:
+        stored = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # a garbage .metadata fails to unpickle in many ways
+        raise CheckpointError(f"checkpoint {path} has an unreadable DCP .metadata ({type(e).__name__}): it is "
+                              "damaged; nothing was loaded") from None
+    needed: dict[str, int] = {}
+    for info in (stored.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = path / name
+        have = file.stat().st_size if file.is_file() else -1
+        if have < size:
+            what = "is missing" if have < 0 else f"has {have} of its {size} bytes"
+            raise CheckpointError(f"checkpoint {path}: {name} {what}: it is damaged; nothing was loaded")
+    return meta
 
 
-def check_compatible(saved: dict, current: dict, path: Path) -> None:
-    if saved.get("format") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {path} has format {saved.get('format')!r}, this version reads "
-                         f"{FORMAT_VERSION}")
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """CheckpointError unless the checkpoint holds the same model (names, shapes) and comm config."""
     if saved["params"] != current["params"]:
         ours = {n: s for n, s in current["params"]}
         theirs = {n: s for n, s in saved["params"]}
         diff = sorted(set(ours) ^ set(theirs)) or sorted(n for n in ours if ours[n] != theirs[n])
-        raise ValueError(f"checkpoint {path} is from a different model: parameter names/shapes "
-                         f"differ (first differences: {diff[:5]})")
-    if saved["world_size"] != current["world_size"]:
-        raise ValueError(f"checkpoint {path} was written by {saved['world_size']} ranks, this run "
-                         f"has {current['world_size']}: optimizer shards cannot be re-split")
-    if saved["comm"] != current["comm"]:
-        raise ValueError(f"checkpoint {path} was written with comm config "
-                         f"'{saved['comm_describe']}', this run uses '{current['comm_describe']}'")
-    if saved["buckets"] != current["buckets"] or saved["dtype"] != current["dtype"]:
-        raise ValueError(f"checkpoint {path} has a different bucket layout or dtype (bucket_numel "
-                         "or the model's dtype changed)")
+        raise CheckpointError(f"checkpoint {path} is from a different model: parameter names/shapes "
+                              f"differ (first differences: {diff[:5]}); nothing was loaded")
+    # The same config on another layout is the same run, so compare them as on one node (where
+    # two-level gradients run one level with the inter-node codec: CommConfig.for_nodes).
+    def one_node(d: dict[str, Any]) -> CommConfig:
+        return CommConfig.from_dict(d).for_nodes(1)[0]
+
+    if one_node(saved["comm"]) != one_node(current["comm"]):
+        raise CheckpointError(f"checkpoint {path} was written with comm config '{saved['comm_describe']}', "
+                              f"this run uses '{current['comm_describe']}'; nothing was loaded")
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    """Where the checkpoint of `step` lives under a run's checkpoint directory."""
+    return Path(root) / f"step_{step:06d}"
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith((".tmp", ".old"))
+                  and (p / MARKER).is_file())
+
+
+def rotate(root: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints under `root`; return what was deleted."""
+    doomed = complete_checkpoints(root)[:-keep] if keep > 0 else []
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)
+    return doomed

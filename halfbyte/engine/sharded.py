@@ -1,14 +1,15 @@
-"""ShardedDataParallel: a ZeRO-2 style distributed optimizer with quantized communication.
+"""ShardedDataParallel: a ZeRO-2 style distributed optimizer with quantized communication, written
+once over a World (real ranks of a torch.distributed job, or virtual ranks in one process).
 
 Every rank keeps a full replica of the model (its dtype) in flat buckets. Rank r owns shard r of
 every bucket: the fp32 master weights and AdamW state for it, nothing else. One training step:
 
-  backward   a post-accumulate-grad hook marks params ready; a full bucket launches its (quantized)
-             reduce-scatter asynchronously, in bucket order, overlapping the rest of backward
-  step()     wait the reduce-scatters -> averaged fp32 grad shard -> global grad norm (one scalar
-             all-reduce) -> clip -> skip everywhere if non-finite -> per bucket, last first (the
-             next forward's order): AdamW on its master shard, launch its weight all-gather
-             (full / direct / qwd)
+  backward   real ranks: a post-accumulate-grad hook marks params ready; a full bucket launches its
+             (quantized) reduce-scatter asynchronously, in bucket order, overlapping the rest of
+             backward. Virtual ranks: each rank's block (`as_rank(r)`) ends by sending its buckets.
+  step()     the averaged fp32 grad shards -> global grad norm -> clip -> skip everywhere if
+             non-finite -> per bucket, last first (the next forward's order): AdamW on its master
+             shards, launch its weight all-gather (full / direct / qwd)
   forward    pre-hooks wait for the all-gathers of the buckets a module's params live in (prefetch)
 """
 
@@ -21,21 +22,19 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-import halfbyte.comm as hcomm
 from halfbyte.comm.accounting import CommStats
-from halfbyte.comm.topology import Topology
-from halfbyte.engine import seeds
-from halfbyte.engine.buffers import Bucket, build_buckets, register_grad_ready_hooks
-from halfbyte.engine.checkpoint import engine_meta, load_checkpoint, save_checkpoint
 from halfbyte.comm.config import CommConfig
+from halfbyte.comm.topology import Topology
+from halfbyte.engine import checkpoint, seeds
+from halfbyte.engine.buffers import Bucket, build_buckets, register_grad_ready_hooks
 from halfbyte.engine.config import AdamWConfig
 from halfbyte.engine.optim import adamw_, clip_
+from halfbyte.engine.world import ProcessGroupWorld, World
 
 logger = logging.getLogger(__name__)
 
@@ -47,25 +46,29 @@ class StepResult:
 
 
 class ShardedDataParallel:
-    """Wraps `model` (already on topo.device, in its compute dtype) for sharded data parallelism.
+    """Wraps `model` (already on the world's device, in its compute dtype) for sharded data
+    parallelism over `world` (a World, or a Topology for the real ranks of a torch.distributed job).
 
-    Usage per step:
+    Usage per step on real ranks:
         with engine.no_sync():             # optional gradient accumulation micro-batches
             loss_fn(model(x0)).backward()
         loss_fn(model(x1)).backward()      # the last micro-batch communicates
         result = engine.step(lr)           # StepResult(skipped, grad_norm)
         engine.zero_grad()
+    On a VirtualWorld every rank's backward passes run inside `with engine.as_rank(r):`, for
+    r = 0..W-1 in order (micro-batches inside one block accumulate), before step().
 
     Losses should be averaged over micro-batches by the caller, as with torch DDP; gradients are
     averaged over ranks here.
     """
 
-    def __init__(self, model: nn.Module, topo: Topology, optim: AdamWConfig = AdamWConfig(),
+    def __init__(self, model: nn.Module, world: World | Topology, optim: AdamWConfig = AdamWConfig(),
                  comm: CommConfig = CommConfig.preset("sdp4bit"), bucket_numel: int = 25_000_000,
                  grad_clip: float | None = 1.0, seed: int = 0) -> None:
-        validate_engine(model, topo, comm, grad_clip)  # before anything touches the network
+        world = ProcessGroupWorld(world) if isinstance(world, Topology) else world
+        validate_engine(model, world, comm, grad_clip)  # before anything touches the network
         self.module = model
-        self.topo = topo
+        self.world = world
         self.optim = optim
         self.comm = comm
         self.bucket_numel = bucket_numel
@@ -74,27 +77,22 @@ class ShardedDataParallel:
         self.step_count = 0  # optimizer steps taken (skipped ones excluded)
         self.skipped_steps = 0
 
-        self.buckets: list[Bucket] = build_buckets(model, bucket_numel, topo.world_size, comm.alignment)
+        self.buckets: list[Bucket] = build_buckets(model, bucket_numel, world.world_size, comm.alignment)
         self._slot: dict[nn.Parameter, tuple[Bucket, int]] = {
             p: (b, i) for b in self.buckets for i, p in enumerate(b.params)}
+        world.setup(self.buckets, comm)
+        self._check_same_layout()
+        # Start from the first rank's weights, frozen params and buffers everywhere, as torch DDP does.
+        frozen = [p.data for p in model.parameters() if not p.requires_grad]
+        world.broadcast_([b.replica for b in self.buckets] + frozen + [t.data for t in model.buffers()])
 
-        _check_same_layout(self)
-        # Start from the group's first rank's weights, frozen params and buffers everywhere, as
-        # torch DDP does (group_src: the topology may be a sub-group, e.g. one island).
-        for b in self.buckets:
-            dist.broadcast(b.replica, group_src=0, group=topo.world_group)
-        frozen = [p for p in model.parameters() if not p.requires_grad]
-        for t in [*frozen, *model.buffers()]:
-            dist.broadcast(t.data, group_src=0, group=topo.world_group)
-
-        r = topo.rank
-        self.master = [b.shard(b.replica, r).float().clone() for b in self.buckets]
-        self.exp_avg = [torch.zeros_like(m) for m in self.master]
-        self.exp_avg_sq = [torch.zeros_like(m) for m in self.master]
+        # master[j][k]: bucket k's shard of the j-th owned rank (world.owned[j]); likewise the moments.
+        self.master = [[b.shard(b.replica, r).float().clone() for b in self.buckets] for r in world.owned]
+        self.exp_avg = [[torch.zeros_like(m) for m in row] for row in self.master]
+        self.exp_avg_sq = [[torch.zeros_like(m) for m in row] for row in self.master]
 
         self._sync_grads = True
         self._next_launch = 0  # buckets launch strictly in index order, identically on every rank
-        self._grad_work: list[Any] = [None] * len(self.buckets)
         self._weight_work: list[Any] = [None] * len(self.buckets)
         self._hooks = register_grad_ready_hooks(list(self._slot), self._on_grad_ready)
         self._install_prefetch_hooks(model)
@@ -102,8 +100,8 @@ class ShardedDataParallel:
     # ---- public API ---------------------------------------------------------------------------
     @property
     def stats(self) -> CommStats:
-        """Bytes this rank sent per link class, from the topology."""
-        return self.topo.stats
+        """Bytes sent by the ranks this process plays, per link class."""
+        return self.world.stats
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -114,107 +112,184 @@ class ShardedDataParallel:
         finally:
             self._sync_grads = previous
 
+    @contextlib.contextmanager
+    def as_rank(self, rank: int) -> Iterator[None]:
+        """Backward passes inside are global rank `rank`'s. On a VirtualWorld every rank contributes
+        once per step, in order 0..W-1: backward passes inside accumulate, and leaving the block
+        sends the rank's gradients. On real ranks `rank` must be this process's rank and the block
+        changes nothing (use no_sync() for accumulation): one training loop serves both."""
+        world = self.world
+        world.begin_rank(rank)
+        previous = self._sync_grads
+        if world.defers_gradients:
+            self._sync_grads = False
+        try:
+            yield
+        except BaseException:
+            self._sync_grads = previous
+            self._clear_grad_buffers()
+            world.end_rank(rank, completed=False)
+            raise
+        self._sync_grads = previous
+        if world.defers_gradients:
+            self._launch_ready(force=True)
+            self._next_launch = 0
+        world.end_rank(rank, completed=True)
+
     def zero_grad(self) -> None:
-        """Zero the gradient buffers. Reduce-scatters a backward started without a step() (a
-        discarded batch) are completed and dropped, identically on every rank. Weight all-gathers
-        stay in flight: the gradient buffers are separate, and forward waits for them per bucket."""
-        for work in self._grad_work:
-            if work is not None:
-                work.wait()
-        self._grad_work = [None] * len(self.buckets)
-        for b in self.buckets:
-            b.grad.zero_()
-            b.ready.clear()
-            for i, p in enumerate(b.params):
-                p.grad = b.param_view(b.grad, i)  # in case someone set .grad = None
+        """Zero the gradient buffers. Reductions started without a step() (a discarded batch) are
+        completed and dropped, identically on every rank. Weight all-gathers stay in flight: the
+        gradient buffers are separate, and forward waits for them per bucket."""
+        self.world.discard_gradients()
+        self._clear_grad_buffers()
         self._next_launch = 0
 
     def step(self, lr: float | None = None) -> StepResult:
         """Finish the gradient reduction, update the owned master shards, start the weight
         all-gathers. lr: this step's learning rate (None: AdamWConfig.lr)."""
+        world = self.world
+        world.check_step()
         self.wait_weights()
-        self._launch_ready(force=True)  # buckets holding params that backward never reached
-        grads = []
-        for b, work in zip(self.buckets, self._grad_work):
-            g = work.wait()
-            g[b.valid_in_shard(self.topo.rank):] = 0  # codec noise must not leak into the padding
-            grads.append(g)
-        self._grad_work = [None] * len(self.buckets)
-        self._next_launch = 0
+        if not world.defers_gradients:
+            self._launch_ready(force=True)  # buckets holding params that backward never reached
+            self._next_launch = 0
+        per_bucket = [world.gradient_shards(b) for b in self.buckets]  # [bucket][owned rank]
+        for b, shards in zip(self.buckets, per_bucket):
+            for r, g in zip(world.owned, shards):
+                g[b.valid_in_shard(r):] = 0  # codec noise must not leak into the padding
+        grads = [list(row) for row in zip(*per_bucket)]  # [owned rank][bucket], as self.master
 
-        sumsq = torch.stack([g.pow(2).sum() for g in grads]).sum()
-        dist.all_reduce(sumsq, group=self.topo.world_group)
-        norm = sumsq.sqrt()
+        # Each rank's partial sum as one real rank computes it, then the sum over all ranks.
+        partials = [torch.stack([g.pow(2).sum() for g in row]).sum() for row in grads]
+        norm = world.sum_over_ranks(partials).sqrt()
         grad_norm = float(norm)
         if not math.isfinite(grad_norm):
             self.skipped_steps += 1
-            if self.topo.rank == 0:
+            if world.leader:
                 logger.warning("step %d skipped: gradient norm is %s (%d skipped so far)",
                                self.step_count + 1, grad_norm, self.skipped_steps)
             self.zero_grad()
             return StepResult(skipped=True, grad_norm=grad_norm)
         if self.grad_clip is not None:
-            clip_(grads, norm, self.grad_clip)
+            clip_([g for row in grads for g in row], norm, self.grad_clip)
 
         self.step_count += 1
         lr = self.optim.lr if lr is None else lr
         # Buckets are in backward order, so the next forward needs the last one first: update and
-        # send in reverse, each all-gather starting while later buckets are still being updated.
+        # send in reverse, each all-gather starting while earlier buckets are still being updated.
         for k in reversed(range(len(self.buckets))):
-            adamw_([self.master[k]], [self.exp_avg[k]], [self.exp_avg_sq[k]], [grads[k]],
+            column = range(len(world.owned))
+            adamw_([self.master[j][k] for j in column], [self.exp_avg[j][k] for j in column],
+                   [self.exp_avg_sq[j][k] for j in column], [grads[j][k] for j in column],
                    lr=lr, step=self.step_count, config=self.optim)
             self._launch_weight_gather(k)
         return StepResult(skipped=False, grad_norm=grad_norm)
 
     def check_replicas(self) -> None:
         """Raise RuntimeError naming the first bucket whose replica differs between ranks (bit-exact
-        checksum, one all-reduce)."""
+        checksum, one all-reduce; virtual ranks share one replica)."""
         self.wait_weights()
         sums = []
         for b in self.buckets:
             bits = _as_int(b.replica).to(torch.int64)
             pos = torch.arange(1, bits.numel() + 1, device=bits.device) % 65521
             sums += [bits.sum(), (bits * pos).sum()]
-        local = torch.stack(sums)
-        both = torch.cat([local, -local])  # max of (x, -x) gives max and -min in one all-reduce
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.topo.world_group)
-        hi, lo = both[: local.numel()], -both[local.numel():]
+        same = self.world.agree(torch.stack(sums).cpu())
         for b in self.buckets:
-            k = 2 * b.index
-            if not torch.equal(hi[k : k + 2], lo[k : k + 2]):
+            if not bool(same[2 * b.index : 2 * b.index + 2].all()):
                 raise RuntimeError(f"replica bucket {b.index} ({b.names[0]} ... {b.names[-1]}) "
                                    "differs between ranks")
 
+    def refresh_replica(self) -> None:
+        """All-gather the master shards uncompressed into every replica and wait (after the masters
+        were replaced from outside, e.g. by an outer step across islands or a checkpoint)."""
+        self.wait_weights()
+        for k, b in enumerate(self.buckets):
+            work = self.world.gather_weights(b, [row[k] for row in self.master], "full", None, None)
+            if work is not None:
+                work.wait()
+
+    @torch.no_grad()
+    def zero_padding_(self) -> None:
+        """Zero the master and moment values past the real parameters. The engine keeps them zero
+        (gradients are zeroed there); whoever writes masters from outside (an outer step, a
+        checkpoint load) calls this, since the padding shares quantization groups with real values."""
+        for j, rank in enumerate(self.world.owned):
+            for k, b in enumerate(self.buckets):
+                valid = b.valid_in_shard(rank)
+                for rows in (self.master, self.exp_avg, self.exp_avg_sq):
+                    rows[j][k][valid:] = 0
+
     def memory_report(self) -> dict[str, int]:
-        """Bytes this rank holds: replica, gradient buffer, fp32 grad shards after the reduce-scatter,
-        fp32 master shards, AdamW state (exp_avg + exp_avg_sq)."""
-        def nbytes(ts: list[torch.Tensor]) -> int:
-            return sum(t.numel() * t.element_size() for t in ts)
+        """Bytes this process holds: replica, gradient buffer, the world's reduction buffers (fp32
+        grad shards for real ranks; running sums for virtual ones), fp32 master shards, AdamW state."""
+        def nbytes(rows: list[list[torch.Tensor]]) -> int:
+            return sum(t.numel() * t.element_size() for row in rows for t in row)
 
         report = {
-            "replica": nbytes([b.replica for b in self.buckets]),
-            "grads": nbytes([b.grad for b in self.buckets]),
-            "grad_shards": nbytes(self.master),  # fp32, same size as the master shards
+            "replica": sum(b.replica.numel() * b.replica.element_size() for b in self.buckets),
+            "grads": sum(b.grad.numel() * b.grad.element_size() for b in self.buckets),
+            **self.world.memory_report(),
             "master": nbytes(self.master),
             "optimizer": nbytes(self.exp_avg) + nbytes(self.exp_avg_sq),
         }
         report["total"] = sum(report.values())
         return report
 
-    def save_checkpoint(self, path: str | Path, extra: dict | None = None) -> None:
-        save_checkpoint(self, path, extra or {})
+    def wait_weights(self, indices: Iterable[int] | None = None) -> None:
+        """Finish the weight all-gathers started by step() (of the given bucket indices, default
+        all). Forward does this by itself, bucket by bucket; call it before reading the parameters
+        any other way (e.g. comparing or exporting them right after step())."""
+        for k in range(len(self.buckets)) if indices is None else indices:
+            work = self._weight_work[k]
+            if work is not None:
+                work.wait()
+                self._weight_work[k] = None
 
-    def load_checkpoint(self, path: str | Path) -> dict:
-        return load_checkpoint(self, path)
+    @torch.no_grad()
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The fp32 master weights of every trainable parameter, whole, by name, on the CPU (collective:
+        every rank calls it and gets all of it). What a checkpoint of this run exports."""
+        out: dict[str, torch.Tensor] = {}
+        for k, b in enumerate(self.buckets):
+            flat = self.world.all_gather([row[k] for row in self.master]).cpu()
+            for name, p, offset in zip(b.names, b.params, b.offsets):
+                out[name] = flat[offset: offset + p.numel()].view(p.shape).clone()
+        return out
+
+    def save_checkpoint(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Save the whole training state plus the caller's `extra` (data position, ...) to the
+        directory `path` (halfbyte.engine.checkpoint). Collective: every rank calls it."""
+        checkpoint.save(path, {"": self}, extra or {}, self.world)
+
+    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
+        """Restore a checkpoint written by save_checkpoint (by any number of ranks, real or
+        virtual) and return its `extra`; CheckpointError (a ValueError) when it cannot be loaded."""
+        return checkpoint.load(path, {"": self}, self.world)
+
+    @property
+    def in_flight(self) -> bool:
+        """True while a gradient reduction of this step has started (no checkpoint now)."""
+        return any(self.world.pending(b) for b in self.buckets)
 
     # ---- gradients ----------------------------------------------------------------------------
+    def _clear_grad_buffers(self) -> None:
+        for b in self.buckets:
+            b.grad.zero_()
+            b.ready.clear()
+            for i, p in enumerate(b.params):
+                p.grad = b.param_view(b.grad, i)  # in case someone set .grad = None
+
     def _on_grad_ready(self, p: nn.Parameter) -> None:
+        error = self.world.gradient_error()
+        if error is not None:
+            raise RuntimeError(error)
         bucket, i = self._slot[p]
         view = bucket.param_view(bucket.grad, i)
         if p.grad.data_ptr() != view.data_ptr():  # .grad was reset to None: autograd made a new one
             view.copy_(p.grad)
             p.grad = view
-        if self._grad_work[bucket.index] is not None:
+        if self.world.pending(bucket):
             # Checked in no_sync too: a gradient added after the reduce-scatter would be dropped.
             raise RuntimeError(
                 f"gradient of {bucket.names[i]} arrived after its bucket was reduce-scattered: a second "
@@ -226,49 +301,23 @@ class ShardedDataParallel:
         self._launch_ready(force=False)
 
     def _launch_ready(self, force: bool) -> None:
-        """Launch reduce-scatters in bucket order: the same collective sequence on every rank even
-        when buckets complete in a different order. force: launch all the rest (from step())."""
+        """Launch reductions in bucket order: the same collective sequence on every rank even when
+        buckets complete in a different order. force: launch all the rest."""
         while self._next_launch < len(self.buckets):
             b = self.buckets[self._next_launch]
             if not force and len(b.ready) < len(b.params):
                 return
-            self._grad_work[b.index] = self._reduce_scatter(b)
+            self.world.reduce_scatter(b, seeds.collective_seed(self.seed, self.step_count, b.index, seeds.GRADS))
             b.ready.clear()
             self._next_launch += 1
-
-    def _reduce_scatter(self, b: Bucket) -> Any:
-        c, topo = self.comm, self.topo
-        seed = seeds.collective_seed(self.seed, self.step_count, b.index, seeds.GRADS)
-        kw = dict(op="avg", out_dtype=torch.float32, async_op=True)
-        if c.grads == "two-level":
-            return hcomm.reduce_scatter_two_level(b.grad, c.grad_intra_spec, c.grad_spec, topo,
-                                                 seed=seed, **kw)
-        spec = c.grad_spec if c.grads == "one-level" else None
-        return hcomm.reduce_scatter_q(b.grad, spec, topo, seed=seed if spec is not None else None, **kw)
 
     # ---- weights ------------------------------------------------------------------------------
     @torch.no_grad()
     def _launch_weight_gather(self, k: int) -> None:
-        c, topo, b, master = self.comm, self.topo, self.buckets[k], self.master[k]
+        c, b = self.comm, self.buckets[k]
         seed = seeds.collective_seed(self.seed, self.step_count, b.index, seeds.WEIGHTS)
-        if c.weights == "full":
-            work = hcomm.all_gather_q(master.to(b.replica.dtype), None, topo, out=b.replica, async_op=True)
-        elif c.weights == "direct":
-            work = hcomm.all_gather_q(master, c.weight_spec, topo, out=b.replica, seed=seed, async_op=True)
-        else:  # qwd: every rank, owner included, adds the same decoded delta
-            work = hcomm.all_gather_q(master, c.weight_spec, topo, out=b.replica, accumulate=True,
-                                     subtract=b.shard(b.replica, topo.rank), seed=seed, async_op=True)
-        self._weight_work[k] = work
-
-    def wait_weights(self, indices: Any = None) -> None:
-        """Finish the weight all-gathers started by step() (of the given bucket indices, default
-        all). Forward does this by itself, bucket by bucket; call it before reading the parameters
-        any other way (e.g. comparing or exporting them right after step())."""
-        for k in range(len(self.buckets)) if indices is None else indices:
-            work = self._weight_work[k]
-            if work is not None:
-                work.wait()
-                self._weight_work[k] = None
+        self._weight_work[k] = self.world.gather_weights(b, [row[k] for row in self.master], c.weights,
+                                                         c.weight_spec, seed)
 
     def _install_prefetch_hooks(self, model: nn.Module) -> None:
         """Each module owning params waits for their buckets right before its forward; whatever is
@@ -280,36 +329,35 @@ class ShardedDataParallel:
                 module.register_forward_pre_hook(lambda _m, _args, ks=tuple(owned): self.wait_weights(ks))
         model.register_forward_hook(lambda *_: self.wait_weights())
 
+    def _check_same_layout(self) -> None:
+        """Raise ValueError unless every rank has the same params, buckets and comm config: ranks
+        that disagree would otherwise hang or exchange garbage in the first size-dependent
+        collective."""
+        layout = [[[n, list(p.shape)] for b in self.buckets for n, p in zip(b.names, b.params)],
+                  [[len(b.params), b.shard_numel] for b in self.buckets],
+                  json.loads(json.dumps(self.comm.to_dict())), str(self.buckets[0].replica.dtype)]
+        digest = hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).digest()
+        h = int.from_bytes(digest[:7], "little")  # 56 bits: fits int64 with room for the negation
+        if not bool(self.world.agree(torch.tensor([h], dtype=torch.int64)).all()):
+            raise ValueError("ranks disagree on the model's parameters (names, shapes, dtype), the bucket "
+                             "layout or the CommConfig: build the same model with the same settings on "
+                             "every rank")
 
-def validate_engine(model: nn.Module, topo: Topology, config: CommConfig, grad_clip: float | None) -> None:
+
+def validate_engine(model: nn.Module, world: World, config: CommConfig, grad_clip: float | None) -> None:
     """Every check that needs no communication: raise ValueError before the first collective."""
     if grad_clip is not None and not grad_clip > 0:
         raise ValueError(f"grad_clip must be > 0 or None (off), got {grad_clip!r}")
     devices = {p.device for p in model.parameters()}
-    if devices != {torch.device(topo.device)}:
-        raise ValueError(f"the model's parameters are on {sorted(map(str, devices))} but the topology's "
-                         f"collectives use {topo.device}: move the model there first")
-    if config.grads == "two-level" and topo.nodes < 2:
+    if devices != {torch.device(world.device)}:
+        raise ValueError(f"the model's parameters are on {sorted(map(str, devices))} but the world's "
+                         f"collectives use {world.device}: move the model there first")
+    if config.grads == "two-level" and world.nodes < 2:
         raise ValueError(
-            f"CommConfig.grads='two-level' needs at least 2 nodes, but the topology is "
-            f"{topo.nodes} node x {topo.gpus_per_node} ranks: the inter-node hop would be empty. "
-            "Use grads='one-level' with the inter-node spec, or emulate nodes with "
-            "build_topology(gpus_per_node=...)")
-
-
-def _check_same_layout(engine: ShardedDataParallel) -> None:
-    """Raise ValueError unless every rank has the same params, buckets and comm config: ranks that
-    disagree would otherwise hang or exchange garbage in the first size-dependent collective."""
-    meta = engine_meta(engine)
-    digest = hashlib.sha256(json.dumps([meta["params"], meta["buckets"], meta["comm"], meta["dtype"]],
-                                       sort_keys=True).encode()).digest()
-    h = int.from_bytes(digest[:7], "little")  # 56 bits: fits int64 with room for the negation
-    both = torch.tensor([h, -h], dtype=torch.int64, device=engine.topo.device)
-    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=engine.topo.world_group)
-    if int(both[0]) != -int(both[1]):
-        raise ValueError("ranks disagree on the model's parameters (names, shapes, dtype), the bucket "
-                         "layout or the CommConfig: build the same model with the same settings on "
-                         "every rank")
+            f"CommConfig.grads='two-level' needs at least 2 nodes, but the world is "
+            f"{world.nodes} node x {world.gpus_per_node} ranks: the inter-node hop would be empty. "
+            "Use CommConfig.for_nodes(1) (one level with the inter-node codec), or emulate nodes "
+            "with build_topology(gpus_per_node=...)")
 
 
 def _as_int(t: torch.Tensor) -> torch.Tensor:

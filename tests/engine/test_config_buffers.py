@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from halfbyte.comm.accounting import CommStats
 from halfbyte.engine import AdamWConfig, CommConfig, ShardedDataParallel
+from halfbyte.engine.world import ProcessGroupWorld
 from halfbyte.engine.buffers import build_buckets, plan_buckets
 from halfbyte.engine.seeds import GRADS, WEIGHTS, collective_seed
 from halfbyte.quant import QuantSpec
@@ -65,25 +67,26 @@ def test_bad_adamw_configs_raise(kwargs):
         AdamWConfig(**kwargs)
 
 
-def _no_network_topology(nodes: int, gpus_per_node: int) -> SimpleNamespace:
-    """A topology without any process group: any collective the engine tried would fail with a
-    different error than the ones these tests expect."""
-    return SimpleNamespace(rank=0, world_size=nodes * gpus_per_node, nodes=nodes,
-                           gpus_per_node=gpus_per_node, device=torch.device("cpu"), world_group=None)
+def _no_network_topology(nodes: int, gpus_per_node: int) -> ProcessGroupWorld:
+    """A world of real ranks without any process group: any collective the engine tried would fail
+    with a different error than the ones these tests expect."""
+    return ProcessGroupWorld(SimpleNamespace(rank=0, world_size=nodes * gpus_per_node, nodes=nodes,
+                                             gpus_per_node=gpus_per_node, device=torch.device("cpu"),
+                                             world_group=None, stats=CommStats()))
 
 
 @pytest.mark.parametrize("preset", ["zeropp", "sdp4bit", "tlq", "tlq-hs"])
 def test_two_level_on_one_node_raises_before_communicating(preset):
     model = nn.Linear(4, 4)
     before = model.weight.data_ptr()
-    with pytest.raises(ValueError, match=r"needs at least 2 nodes.*grads='one-level'"):
+    with pytest.raises(ValueError, match=r"needs at least 2 nodes.*CommConfig.for_nodes\(1\)"):
         ShardedDataParallel(model, _no_network_topology(1, 4), comm=CommConfig.preset(preset))
     assert model.weight.data_ptr() == before  # not even moved into buckets
 
 
 def test_model_on_another_device_raises_before_communicating():
     topo = _no_network_topology(2, 2)
-    topo.device = torch.device("meta")
+    topo.device = torch.device("meta")  # where the world's collectives would run
     with pytest.raises(ValueError, match=r"model's parameters are on \['cpu'\].*move the model"):
         ShardedDataParallel(nn.Linear(4, 4), topo, comm=CommConfig.preset("baseline"))
 

@@ -17,13 +17,14 @@ from torch import nn
 
 from halfbyte.comm import build_topology, spawn
 from halfbyte.engine import AdamWConfig, CommConfig, ShardedDataParallel
-from halfbyte.engine.local import (
+from halfbyte.engine.outer import (
     LocalUpdates,
     OuterConfig,
-    PseudoGradientExchange,
+    ProcessExchange,
     build_islands,
     check_islands,
     make_outer_optimizer,
+    virtual_islands,
 )
 from halfbyte.quant import QuantSpec
 
@@ -98,9 +99,9 @@ def dp_equivalence_worker() -> dict:
     for K in (2, 4):
         model = make_mlp()
         islands = build_islands(K)
-        engine = ShardedDataParallel(model, islands.island, optim=LINEAR_ADAM, comm=CommConfig.preset("baseline"),
+        engine = ShardedDataParallel(model, islands.worlds[0], optim=LINEAR_ADAM, comm=CommConfig.preset("baseline"),
                                      grad_clip=None, bucket_numel=300)
-        local = LocalUpdates(engine, islands, OuterConfig("average", local_steps=1))
+        local = LocalUpdates([engine], islands, OuterConfig("average", local_steps=1))
         for step in range(steps):
             assert train_step(engine, local, model, step, LINEAR_ADAM.lr)
             assert islands_agree(model), f"islands differ after outer step {step} (K={K})"
@@ -111,10 +112,10 @@ def dp_equivalence_worker() -> dict:
     # sdp4bit inside islands of 2 emulated nodes x 1 rank, int4 + Hadamard pseudo-gradients + EF.
     model = make_mlp()
     islands = build_islands(2, gpus_per_node=1)
-    assert (islands.island.nodes, islands.island.gpus_per_node) == (2, 1)
-    engine = ShardedDataParallel(model, islands.island, optim=AdamWConfig(lr=1e-2), comm=CommConfig.preset("sdp4bit"),
+    assert (islands.worlds[0].nodes, islands.worlds[0].gpus_per_node) == (2, 1)
+    engine = ShardedDataParallel(model, islands.worlds[0], optim=AdamWConfig(lr=1e-2), comm=CommConfig.preset("sdp4bit"),
                                  bucket_numel=300)
-    local = LocalUpdates(engine, islands, OuterConfig("sign-momentum", local_steps=3, spec=INT4))
+    local = LocalUpdates([engine], islands, OuterConfig("sign-momentum", local_steps=3, spec=INT4))
     losses = []
     for step in range(12):
         x, y = batch(1000, dist.get_rank(), n=64)  # a fixed evaluation batch
@@ -132,9 +133,9 @@ def sign_momentum_worker(tau: int, lrs: list[float]) -> dict:
     """2 islands of 1 rank, sign-momentum: record start, end-of-round and post-outer weights."""
     model = make_mlp()
     islands = build_islands(2)
-    engine = ShardedDataParallel(model, islands.island, optim=AdamWConfig(lr=1e-2), comm=CommConfig.preset("baseline"),
+    engine = ShardedDataParallel(model, islands.worlds[0], optim=AdamWConfig(lr=1e-2), comm=CommConfig.preset("baseline"),
                                  grad_clip=None, bucket_numel=300)
-    local = LocalUpdates(engine, islands, OuterConfig("sign-momentum", local_steps=tau))
+    local = LocalUpdates([engine], islands, OuterConfig("sign-momentum", local_steps=tau))
     rounds = []
     start = flat_params(model)
     for step, lr in enumerate(lrs):
@@ -148,7 +149,18 @@ def sign_momentum_worker(tau: int, lrs: list[float]) -> dict:
             after = flat_params(model)  # the outer step leaves the replicas complete
             rounds.append({"start": start, "end": end, "after": after, "lr": lr})
             start = after
-    return {"rounds": rounds, "momentum_numel": local.optimizer.state["momentum"].numel()}
+    return {"rounds": rounds, "momentum_numel": local.optimizers[0][0].state["momentum"].numel()}
+
+
+def outer_snapshot(local: LocalUpdates) -> dict:
+    """Everything the outer loop carries from one round to the next, copied."""
+    return {
+        "start": [t.clone() for t in local.start],
+        "outer_params": [[t.clone() for t in row] for row in local.outer_params],
+        "optimizer": [[{k: v.clone() for k, v in o.state.items()} for o in row] for row in local.optimizers],
+        "residual": [None if e.residual is None else [t.clone() for t in e.residual] for e in local.exchanges],
+        "outer_steps": local.outer_steps, "steps_since_sync": local.steps_since_sync,
+    }
 
 
 def checkpoint_worker(path: str) -> dict:
@@ -161,47 +173,41 @@ def checkpoint_worker(path: str) -> dict:
     def build():
         model = make_mlp()
         islands = build_islands(2)
-        engine = ShardedDataParallel(model, islands.island, optim=AdamWConfig(lr=lr), comm=CommConfig.preset("qwd"),
+        engine = ShardedDataParallel(model, islands.worlds[0], optim=AdamWConfig(lr=lr), comm=CommConfig.preset("qwd"),
                                      bucket_numel=300, seed=5)
-        return model, engine, LocalUpdates(engine, islands, config)
+        return model, engine, LocalUpdates([engine], islands, config)
 
     model, engine, local = build()
     for step in range(steps):
         train_step(engine, local, model, step, lr)
         if step + 1 == save_at:
             local.save_checkpoint(path, {"step": step + 1})
-            saved_state = local.state_dict()
-    final, final_state = flat_params(model), local.state_dict()
+            saved_state = outer_snapshot(local)
+    final, final_state = flat_params(model), outer_snapshot(local)
 
     model, engine, local = build()
     extra = local.load_checkpoint(path)
-    resumed_state = local.state_dict()
+    resumed_state = outer_snapshot(local)
     for step in range(extra["step"], steps):
         train_step(engine, local, model, step, lr)
     return {
         "final_equal": torch.equal(final, flat_params(model)),
         "state_restored": _states_equal(saved_state, resumed_state),
-        "final_state_equal": _states_equal(final_state, local.state_dict()),
+        "final_state_equal": _states_equal(final_state, outer_snapshot(local)),
         "saved_mid_round": saved_state["steps_since_sync"],
         "outer_steps": local.outer_steps,
-        "has_residual": saved_state["residual"] is not None and saved_state["residual"].abs().sum().item() > 0,
+        "has_residual": saved_state["residual"][0] is not None and saved_state["residual"][0][0].abs().sum().item() > 0,
     }
 
 
-def _states_equal(a: dict, b: dict) -> bool:
-    if a.keys() != b.keys():
-        return False
-    for k in a:
-        x, y = a[k], b[k]
-        if isinstance(x, dict):
-            if not _states_equal(x, y):
-                return False
-        elif isinstance(x, torch.Tensor):
-            if not torch.equal(x, y):
-                return False
-        elif x != y:
-            return False
-    return True
+def _states_equal(a, b) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_states_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_states_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    return a == b
 
 
 def bad_layout_worker() -> dict:
@@ -211,7 +217,7 @@ def bad_layout_worker() -> dict:
         "islands_3": lambda: build_islands(3),
         "islands_0": lambda: build_islands(0),
         "foreign_engine": lambda: LocalUpdates(
-            ShardedDataParallel(make_mlp(), build_topology(), comm=CommConfig.preset("baseline")),
+            [ShardedDataParallel(make_mlp(), build_topology(), comm=CommConfig.preset("baseline"))],
             build_islands(2), OuterConfig()),
     }.items():
         try:
@@ -229,26 +235,25 @@ def error_feedback_worker(rounds: int, numel: int) -> dict:
     """Biased random pseudo-gradients over `rounds` outer steps: running sums of the decoded
     averages with and without error feedback vs the exact one."""
     islands = build_islands(2)
-    exact = PseudoGradientExchange(islands.outer, numel, None, False)
-    with_ef = PseudoGradientExchange(islands.outer, numel, INT4_NEAREST, True)
-    without = PseudoGradientExchange(islands.outer, numel, INT4_NEAREST, False)
+    exact = ProcessExchange(islands.outer, numel, None, False)
+    with_ef = ProcessExchange(islands.outer, numel, INT4_NEAREST, True)
+    without = ProcessExchange(islands.outer, numel, INT4_NEAREST, False)
     sums = {"exact": 0.0, "ef": 0.0, "no_ef": 0.0}
     err_ef, err_no, step_err = [], [], []
     for t in range(rounds):
         g = torch.Generator().manual_seed(1000 * t + dist.get_rank())
         p = 0.01 * (1.0 + torch.randn(numel, generator=g))  # a bias makes rounding errors add up
-        e = exact.average(p, seed=t)
-        q_ef, q_no = with_ef.average(p, seed=t), without.average(p, seed=t)
+        (e,), (q_ef,), (q_no,) = exact.average([p], t), with_ef.average([p], t), without.average([p], t)
         step_err.append((q_no - e).abs().max().item())
         sums = {"exact": sums["exact"] + e, "ef": sums["ef"] + q_ef, "no_ef": sums["no_ef"] + q_no}
         err_ef.append((sums["ef"] - sums["exact"]).abs().max().item())
         err_no.append((sums["no_ef"] - sums["exact"]).abs().max().item())
     # Telescoping: sum of what was sent = sum of the inputs - the last residual, so the running sum
     # of averages differs from the exact one by the average residual of the own chunk.
-    mean_residual = exact.average(with_ef.residual, seed=0)
+    (mean_residual,) = exact.average(with_ef.residual, 0)
     identity_err = (sums["ef"] - (sums["exact"] - mean_residual)).abs().max().item()
     return {"err_ef": err_ef, "err_no": err_no, "step_err": step_err, "identity_err": identity_err,
-            "residual_max": with_ef.residual.abs().max().item()}
+            "residual_max": with_ef.residual[0].abs().max().item()}
 
 
 # ---- tests --------------------------------------------------------------------------------------
@@ -306,8 +311,7 @@ def test_outer_state_survives_checkpoint_resume_exactly(tmp_path):
         assert r["has_residual"]
         assert r["state_restored"] and r["final_state_equal"] and r["final_equal"], r
         assert r["outer_steps"] == 3
-    assert (tmp_path / "ckpt" / "island0" / "COMPLETE").exists()
-    assert (tmp_path / "ckpt" / "island1" / "COMPLETE").exists()
+    assert (tmp_path / "ckpt" / "COMPLETE").exists()  # one checkpoint holds both islands
 
 
 def test_bad_configs_raise_value_errors():
@@ -336,7 +340,7 @@ def test_bad_layouts_raise_before_communicating():
     for r in reports:
         assert "must divide the world size (2)" in r["islands_3"]
         assert "positive integer" in r["islands_0"]
-        assert "must be built on islands.island" in r["foreign_engine"]
+        assert "must be built on islands.worlds[i]" in r["foreign_engine"]
         assert r["alive"] == 2.0
 
 
@@ -372,3 +376,71 @@ def test_nesterov_and_average_match_torch_sgd():
     avg = x0.clone()
     make_outer_optimizer(OuterConfig("average"), 50, torch.device("cpu")).step(avg, deltas[0], inner_lr=3e-4)
     torch.testing.assert_close(avg, x0 - deltas[0])
+
+
+# ---- virtual islands == real islands ------------------------------------------------------------
+ISLAND_STEPS, ISLAND_TAU = 6, 2
+ISLAND_CONFIG = OuterConfig("sign-momentum", local_steps=ISLAND_TAU, spec=INT4_NEAREST)
+
+
+def _island_engine(model: nn.Module, world, island: int) -> ShardedDataParallel:
+    return ShardedDataParallel(model, world, optim=AdamWConfig(lr=1e-2), comm=CommConfig.preset("sdp4bit"),
+                               bucket_numel=300, seed=11 + island)
+
+
+def real_islands_worker() -> dict:
+    """4 ranks as 2 islands of 2 emulated nodes x 1 rank: sdp4bit inside, int4 outer exchange."""
+    islands = build_islands(2, gpus_per_node=1)
+    model = make_mlp()
+    engine = _island_engine(model, islands.worlds[0], islands.owned[0])
+    local = LocalUpdates([engine], islands, ISLAND_CONFIG, seed=3)
+    losses = []
+    for step in range(ISLAND_STEPS):
+        x, y = batch(step, dist.get_rank())
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        engine.step(lr=1e-2)
+        local.step(1e-2)
+        engine.zero_grad()
+        losses.append(loss.item())
+    engine.wait_weights()
+    return {"losses": losses, "params": flat_params(model), "island_bytes": local.stats.by_op(),
+            "inner_bytes": engine.stats.by_op()}
+
+
+def test_virtual_islands_of_two_ranks_match_real_islands_bit_for_bit():
+    """K=2 islands of S=2 ranks (2 emulated nodes each) with sdp4bit inside and int4 pseudo-gradients
+    across: the virtual islands (one process) give bit-identical losses of every rank and final
+    weights of every island, and the same bytes as the 4 gloo ranks together."""
+    real = spawn(real_islands_worker, 4, timeout_s=110)
+    islands = virtual_islands(2, 2, gpus_per_node=1)
+    models = [make_mlp() for _ in islands.owned]
+    engines = [_island_engine(m, w, k) for k, (m, w) in enumerate(zip(models, islands.worlds))]
+    local = LocalUpdates(engines, islands, ISLAND_CONFIG, seed=3)
+    losses = [[] for _ in range(4)]
+    for step in range(ISLAND_STEPS):
+        for k, (model, engine) in enumerate(zip(models, engines)):
+            for l in range(2):
+                x, y = batch(step, 2 * k + l)
+                with engine.as_rank(l):
+                    loss = ((model(x) - y) ** 2).mean()
+                    loss.backward()
+                losses[2 * k + l].append(loss.item())
+        for engine in engines:
+            engine.step(lr=1e-2)
+        local.step(1e-2)
+        for engine in engines:
+            engine.zero_grad()
+    assert local.outer_steps == ISLAND_STEPS // ISLAND_TAU
+    for rank in range(4):
+        assert losses[rank] == real[rank]["losses"], rank
+    for k, model in enumerate(models):
+        assert torch.equal(flat_params(model), real[2 * k]["params"]), k
+    def together(key: str) -> dict:
+        return {op: {f: sum(r[key][op][f] for r in real) for f in row} for op, row in real[0][key].items()}
+    assert local.stats.by_op() == together("island_bytes")
+    inner = {}
+    for engine in engines:
+        for op, row in engine.stats.by_op().items():
+            inner[op] = {f: inner.get(op, {}).get(f, 0) + n for f, n in row.items()}
+    assert inner == together("inner_bytes")

@@ -31,7 +31,7 @@ from halfbyte.comm import (
 )
 from halfbyte.engine import AdamWConfig, CommConfig, ShardedDataParallel
 from halfbyte.engine.seeds import GRADS, collective_seed
-from halfbyte.engine.virtual import VirtualDataParallel
+from halfbyte.engine.world import VirtualWorld
 from halfbyte.quant import QuantSpec
 
 STEPS = 5
@@ -119,14 +119,15 @@ def virtual_run(world: int, gpus_per_node: int, comm: CommConfig, clip: float | 
     torch.set_num_threads(1)
     try:
         model = make_model()
-        engine = VirtualDataParallel(model, world, gpus_per_node, optim=OPTIM, comm=comm,
+        engine = ShardedDataParallel(model, VirtualWorld(world, gpus_per_node), optim=OPTIM, comm=comm,
                                      bucket_numel=BUCKET_NUMEL, grad_clip=clip, seed=seed)
         losses, norms = [], []
         for step in range(STEPS):
             step_losses = []
             for rank in range(world):
                 loss = rank_loss(model, step, rank, poison)
-                engine.backward_rank(rank, loss)
+                with engine.as_rank(rank):
+                    loss.backward()
                 step_losses.append(loss.item())
             norms.append(engine.step(lr_at(step)).grad_norm)
             engine.zero_grad()
@@ -143,8 +144,9 @@ def _compare(real: list[dict], world: int, gpus_per_node: int) -> dict[str, dict
         v = virtual_run(world, gpus_per_node, comm, clip, poison)
         r = [real[rank][name] for rank in range(world)]
         assert all(x["stats"] == r[0]["stats"] for x in r), "the real ranks' byte counts differ"
-        # Bytes: what one real rank sends, per collective and link class, exactly.
-        assert v["stats"] == r[0]["stats"], (name, v["stats"], r[0]["stats"])
+        # Bytes: what the W real ranks send together, per collective and link class, exactly.
+        together = {op: {k: world * n for k, n in row.items()} for op, row in r[0]["stats"].items()}  # calls too
+        assert v["stats"] == together, (name, v["stats"], together)
         assert (v["step_count"], v["skipped"]) == (r[0]["step_count"], r[0]["skipped"]), name
         out[name] = {"virtual": v, "real_losses": [[x["losses"][s] for x in r] for s in range(STEPS)],
                      "real_norms": r[0]["norms"], "real_weights": r[0]["weights"]}
@@ -252,18 +254,18 @@ def test_running_sums_equal_the_collectives_at_any_layout(preset, world, gpus_pe
     comm = (CommConfig(grads="one-level", grad_spec=one_level) if preset == "one-level"
             else CommConfig.preset(preset))
     model = make_model()
-    engine = VirtualDataParallel(model, world, gpus_per_node, comm=comm, bucket_numel=BUCKET_NUMEL,
+    engine = ShardedDataParallel(model, VirtualWorld(world, gpus_per_node), comm=comm, bucket_numel=BUCKET_NUMEL,
                                  seed=SEED)
     grads = []
     for rank in range(world):
-        with engine.virtual_rank(rank):
+        with engine.as_rank(rank):
             rank_loss(model, 0, rank, None).backward()
             grads.append([b.grad.clone() for b in engine.buckets])
     M = world // gpus_per_node
     for b in engine.buckets:
         want = replay_reduce_scatter([g[b.index] for g in grads], comm, M, gpus_per_node,
                                      collective_seed(SEED, 0, b.index, GRADS))
-        got = engine._mean_grad(b)
+        got = engine.world.gradient_shards(b)
         for r in range(world):
             assert torch.equal(got[r], want[r]), (preset, world, gpus_per_node, b.index, r)
 
@@ -305,7 +307,7 @@ def test_memory_does_not_grow_with_the_number_of_virtual_ranks():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 512), nn.Tanh(), nn.Linear(512, 128))
     for world, L in ((4, 2), (64, 4)):
-        engine = VirtualDataParallel(copy.deepcopy(model), world, L, comm=CommConfig.preset("tlq"),
+        engine = ShardedDataParallel(copy.deepcopy(model), VirtualWorld(world, L), comm=CommConfig.preset("tlq"),
                                      bucket_numel=10**6)
         padded = sum(b.padded_numel for b in engine.buckets)
         report = engine.memory_report()
@@ -317,9 +319,10 @@ def test_a_deleted_engine_is_freed():
     """Hooks on the parameters hold the engine weakly: after a step and `del`, the engine and its
     model (replica, master weights, AdamW state) are garbage, not kept alive by autograd."""
     model = make_model()
-    engine = VirtualDataParallel(model, 2, comm=CommConfig.preset("qwd"), bucket_numel=BUCKET_NUMEL)
+    engine = ShardedDataParallel(model, VirtualWorld(2), comm=CommConfig.preset("qwd"), bucket_numel=BUCKET_NUMEL)
     for w in range(2):
-        engine.backward_rank(w, rank_loss(model, 0, w, None))
+        with engine.as_rank(w):
+            rank_loss(model, 0, w, None).backward()
     engine.step(OPTIM.lr)
     refs = [weakref.ref(engine), weakref.ref(model)]
     del engine, model
@@ -327,21 +330,37 @@ def test_a_deleted_engine_is_freed():
     assert [r() is None for r in refs] == [True, True]
 
 
-def test_checkpoint_resume_continues_the_same_losses_and_refuses_mismatches(tmp_path):
+def _full(engine, rows) -> torch.Tensor:
+    """The whole model's values of per-(rank, bucket) shards (master or moments) in parameter order,
+    whatever the world size: what a checkpoint must carry across layouts."""
+    parts = []
+    for k, b in enumerate(engine.buckets):
+        flat = torch.cat([row[k] for row in rows])[: b.numel]
+        parts.append(flat)
+    names = [n for b in engine.buckets for n in b.names]
+    by_name = {}
+    for k, b in enumerate(engine.buckets):
+        for name, p, offset in zip(b.names, b.params, b.offsets):
+            by_name[name] = parts[k][offset: offset + p.numel()]
+    return torch.cat([by_name[n] for n in sorted(names)])
+
+
+def test_checkpoint_resume_continues_the_same_losses_reshards_and_refuses_mismatches(tmp_path):
     comm = CommConfig.preset("sdp4bit")
 
-    def fresh(world: int = 4, L: int = 2, config: CommConfig = comm):
+    def fresh(world: int = 4, L: int = 2, config: CommConfig = comm, bucket_numel: int = BUCKET_NUMEL):
         model = make_model()
-        return model, VirtualDataParallel(model, world, L, optim=OPTIM, comm=config,
-                                          bucket_numel=BUCKET_NUMEL, seed=SEED)
+        return model, ShardedDataParallel(model, VirtualWorld(world, L), optim=OPTIM, comm=config,
+                                          bucket_numel=bucket_numel, seed=SEED)
 
     def train(model, engine, steps) -> list[list[float]]:
         losses = []
         for step in steps:
             losses.append([])
-            for rank in range(engine.world_size):
+            for rank in range(engine.world.world_size):
                 loss = rank_loss(model, step, rank, None)
-                engine.backward_rank(rank, loss)
+                with engine.as_rank(rank):
+                    loss.backward()
                 losses[-1].append(loss.item())
             engine.step(lr_at(step))
             engine.zero_grad()
@@ -350,15 +369,32 @@ def test_checkpoint_resume_continues_the_same_losses_and_refuses_mismatches(tmp_
     model, engine = fresh()
     train(model, engine, range(2))
     engine.save_checkpoint(tmp_path / "ckpt", {"step": 2})
+    saved = {name: _full(engine, getattr(engine, name)) for name in ("master", "exp_avg", "exp_avg_sq")}
+    replica = [p.detach().clone() for p in model.parameters()]
     expected = train(model, engine, range(2, 4))
     model2, engine2 = fresh()
     assert engine2.load_checkpoint(tmp_path / "ckpt") == {"step": 2}
     assert engine2.step_count == 2
     assert train(model2, engine2, range(2, 4)) == expected
-    for kwargs, message in [({"world": 8, "L": 2}, "has 8"), ({"world": 4, "L": 1}, "per node"),
-                            ({"config": CommConfig.preset("zeropp")}, "comm config")]:
+
+    # Another world size, node layout and bucket size: the same weights and optimizer state,
+    # exactly (resharded by parameter name), and the replica every rank starts from.
+    for world, L, bucket_numel in ((8, 2, BUCKET_NUMEL), (2, 1, 10**6), (4, 1, 150)):
+        model3, engine3 = fresh(world, L, bucket_numel=bucket_numel)
+        engine3.load_checkpoint(tmp_path / "ckpt")
+        for name, want in saved.items():
+            assert torch.equal(_full(engine3, getattr(engine3, name)), want), (world, L, name)
+        for p, q in zip(model3.parameters(), replica):
+            assert torch.equal(p, q), (world, L)
+        assert engine3.step_count == 2
+        train(model3, engine3, range(2, 3))  # and it trains on
+
+    for kwargs, message in [({"config": CommConfig.preset("zeropp")}, "comm config")]:
         with pytest.raises(ValueError, match=message):
             fresh(**kwargs)[1].load_checkpoint(tmp_path / "ckpt")
+    other = ShardedDataParallel(nn.Sequential(nn.Linear(8, 3)), VirtualWorld(2, 1), comm=comm)
+    with pytest.raises(ValueError, match="different model"):
+        other.load_checkpoint(tmp_path / "ckpt")
     with pytest.raises(ValueError, match="incomplete"):
         engine.load_checkpoint(tmp_path / "missing")
 
@@ -368,33 +404,35 @@ def test_bad_layouts_and_misuse_raise():
     for world, L, message in [(3, 2, "must divide world_size"), (0, None, "world_size must be a positive"),
                               (4, 0, "gpus_per_node must be a positive"), (2.0, 1, "world_size must be")]:
         with pytest.raises(ValueError, match=message):
-            VirtualDataParallel(make_model(), world, L, comm=comm)
+            ShardedDataParallel(make_model(), VirtualWorld(world, L), comm=comm)
     with pytest.raises(ValueError, match="two-level.*2 nodes"):
-        VirtualDataParallel(make_model(), 4, 4, comm=CommConfig.preset("sdp4bit"))
+        ShardedDataParallel(make_model(), VirtualWorld(4, 4), comm=CommConfig.preset("sdp4bit"))
     with pytest.raises(ValueError, match="grad_clip"):
-        VirtualDataParallel(make_model(), 2, comm=comm, grad_clip=0.0)
+        ShardedDataParallel(make_model(), VirtualWorld(2), comm=comm, grad_clip=0.0)
 
     model = make_model()
-    engine = VirtualDataParallel(model, 2, comm=comm, bucket_numel=BUCKET_NUMEL)
-    with pytest.raises(RuntimeError, match="outside engine.virtual_rank"):
+    engine = ShardedDataParallel(model, VirtualWorld(2), comm=comm, bucket_numel=BUCKET_NUMEL)
+    with pytest.raises(RuntimeError, match=r"outside engine.as_rank"):
         rank_loss(model, 0, 0, None).backward()
     engine.zero_grad()
     with pytest.raises(ValueError, match="expected rank 0, got 1"):
-        with engine.virtual_rank(1):
+        with engine.as_rank(1):
             pass
-    engine.backward_rank(0, rank_loss(model, 0, 0, None))
+    with engine.as_rank(0):
+        rank_loss(model, 0, 0, None).backward()
     with pytest.raises(RuntimeError, match="all 2 virtual ranks, got 1"):
         engine.step()
-    with pytest.raises(RuntimeError, match="inside virtual_rank"):
-        with engine.virtual_rank(1):
-            with engine.virtual_rank(1):
+    with pytest.raises(RuntimeError, match=r"inside as_rank"):
+        with engine.as_rank(1):
+            with engine.as_rank(1):
                 pass
     # A discarded partial step leaves no trace: the next full step equals a fresh engine's.
     engine.zero_grad()
     fresh_model = make_model()
-    fresh_engine = VirtualDataParallel(fresh_model, 2, comm=comm, bucket_numel=BUCKET_NUMEL)
+    fresh_engine = ShardedDataParallel(fresh_model, VirtualWorld(2), comm=comm, bucket_numel=BUCKET_NUMEL)
     for m, e in ((model, engine), (fresh_model, fresh_engine)):
         for rank in range(2):
-            e.backward_rank(rank, rank_loss(m, 0, rank, None))
+            with e.as_rank(rank):
+                rank_loss(m, 0, rank, None).backward()
         e.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh_model.parameters()))
