@@ -13,9 +13,25 @@ import signal
 import sys
 from pathlib import Path
 
-from halfbyte.engine import CommConfig
-from halfbyte.train.config import Config, ConfigError, batch_layout, help_text, parse_args
+import torch
+
+from halfbyte.comm import CommConfig, WorkerError, init_process_group_from_env, spawn
+from halfbyte.engine import checkpoint
+from halfbyte.engine.outer import check_islands, island_gpus_per_node
+from halfbyte.train import rundir
+from halfbyte.train.config import (
+    DEBUG_ENV,
+    Config,
+    ConfigError,
+    batch_layout,
+    changed_meaning,
+    help_text,
+    make_config,
+    parse_overrides,
+    validate,
+)
 from halfbyte.train.data import builtin_token_files, open_tokens, val_path_for
+from halfbyte.train.loop import RunPlan, TrainingStopped, run
 from halfbyte.train.model import GPTConfig, PRESETS, check_hf_model
 from halfbyte.train.prepare_cli import sidecar_path
 from halfbyte.train.tokenizer import TokenizerError, load_tokenizer
@@ -60,83 +76,100 @@ def _resolve_tokenizer(cfg: Config, data_vocab: int, builtin: bool, train_path: 
     return name
 
 
-def _resume_path(cfg: Config) -> str | None:
-    from halfbyte.train.loop import checkpoint_dirs
-
-    resume = cfg.train.resume
+def _find_checkpoint(cfg: Config) -> Path | None:
+    """The checkpoint --resume names (None: start at step 0); ConfigError when there is none."""
+    resume, root = cfg.train.resume, cfg.out_dir / "checkpoints"
     if not resume:
         return None
+    found = checkpoint.complete_checkpoints(root)
+    if resume == "auto":
+        return found[-1] if found else None
     if resume == "latest":
-        found = checkpoint_dirs(cfg.out_dir)
         if not found:
-            raise ConfigError(f"--resume: no complete checkpoint in {cfg.out_dir / 'checkpoints'}; "
-                              "run without --resume, or pass --out of the run to continue")
-        return str(found[-1])
-    if not (Path(resume) / "COMPLETE").is_file():
-        raise ConfigError(f"--resume {resume} is not a complete checkpoint directory; "
-                          f"use --resume alone for the newest one in the run's out_dir")
-    return resume
+            raise ConfigError(f"--resume latest: no complete checkpoint in {root}; use --resume auto to start "
+                              "the run if it has none, or pass --out of the run to continue")
+        return found[-1]
+    return Path(resume)
 
 
-def _gpus_per_node(cfg: Config, world: int, launched: bool) -> int | None:
-    """Ranks per (emulated) node; None: the launcher's LOCAL_WORLD_SIZE."""
-    two_level = CommConfig.preset(cfg.train.preset).grads == "two-level"
-    per_node = cfg.train.gpus_per_node
-    if not per_node and not launched:
-        per_node = 1  # each local worker (virtual rank) is its own node: the inter-node hop is exercised
-    if not per_node and two_level and int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world:
-        # one real node: emulate one node per rank so that the two-level gradient path has two levels
-        if os.environ.get("RANK") == "0":
-            print(f"note: one node of {world} ranks; preset {cfg.train.preset} emulates one node per rank "
-                  "(set --train.gpus_per_node to choose)", file=sys.stderr)
-        per_node = 1
+def resolve_config(argv: list[str]) -> tuple[Config, Path | None, dict | None] | None:
+    """The run's Config and, when a checkpoint is resumed, its path and meta.json (None: --help). A resumed
+    run takes its saved options; options given again may not change what the run computes (steps
+    only with --train.replan)."""
+    overrides = parse_overrides(argv)
+    if overrides is None:
+        return None
+    given = {k for k, _ in overrides}
+    cfg = make_config(overrides)
+    validate(cfg, given)
+    path = _find_checkpoint(cfg)
+    if path is None:
+        return cfg, None, None
+    meta = checkpoint.verify(path)
+    saved_tree = meta["extra"].get("config")
+    if not isinstance(saved_tree, dict):
+        raise ConfigError(f"checkpoint {path} does not hold its run's options; it cannot be resumed here")
+    saved = make_config([], base=json.loads(json.dumps(saved_tree)))
+    cfg = make_config(overrides, base=json.loads(json.dumps(saved_tree)))
+    validate(cfg, given)
+    changed = changed_meaning(saved, cfg)
+    if cfg.train.replan:
+        changed = [k for k in changed if k != "train.steps"]
+    if changed:  # name what the user gave first (a preset changes many comm keys)
+        k = next((c for c in changed if any(c == g or c.startswith(g + ".") for g in given)), changed[0])
+        raise ConfigError(f"--resume: --{k} would change what the run computes (saved {_lookup(saved, k)!r}, "
+                          f"given {_lookup(cfg, k)!r}); resume with the run's own options, or start a new "
+                          "run in another --out" + (" (a new --train.steps needs --train.replan)"
+                                                    if k == "train.steps" else ""))
+    return cfg, path, meta
+
+
+def _lookup(cfg: Config, key: str) -> object:
+    value: object = cfg
+    for part in key.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def _layout(cfg: Config, world: int, launched: bool) -> tuple[int | None, CommConfig, str | None]:
+    """Ranks per (emulated) node (None: the launcher's LOCAL_WORLD_SIZE), the comm config on that
+    layout (the single-node rule, CommConfig.for_nodes) and its note."""
+    per_node = cfg.train.gpus_per_node or (None if launched else 1)  # a local worker or virtual rank: a node
     if per_node and world % per_node:
         raise ConfigError(f"--train.gpus_per_node={per_node} does not divide the {world} ranks; "
                           f"use a divisor of {world}")
-    nodes = world // per_node if per_node else world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if two_level and nodes < 2:
-        raise ConfigError(f"preset {cfg.train.preset} reduces gradients over two levels and needs at least 2 "
-                          f"(emulated) nodes, but has {nodes}: use --workers 2 or more, a smaller "
-                          f"--train.gpus_per_node, or --preset qwd")
-    return per_node or None
+    nodes = world // (per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    comm, note = cfg.comm.for_nodes(nodes)
+    return per_node, comm, note
 
 
-def _islands(cfg: Config, world: int, gpus_per_node: int | None) -> int:
+def _islands(cfg: Config, world: int, gpus_per_node: int | None, comm: CommConfig) -> int:
     """Number of islands for local updates (0: off), checked like build_islands checks it."""
-    from halfbyte.engine.local import check_islands
-
     if not cfg.outer.enabled:
         return 0
     per_node = gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     islands = cfg.outer.islands or world // per_node
     try:
         size = check_islands(world, islands)
+        island_per_node = island_gpus_per_node(size, per_node)
     except ValueError as e:
         raise ConfigError(f"--islands: {e}") from None
-    if size % per_node and per_node % size:
-        raise ConfigError(f"--islands={islands}: an island of {size} ranks must hold whole nodes of {per_node} "
-                          f"ranks or lie inside one node; choose islands so that {size} divides {per_node} "
-                          "or is a multiple of it")
-    island_nodes = size // min(size, per_node)
-    if CommConfig.preset(cfg.train.preset).grads == "two-level" and island_nodes < 2:
+    if comm.grads == "two-level" and size // island_per_node < 2:
         raise ConfigError(f"preset {cfg.train.preset} reduces gradients over two levels inside an island, "
-                          f"but each of the {islands} islands has {island_nodes} node: use fewer --islands, "
+                          f"but each of the {islands} islands has 1 node: use fewer --islands, "
                           "a smaller --train.gpus_per_node, or --preset qwd")
     return islands
 
 
-def make_plan(cfg: Config):
+def make_plan(cfg: Config, resume_path: Path | None = None) -> RunPlan:
     """Resolve data, tokenizer, world size and batch layout; raise ConfigError & co on bad input."""
-    from halfbyte.train.loop import RunPlan
-
-    resume_path = _resume_path(cfg)
     launched = _launched()
     virtual = cfg.train.virtual_ranks > 0
     if virtual and launched:
         raise ConfigError("--virtual-ranks runs one process and emulates the ranks: start it without torchrun")
     world = cfg.train.virtual_ranks if virtual else int(os.environ["WORLD_SIZE"]) if launched else cfg.train.workers
-    gpus_per_node = _gpus_per_node(cfg, world, launched)
-    islands = _islands(cfg, world, gpus_per_node)
+    gpus_per_node, comm, note = _layout(cfg, world, launched)
+    islands = _islands(cfg, world, gpus_per_node, comm)
     micro, accum = batch_layout(cfg, world, "virtual ranks" if virtual else "workers")
 
     m = cfg.model
@@ -160,7 +193,7 @@ def make_plan(cfg: Config):
         else:
             val_path = val_path_for(train_path)
     train = open_tokens(train_path)
-    val_ok = val_path.is_file() and (len(open_tokens(val_path)) - 1) // cfg.train.seq_len >= world
+    val_ok = val_path.is_file() and (len(open_tokens(val_path)) - 1) // cfg.train.seq_len >= 1
     if (len(train) - 1) // cfg.train.seq_len < world:
         raise ConfigError(f"{train_path} has {len(train)} tokens: too few for {world} workers at seq_len "
                           f"{cfg.train.seq_len}; use more data or a shorter --train.seq_len")
@@ -169,12 +202,17 @@ def make_plan(cfg: Config):
         if train.vocab_size > hf_vocab:
             raise ConfigError(f"{train_path} uses {train.vocab_size} token ids but {m.name} has only {hf_vocab}; "
                               "prepare the data with the model's tokenizer.json")
+    previous = None
+    if not launched or os.environ.get("RANK") == "0":  # the leader alone touches the directory
+        previous = rundir.prepare(cfg.out_dir, fresh_start=resume_path is None,
+                                  overwrite=cfg.train.overwrite or cfg.train.resume == "auto")
     return RunPlan(
-        cfg=cfg, train_path=str(train_path), val_path=str(val_path) if val_ok else None,
+        cfg=cfg, comm=comm, train_path=str(train_path), val_path=str(val_path) if val_ok else None,
         vocab_size=train.vocab_size, tokenizer=_resolve_tokenizer(cfg, train.vocab_size, builtin, train_path),
-        builtin_data=builtin, resume_path=resume_path, world_size=world, gpus_per_node=gpus_per_node,
-        micro_batch=micro, accum=accum, local_workers=not launched and not virtual, virtual=virtual,
-        islands=islands,
+        builtin_data=builtin, resume_path=str(resume_path) if resume_path else None, world_size=world,
+        gpus_per_node=gpus_per_node, micro_batch=micro, accum=accum, local_workers=not launched and not virtual,
+        virtual=virtual, islands=islands, notes=[note] if note else [],
+        previous_run=str(previous) if previous else None,
     )
 
 
@@ -200,34 +238,46 @@ class _ForwardStop:
             signal.signal(sig, handler)
 
 
+def _finished(meta: dict, cfg: Config) -> str | None:
+    """A message when the resumed checkpoint is at or past the run's last step (nothing to train)."""
+    step = meta["extra"].get("step")
+    if step is not None and step >= cfg.train.steps:
+        return (f"the run in {cfg.out_dir} finished at step {step} of {cfg.train.steps}; nothing to do (a "
+                "larger --train.steps with --train.replan extends it)")
+    return None
+
+
 def train_main(argv: list[str]) -> int:
+    debug = os.environ.get(DEBUG_ENV) == "1"
+    leader = not _launched() or os.environ.get("RANK") == "0"
     try:
-        cfg = parse_args(argv)
-        if cfg is None:
+        resolved = resolve_config(argv)
+        if resolved is None:
             print(help_text())
             return 0
-        plan = make_plan(cfg)
-    except (ValueError, OSError) as e:  # ConfigError, TokenFileError, TokenizerError are ValueErrors
-        if not _launched() or os.environ.get("RANK") == "0":
+        cfg, resume_path, meta = resolved
+        if meta is not None and (message := _finished(meta, cfg)):
+            if leader:
+                print(f"halfbyte train: {message}")
+            return 0
+        plan = make_plan(cfg, resume_path)
+    except (ValueError, OSError) as e:  # ConfigError, CheckpointError, TokenFileError, ... are ValueErrors
+        if debug:
+            raise
+        if leader:
             return _fail("train", str(e))
         return 2
 
-    from halfbyte.comm import WorkerError, init_process_group_from_env, spawn
-    from halfbyte.train.loop import run_virtual, run_worker
-
     if plan.virtual:
-        run_virtual(plan)  # this process; Ctrl-C / SIGTERM save a checkpoint and stop
-        return 0
-
+        return _run_here(plan, debug)
     if _launched():
         import torch.distributed as dist
 
         init_process_group_from_env(timeout_s=PG_TIMEOUT_S)
         try:
-            run_worker(plan)
+            return _run_here(plan, debug)
         finally:
             dist.destroy_process_group()
-        return 0
     try:
         with _ForwardStop():
             spawn(run_worker, plan.world_size, plan, timeout_s=float("inf"), backend="gloo",
@@ -239,3 +289,40 @@ def train_main(argv: list[str]) -> int:
         print("halfbyte train: aborted", file=sys.stderr)
         return 130
     return 0
+
+
+# Failures inside training that are the user's to fix: one line, exit code 2 (HALFBYTE_DEBUG=1: traceback).
+USER_ERRORS = (checkpoint.CheckpointError, TrainingStopped, torch.OutOfMemoryError)
+
+
+def _user_message(e: BaseException, plan: RunPlan) -> str:
+    if isinstance(e, torch.OutOfMemoryError):
+        return (f"out of memory with {plan.micro_batch} sequences of {plan.cfg.train.seq_len} tokens per "
+                f"rank per pass: lower --train.micro_batch_size (gradient accumulation keeps the global "
+                f"batch of {plan.cfg.train.batch_size}) or --train.seq_len")
+    return str(e)
+
+
+def _run_here(plan: RunPlan, debug: bool) -> int:
+    """Train in this process (virtual ranks, or one rank under torchrun): a user-facing failure is one
+    line and exit code 2."""
+    try:
+        run(plan)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        if plan.virtual or os.environ.get("RANK") == "0":
+            _fail("train", _user_message(e, plan))
+        return 2
+    return 0
+
+
+def run_worker(plan: RunPlan) -> dict:
+    """A local worker's body: train, and turn a user-facing failure into one line and exit code 2."""
+    try:
+        return run(plan)
+    except USER_ERRORS as e:
+        if os.environ.get(DEBUG_ENV) == "1":
+            raise
+        print(f"halfbyte train: error: {_user_message(e, plan)}", file=sys.stderr, flush=True)
+        os._exit(2)

@@ -1,10 +1,24 @@
-"""Training configuration: dataclasses (their defaults are `configs/default.toml`), TOML files, and
-command-line overrides (`--section.key=value`, `--key value` for unique keys, and a few short flags).
-`--help` is generated from the dataclasses, so it always lists every option with its default."""
+"""Training configuration: one tree whose sections are the components' own configs.
+
+  [model] [data] [schedule] [train]    the trainer's (below)
+  [optim]                              halfbyte.engine.AdamWConfig
+  [engine]                             halfbyte.engine.config.EngineConfig
+  [comm]                               halfbyte.comm.CommConfig, with its QuantSpecs nested
+                                       ([comm.grad_spec] ...); `--preset` fills it, then any key of
+                                       it can be overridden (`--comm.grad_spec.group_size 64`)
+  [outer]                              halfbyte.engine.OuterConfig (local updates), spec nested
+
+The defaults are `configs/default.toml`; a TOML file, then command-line overrides
+(`--section.key=value`, `--key value` for keys whose last name is unique, and a few short flags)
+apply on top, in that order. `--help` is generated from the tree: every option with its default and
+the description its component gives (a `metadata["help"]` or its docstring's `name: text` line).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,13 +30,15 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from halfbyte.comm import divisors
-from halfbyte.engine import CommConfig
+from halfbyte.comm.config import CommConfig
+from halfbyte.comm.topology import divisors
+from halfbyte.engine.config import AdamWConfig, EngineConfig
+from halfbyte.engine.outer import OuterConfig
 from halfbyte.train.model import PRESETS as MODEL_PRESETS
 
 COMM_PRESETS = CommConfig.preset_names()
-OUTER_CHOICES = ("none", "sign-momentum", "nesterov", "average")
 DTYPES = ("auto", "fp32", "bf16")
+DEBUG_ENV = "HALFBYTE_DEBUG"  # set to 1: errors show their traceback
 
 
 class ConfigError(ValueError):
@@ -52,27 +68,21 @@ class DataConfig:
 
 
 @dataclass
-class OptimConfig:
-    lr: float = opt(4e-3, "peak learning rate")
-    min_lr: float = opt(2e-4, "learning rate at the end of the cosine decay")
-    warmup_steps: int = opt(20, "linear warm-up steps")
-    weight_decay: float = opt(0.1, "AdamW weight decay")
-    beta1: float = opt(0.9, "AdamW beta1")
-    beta2: float = opt(0.95, "AdamW beta2")
-    eps: float = opt(1e-8, "AdamW epsilon")
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
+class ScheduleConfig:
+    warmup_steps: int = opt(20, "linear warm-up steps to optim.lr")
+    min_lr: float = opt(2e-4, "learning rate at the end of the cosine decay (the last step)")
 
 
 @dataclass
 class TrainConfig:
-    preset: str = opt("sdp4bit", f"communication preset: {' | '.join(COMM_PRESETS)}")
+    preset: str = opt("sdp4bit", f"communication preset, fills [comm]: {' | '.join(COMM_PRESETS)}")
     steps: int = opt(500, "optimizer steps")
     batch_size: int = opt(16, "global batch size in sequences (all workers, all micro-batches)")
     micro_batch_size: int = opt(0, "sequences per worker per forward pass (0: no gradient accumulation)")
     seq_len: int = opt(128, "tokens per training sequence")
     eval_interval: int = opt(50, "evaluate validation loss every N steps (0: only at the end)")
     eval_tokens: int = opt(16384, "validation tokens per evaluation: a fixed set of windows spread over the "
-                                   "whole validation file, the same for every world size")
+                                  "whole validation file, the same for every world size")
     log_interval: int = opt(10, "write metrics every N steps")
     checkpoint_interval: int = opt(100, "save a checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = opt(1, "how many recent checkpoints to keep")
@@ -83,59 +93,36 @@ class TrainConfig:
     virtual_ranks: int = opt(0, "emulate this many data-parallel ranks in one process, same data and "
                                 "communication math as real ranks (0: off)")
     gpus_per_node: int = opt(0, "ranks per (emulated) node, for real and virtual ranks alike (0: 1 for "
-                                "local workers and virtual ranks, LOCAL_WORLD_SIZE under torchrun; a "
-                                "one-node torchrun job with a two-level preset runs 1 per node)")
+                                "local workers and virtual ranks, LOCAL_WORLD_SIZE under torchrun)")
     dtype: str = opt("auto", f"compute dtype: {' | '.join(DTYPES)} (auto: bf16 on GPU, fp32 on CPU)")
     name: str = opt("", "run name (empty: <model>-<preset>)")
-    out_dir: str = opt("", "output directory (empty: runs/<name>)")
-    resume: str = opt("", "checkpoint directory to resume from, or `latest` (the newest in out_dir)")
+    out_dir: str = opt("", "output directory (empty: runs/<name>); a new run refuses a directory that "
+                           "holds another run")
+    resume: str = opt("", "auto (continue the run in out_dir if it has a checkpoint, else start), latest "
+                          "(its newest checkpoint, which must exist), or a checkpoint directory")
+    overwrite: bool = opt(False, "start anew in an out_dir that holds an earlier run; the earlier run is "
+                                 "deleted only once the new run's first checkpoint is saved")
+    replan: bool = opt(False, "on --resume, allow a new --train.steps: the learning rate decays from the "
+                              "value it reached at the resumed step to min_lr at the new last step")
     sample_tokens: int = opt(200, "tokens of text to generate at the end (0: none)")
-    bucket_numel: int = opt(25_000_000, "values per communication bucket")
 
 
-@dataclass
-class LocalUpdatesConfig:
-    """Local updates (halfbyte.engine.local): defaults are the engine's, i.e. the sign-momentum paper's
-    (Yu et al. 2024, authors' code) and DiLoCo's for nesterov."""
-
-    optimizer: str = opt("none", f"outer optimizer across islands: {' | '.join(OUTER_CHOICES)} (none: every "
-                                 "step synchronous data parallel)")
-    local_steps: int = opt(12, "tau: inner steps between outer steps")
-    islands: int = opt(0, "islands of consecutive ranks (0: one per (emulated) node)")
-    lr: float | None = opt(None, "outer learning rate (none: sign-momentum 1.0 x inner lr, nesterov 0.7, average 1.0)")
-    beta1: float = opt(0.95, "sign-momentum: beta1 of the update direction")
-    beta2: float = opt(0.98, "sign-momentum: beta2 of the momentum")
-    momentum: float = opt(0.9, "nesterov: momentum")
-    weight_decay: float | None = opt(None, "sign-momentum: decoupled weight decay (none: 0.2; others: 0)")
-    bits: int = opt(0, "pseudo-gradient exchange across islands: 0 (fp32, exact) | 4 | 8")
-    group_size: int = opt(128, "values per quantization group of the exchange")
-    hadamard: int = opt(32, "Hadamard block of the exchange (0: off)")
-    rounding: str = opt("stochastic", "rounding of the exchange: stochastic | nearest")
-    error_feedback: bool = opt(True, "keep the exchange's quantization residual and add it to the next one")
-
-    @property
-    def enabled(self) -> bool:
-        return self.optimizer != "none"
-
-    def engine_config(self) -> Any:
-        """The engine's OuterConfig (raises ValueError on bad values)."""
-        from halfbyte.engine.local import OuterConfig as EngineOuterConfig
-        from halfbyte.quant import QuantSpec
-
-        spec = None if not self.bits else QuantSpec(bits=self.bits, group_size=self.group_size,
-                                                     rounding=self.rounding, hadamard=self.hadamard)
-        return EngineOuterConfig(self.optimizer, local_steps=self.local_steps, lr=self.lr,
-                                 betas=(self.beta1, self.beta2), momentum=self.momentum,
-                                 weight_decay=self.weight_decay, spec=spec, error_feedback=self.error_feedback)
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "data": DataConfig, "optim": AdamWConfig, "schedule": ScheduleConfig,
+    "engine": EngineConfig, "comm": CommConfig, "outer": OuterConfig, "train": TrainConfig,
+}
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: AdamWConfig = field(default_factory=lambda: AdamWConfig(lr=4e-3))
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    comm: CommConfig = field(default_factory=lambda: CommConfig.preset("sdp4bit"))
+    outer: OuterConfig = field(default_factory=lambda: OuterConfig("none"))
     train: TrainConfig = field(default_factory=TrainConfig)
-    outer: LocalUpdatesConfig = field(default_factory=LocalUpdatesConfig)
 
     @property
     def run_name(self) -> str:
@@ -145,39 +132,102 @@ class Config:
     def out_dir(self) -> Path:
         return Path(self.train.out_dir or Path("runs") / self.run_name)
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        return to_tree(self)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
-            "outer": LocalUpdatesConfig}
 SHORT_FLAGS = {
     "config": "config", "preset": "train.preset", "steps": "train.steps", "workers": "train.workers",
     "seed": "train.seed", "out": "train.out_dir", "resume": "train.resume", "model": "model.name",
     "data": "data.path", "tokenizer": "data.tokenizer", "batch-size": "train.batch_size", "lr": "optim.lr",
     "virtual-ranks": "train.virtual_ranks", "virtual-gpus-per-node": "train.gpus_per_node",
     "outer": "outer.optimizer", "local-steps": "outer.local_steps", "islands": "outer.islands",
-    "outer-lr": "outer.lr", "outer-bits": "outer.bits",
+    "outer-lr": "outer.lr", "outer-bits": "outer.spec.bits", "overwrite": "train.overwrite",
 }
+# Options whose change alters what a run computes: a resume refuses a new value (train.steps only
+# with --train.replan). Everything else (workers, virtual ranks, buckets, intervals) is a reshard
+# or bookkeeping, and may change.
+MEANING = ("model", "data.path", "optim", "schedule", "comm", "outer", "engine.grad_clip", "train.preset",
+           "train.steps", "train.batch_size", "train.seq_len", "train.seed", "train.dtype")
 
 
-def _section_fields(section: str) -> dict[str, tuple[Any, dataclasses.Field]]:
-    cls = SECTIONS[section]
-    hints = typing.get_type_hints(cls)
-    return {f.name: (hints[f.name], f) for f in dataclasses.fields(cls)}
+# ---- the tree ---------------------------------------------------------------------------------------
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
-ALL_KEYS = {f"{s}.{name}": typ for s in SECTIONS for name, (typ, _) in _section_fields(s).items()}
+def _optional(typ: Any) -> tuple[Any, bool]:
+    """(inner type, whether None is allowed) of `X | None`."""
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(typ))
+    return typ, False
+
+
+def _is_config(typ: Any) -> bool:
+    return dataclasses.is_dataclass(typ) and isinstance(typ, type)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """`name: text` descriptions from a dataclass's docstring (continuation lines joined)."""
+    docs: dict[str, str] = {}
+    current = None
+    names = {f.name for f in dataclasses.fields(cls)}
+    for line in (cls.__doc__ or "").splitlines():
+        m = re.match(r"\s*(\w+):\s+(.*)", line)
+        if m and m.group(1) in names:
+            current = m.group(1)
+            docs[current] = m.group(2).strip()
+        elif current and line.strip():
+            docs[current] += " " + line.strip()
+        else:
+            current = None
+    return docs
+
+
+def to_tree(obj: Any) -> Any:
+    """A config object as nested plain dicts (tuples as lists), e.g. for config.json."""
+    if _is_config(type(obj)):
+        return {f.name: to_tree(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [to_tree(v) for v in obj]
+    return obj
+
+
+def leaves(cls: type, prefix: str = "") -> dict[str, tuple[Any, dataclasses.Field, type]]:
+    """Every settable key under `cls`: dotted path -> (type, field, owning class). A nested config
+    field (`comm.grad_spec`) is itself settable (to none, when optional) and has leaves below it."""
+    out: dict[str, tuple[Any, dataclasses.Field, type]] = {}
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        inner, _ = _optional(hints[f.name])
+        out[path] = (hints[f.name], f, cls)
+        if _is_config(inner):
+            out |= leaves(inner, path + ".")
+    return out
+
+
+ALL_KEYS = {f"{s}.{k}": v for s, cls in SECTIONS.items() for k, v in leaves(cls).items()}
 
 
 def _convert(key: str, typ: Any, value: Any) -> Any:
-    """Convert a TOML or command-line value to the field's type."""
-    args = typing.get_args(typ)
-    if typing.get_origin(typ) in (typing.Union, types.UnionType):  # `int | None`
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "")):
+    """A TOML or command-line value as the field's type (nested configs stay dicts here)."""
+    inner, nullable = _optional(typ)
+    if value is None or (nullable and isinstance(value, str) and value.lower() in ("none", "null")):
+        if nullable:
             return None
-        typ = next(a for a in args if a is not type(None))
-    if typ is bool:
+        raise ConfigError(f"--{key} cannot be none")
+    if _is_config(inner):
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"--{key} is a section: set its keys (--{key}.<name>) or none")
+    if typing.get_origin(inner) is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or len(items) != len(typing.get_args(inner)):
+            raise ConfigError(f"--{key} expects {len(typing.get_args(inner))} comma-separated numbers, got {value!r}")
+        return [_convert(key, t, v) for t, v in zip(typing.get_args(inner), items)]
+    if inner is bool:
         if isinstance(value, bool):
             return value
         if str(value).lower() in ("true", "1", "yes", "on"):
@@ -185,22 +235,77 @@ def _convert(key: str, typ: Any, value: Any) -> Any:
         if str(value).lower() in ("false", "0", "no", "off"):
             return False
         raise ConfigError(f"--{key} expects true or false, got {value!r}")
-    if typ is int and isinstance(value, float) and not value.is_integer():
-        raise ConfigError(f"--{key} expects an integer, got {value!r}")
+    if inner is int:
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(f"--{key} expects int, got {value!r}") from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
+                or number != int(number):
+            raise ConfigError(f"--{key} expects an integer, got {value!r}")
+        return int(number)
+    if inner is float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--{key} expects float, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"--{key} must be a finite number, got {value!r}")
+        return number
+    if not isinstance(value, str):
+        raise ConfigError(f"--{key} expects text, got {value!r}")
+    return value
+
+
+def _template(typ: Any, f: dataclasses.Field) -> dict[str, Any]:
+    """The values an unset optional section starts from when one of its keys is given."""
+    inner, _ = _optional(typ)
+    return to_tree(f.metadata.get("template") or inner())
+
+
+def set_value(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key in the nested dict tree, creating an optional section from its template."""
+    parts = key.split(".")
+    node = tree
+    for depth in range(1, len(parts)):
+        name = ".".join(parts[:depth])
+        child = node.get(parts[depth - 1])
+        if child is None:  # an optional section that is off: its keys start from the template
+            typ, f, _ = ALL_KEYS[name]
+            child = node[parts[depth - 1]] = _template(typ, f)
+        node = child
+    typ, _, _ = ALL_KEYS[key]
+    node[parts[-1]] = _convert(key, typ, value)
+
+
+def build(cls: type, tree: dict[str, Any], prefix: str) -> Any:
+    """The config object of `cls` from its nested dict; ConfigError names the section."""
+    hints = _hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in tree:
+            continue
+        value, (inner, _) = tree[f.name], _optional(hints[f.name])
+        if _is_config(inner) and isinstance(value, dict):
+            value = build(inner, value, f"{prefix}{f.name}.")
+        elif typing.get_origin(inner) is tuple and isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
     try:
-        return typ(int(float(value)) if typ is int and isinstance(value, str) and "e" in value.lower() else value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"--{key} expects {typ.__name__}, got {value!r}") from None
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        section = prefix.rstrip(".")
+        raise ConfigError(f"[{section}]: {e}") from None
 
 
 def _resolve_key(name: str) -> str:
-    """`steps` / `batch-size` (short flags), `train.steps` or a unique field name -> `section.field`."""
+    """`steps` / `batch-size` (short flags), `train.steps` or a unique last name -> the dotted key."""
     if name in SHORT_FLAGS:
         return SHORT_FLAGS[name]
     name = name.replace("-", "_")
     if name in ALL_KEYS:
         return name
-    matches = [k for k in ALL_KEYS if k.split(".", 1)[1] == name]
+    matches = [k for k in ALL_KEYS if k.rsplit(".", 1)[-1] == name]
     if len(matches) == 1:
         return matches[0]
     if matches:
@@ -208,34 +313,38 @@ def _resolve_key(name: str) -> str:
     raise ConfigError(f"unknown option --{name}; `halfbyte train --help` lists every option")
 
 
-def set_value(cfg: Config, key: str, value: Any) -> None:
-    section, name = key.split(".", 1)
-    setattr(getattr(cfg, section), name, _convert(key, ALL_KEYS[key], value))
+def _flatten_toml(table: dict[str, Any], path: Path, prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for name, value in table.items():
+        key = f"{prefix}{name}"
+        if key not in ALL_KEYS and not (prefix == "" and name in SECTIONS):
+            where = f"[{prefix.rstrip('.')}]" if prefix else "the file"
+            if prefix == "":
+                raise ConfigError(f"{path}: unknown section [{name}]; use [{'], ['.join(SECTIONS)}]")
+            raise ConfigError(f"{path}: unknown key {name!r} in {where}; see `halfbyte train --help`")
+        if isinstance(value, dict):
+            items += _flatten_toml(value, path, key + ".")
+        else:
+            items.append((key, value))
+    return items
 
 
-def load_toml(cfg: Config, path: str | Path) -> set[str]:
-    """Apply a TOML file to cfg; returns the keys it set."""
+def read_toml(path: str | Path) -> list[tuple[str, Any]]:
+    """(dotted key, value) pairs of a TOML config file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing --config file.toml")
     try:
         table = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-    for section, values in table.items():
-        if section not in SECTIONS or not isinstance(values, dict):
-            raise ConfigError(f"{path}: unknown section [{section}]; use [{'], ['.join(SECTIONS)}]")
-        for name, value in values.items():
-            key = f"{section}.{name}"
-            if key not in ALL_KEYS:
-                raise ConfigError(f"{path}: unknown key {name!r} in [{section}]; see `halfbyte train --help`")
-            set_value(cfg, key, value)
-    return {f"{section}.{name}" for section, values in table.items() for name in values}
+    return _flatten_toml(table, path)
 
 
-def parse_args(argv: list[str]) -> Config | None:
-    """Config from defaults < --config TOML < overrides (in order). None means --help was asked for."""
-    overrides: list[tuple[str, str]] = []
+def parse_overrides(argv: list[str]) -> list[tuple[str, Any]] | None:
+    """(dotted key, value) pairs in the order they apply: --config's first, then the others. None
+    means --help was asked for."""
+    overrides: list[tuple[str, Any]] = []
     config_file = None
     i = 0
     while i < len(argv):
@@ -247,7 +356,7 @@ def parse_args(argv: list[str]) -> Config | None:
         name, has_value, value = arg[2:].partition("=")
         key = _resolve_key(name)
         if not has_value:
-            takes_flag = key == "train.resume" or (key in ALL_KEYS and ALL_KEYS[key] is bool)
+            takes_flag = key == "train.resume" or (key in ALL_KEYS and ALL_KEYS[key][0] is bool)
             if i + 1 < len(argv) and not (takes_flag and argv[i + 1].startswith("--")):
                 value, i = argv[i + 1], i + 1
             elif takes_flag:
@@ -259,19 +368,55 @@ def parse_args(argv: list[str]) -> Config | None:
         else:
             overrides.append((key, value))
         i += 1
-    cfg = Config()
-    given = {key for key, _ in overrides}
-    if config_file is not None:
-        given |= load_toml(cfg, config_file)
+    return (read_toml(config_file) if config_file is not None else []) + overrides
+
+
+def make_config(overrides: list[tuple[str, Any]], base: dict[str, Any] | None = None) -> Config:
+    """The Config of `base` (a tree, default: the defaults) with `overrides` applied in order. The
+    last train.preset given fills [comm] first; every [comm] key given applies on top of it."""
+    tree = base if base is not None else to_tree(Config())
+    presets = [v for k, v in overrides if k == "train.preset"]
+    if presets:
+        name = str(presets[-1])
+        if name not in COMM_PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; use --preset {' | '.join(COMM_PRESETS)}")
+        tree["comm"] = to_tree(CommConfig.preset(name))
     for key, value in overrides:
-        set_value(cfg, key, value)
-    validate(cfg, given)
+        set_value(tree, key, value)
+    return Config(**{name: build(cls, tree[name], f"{name}.") for name, cls in SECTIONS.items()})
+
+
+def parse_args(argv: list[str]) -> Config | None:
+    """Config from defaults < --config TOML < overrides (in order). None means --help was asked for."""
+    overrides = parse_overrides(argv)
+    if overrides is None:
+        return None
+    cfg = make_config(overrides)
+    validate(cfg, {k for k, _ in overrides})
     return cfg
 
 
+def changed_meaning(saved: Config, now: Config) -> list[str]:
+    """The MEANING keys whose value differs between two configs (dotted keys)."""
+    a, b = _flat(to_tree(saved)), _flat(to_tree(now))
+    return [k for k in sorted(set(a) | set(b))
+            if any(k == m or k.startswith(m + ".") for m in MEANING) and a.get(k) != b.get(k)]
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# ---- checks -----------------------------------------------------------------------------------------
 def validate(cfg: Config, given: set[str] = frozenset()) -> None:
     """Checks that need no data, no model and no processes. given: the keys set explicitly."""
-    m, o, t = cfg.model, cfg.optim, cfg.train
+    m, t, s = cfg.model, cfg.train, cfg.schedule
     if not m.name.startswith("hf:") and m.name not in MODEL_PRESETS:
         raise ConfigError(f"unknown model {m.name!r}; use --model {' | '.join(MODEL_PRESETS)} or hf:<local path>")
     if t.preset not in COMM_PRESETS:
@@ -280,7 +425,7 @@ def validate(cfg: Config, given: set[str] = frozenset()) -> None:
         raise ConfigError(f"unknown dtype {t.dtype!r}; use --train.dtype {' | '.join(DTYPES)}")
     positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.seq_len": t.seq_len,
                 "train.workers": t.workers, "train.eval_tokens": t.eval_tokens, "train.log_interval": t.log_interval,
-                "train.keep_checkpoints": t.keep_checkpoints, "optim.lr": o.lr, "train.bucket_numel": t.bucket_numel}
+                "train.keep_checkpoints": t.keep_checkpoints, "optim.lr": cfg.optim.lr}
     positive |= {f"model.{k}": v for k, v in
                  (("n_layer", m.n_layer), ("n_head", m.n_head), ("d_model", m.d_model), ("ctx", m.ctx))
                  if v is not None}
@@ -289,17 +434,23 @@ def validate(cfg: Config, given: set[str] = frozenset()) -> None:
             raise ConfigError(f"--{key} must be positive, got {value}")
     non_negative = {"train.micro_batch_size": t.micro_batch_size, "train.eval_interval": t.eval_interval,
                     "train.checkpoint_interval": t.checkpoint_interval, "train.gpus_per_node": t.gpus_per_node,
-                    "train.sample_tokens": t.sample_tokens, "optim.min_lr": o.min_lr,
-                    "optim.warmup_steps": o.warmup_steps, "optim.weight_decay": o.weight_decay,
-                    "optim.grad_clip": o.grad_clip, "model.dropout": m.dropout}
+                    "train.sample_tokens": t.sample_tokens, "schedule.min_lr": s.min_lr,
+                    "schedule.warmup_steps": s.warmup_steps, "train.check_replicas_interval": t.check_replicas_interval}
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"--{key} must be >= 0, got {value}")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"--model.dropout must be in [0, 1), got {m.dropout}")
     if t.eval_tokens < t.seq_len:
         raise ConfigError(f"--train.eval_tokens={t.eval_tokens} is less than one sequence of --train.seq_len="
                           f"{t.seq_len}; raise eval_tokens")
-    if o.min_lr > o.lr:
-        raise ConfigError(f"--optim.min_lr={o.min_lr} exceeds --lr={o.lr}; lower min_lr")
+    if s.min_lr > cfg.optim.lr:
+        raise ConfigError(f"--schedule.min_lr={s.min_lr} exceeds --lr={cfg.optim.lr}; lower min_lr")
+    if t.resume and t.overwrite:
+        raise ConfigError("--resume continues the run in out_dir and --overwrite replaces it: choose one")
+    if t.resume and t.resume not in ("auto", "latest") and not Path(t.resume).is_dir():
+        raise ConfigError(f"--resume {t.resume}: no such checkpoint directory; use --resume auto or latest "
+                          "for the run in out_dir")
     _validate_parallelism(cfg, given)
     if not m.name.startswith("hf:"):
         ctx = m.ctx or MODEL_PRESETS[m.name][3]
@@ -310,7 +461,7 @@ def validate(cfg: Config, given: set[str] = frozenset()) -> None:
 
 def _validate_parallelism(cfg: Config, given: set[str]) -> None:
     """Virtual ranks and local updates: the checks that need no world size."""
-    t, u = cfg.train, cfg.outer
+    t = cfg.train
     if t.virtual_ranks < 0:
         raise ConfigError(f"--virtual-ranks must be >= 1 (or 0: off), got {t.virtual_ranks}")
     if t.virtual_ranks:
@@ -324,24 +475,6 @@ def _validate_parallelism(cfg: Config, given: set[str]) -> None:
         if t.gpus_per_node and t.virtual_ranks % t.gpus_per_node:
             raise ConfigError(f"--virtual-gpus-per-node={t.gpus_per_node} does not divide --virtual-ranks="
                               f"{t.virtual_ranks}; use one of {divisors(t.virtual_ranks)}")
-    if u.optimizer not in OUTER_CHOICES:
-        raise ConfigError(f"unknown outer optimizer {u.optimizer!r}; use --outer {' | '.join(OUTER_CHOICES)}")
-    if not u.enabled:
-        return
-    if u.local_steps < 1:
-        raise ConfigError(f"--local-steps (tau) must be >= 1, got {u.local_steps}")
-    if u.islands < 0:
-        raise ConfigError(f"--islands must be >= 1 (or 0: one per node), got {u.islands}")
-    if u.bits not in (0, 4, 8):
-        raise ConfigError(f"--outer-bits must be 0 (fp32), 4 or 8, got {u.bits}")
-    if u.rounding not in ("nearest", "stochastic"):
-        raise ConfigError(f"--outer.rounding must be nearest or stochastic, got {u.rounding!r}")
-    if u.weight_decay and u.optimizer != "sign-momentum":
-        raise ConfigError(f"--outer.weight_decay is only used by --outer sign-momentum; drop it for {u.optimizer}")
-    try:
-        u.engine_config()
-    except ValueError as e:  # the engine's own checks (lr, betas, momentum, codec)
-        raise ConfigError(f"--outer options: {e}") from None
 
 
 def batch_layout(cfg: Config, world_size: int, ranks: str = "workers") -> tuple[int, int]:
@@ -366,15 +499,26 @@ def help_text() -> str:
         "available) with the data order and communication math of W real ranks. --outer turns on local",
         "updates: islands of ranks train on their own and meet every --local-steps steps (an outer step).",
         "Options apply in order: defaults (configs/default.toml), then --config, then the others.",
-        "Keys may be written without their section when unique.",
+        "Keys may be written without their sections when their last name is unique. --preset fills",
+        "[comm]; its keys can then be overridden (e.g. --comm.grad_spec.group_size 64).",
+        "A mistake is one line on stderr and exit code 2; set HALFBYTE_DEBUG=1 to see the traceback.",
         "",
-        "  --config FILE                  TOML file with [model] [data] [optim] [train] [outer] tables",
+        f"  --config FILE                  TOML file with [{'] ['.join(SECTIONS)}] tables",
         "short flags:",
         *(f"  --{k:<28} = --{v}" for k, v in SHORT_FLAGS.items() if k != "config"),
     ]
-    for section in SECTIONS:
+    defaults = Config()
+    for section, cls in SECTIONS.items():
         lines += ["", f"[{section}]"]
-        for name, (_, f) in _section_fields(section).items():
-            default = "none" if f.default is None else repr(f.default)
-            lines.append(f"  {'--' + section + '.' + name:<30} {f.metadata['help']} (default: {default})")
+        for key, (typ, f, owner) in leaves(cls, f"{section}.").items():
+            text = f.metadata.get("help") or field_docs(owner).get(f.name, "")
+            value: Any = defaults
+            for part in key.split("."):
+                value = None if value is None else getattr(value, part)
+            if _is_config(_optional(typ)[0]):
+                default = "none" if value is None else "on"
+                text = f"{text} (a section: set its keys below, or none)"
+            else:
+                default = "none" if value is None else repr(value)
+            lines.append(f"  {'--' + key:<34} {text} (default: {default})")
     return "\n".join(lines)

@@ -1,16 +1,18 @@
-"""The training loop every rank runs: model + engine, data, schedule, evaluation, checkpoints, and (on
-rank 0) progress, metrics, the loss plot, a text sample and the final summary."""
+"""The training loop, one for every layout: this process plays one real rank of a torch.distributed
+job or all W virtual ranks, in one island or several (local updates). `Ranks` builds the worlds,
+models and engines; the loop (`train`) runs the schedule, evaluation, checkpoints and, on the
+leader, progress, metrics, the loss plot, a text sample and the final summary."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
-import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +20,25 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from halfbyte.comm import all_gather_bytes, build_topology, reduce_scatter_bytes
-from halfbyte.engine import AdamWConfig, CommConfig, ShardedDataParallel, checkpoint
-from halfbyte.engine.local import LocalUpdates, build_islands
-from halfbyte.engine.sharded import StepResult
-from halfbyte.engine.virtual import VirtualDataParallel
-from halfbyte.train.config import Config, OptimConfig
+from halfbyte.comm import CommConfig, all_gather_bytes, build_topology, reduce_scatter_bytes
+from halfbyte.engine import ShardedDataParallel, StepResult, checkpoint
+from halfbyte.engine.outer import LocalUpdates, build_islands, virtual_islands
+from halfbyte.engine.world import ProcessGroupWorld, VirtualWorld, World
+from halfbyte.train import rundir
+from halfbyte.train.config import Config, ScheduleConfig
 from halfbyte.train.data import open_tokens
-from halfbyte.train.sampling import TokenSampler, eval_batches
 from halfbyte.train.metrics import RunLogger, fmt_bytes, fmt_time, plot_loss
 from halfbyte.train.model import build_model, generate
+from halfbyte.train.sampling import TokenSampler, eval_batches
 from halfbyte.train.tokenizer import load_tokenizer
-from halfbyte.engine.virtual_islands import VirtualLocalUpdates
 
 BF16_BYTES = 2
 SAMPLE_PROMPT = "ROMEO:\n"  # for the built-in corpus; other data starts the sample at a document break
+MAX_SKIPPED_IN_A_ROW = 10  # a run that keeps skipping steps (non-finite gradients) stops
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. its gradients stay non-finite); the message says why and what to do."""
 
 
 @dataclass
@@ -40,6 +46,7 @@ class RunPlan:
     """Everything the workers need, resolved and checked in the launching process (picklable)."""
 
     cfg: Config
+    comm: CommConfig  # cfg.comm on this layout (CommConfig.for_nodes)
     train_path: str
     val_path: str | None
     vocab_size: int  # of the data; the GPT's embedding is rounded up to a multiple of 64
@@ -53,14 +60,35 @@ class RunPlan:
     local_workers: bool  # started by `halfbyte train` itself (not torchrun)
     virtual: bool = False  # world_size virtual ranks in this one process
     islands: int = 0  # local updates across this many islands (0: off)
+    notes: list[str] = field(default_factory=list)  # printed in the banner
+    previous_run: str | None = None  # --overwrite: the earlier run, deleted after the first checkpoint
 
 
-def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
-    """Linear warm-up to optim.lr, then cosine decay to optim.min_lr at total_steps (step is 0-based)."""
-    if step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
-    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1.0 + math.cos(math.pi * progress))
+@dataclass(frozen=True)
+class Schedule:
+    """Linear warm-up to the peak lr, then cosine decay to min_lr at the last step. A run extended on
+    resume (--train.replan) decays from the lr it had reached at `restart_step` to the new end."""
+
+    peak: float
+    config: ScheduleConfig
+    total_steps: int
+    restart_step: int = 0
+    restart_lr: float | None = None
+
+    def lr(self, step: int) -> float:
+        """The learning rate of 0-based step `step`."""
+        s, low = self.config, self.config.min_lr
+        if self.restart_lr is not None and step >= self.restart_step:
+            progress = (step - self.restart_step) / max(1, self.total_steps - self.restart_step)
+            return low + 0.5 * (self.restart_lr - low) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if step < s.warmup_steps:
+            return self.peak * (step + 1) / s.warmup_steps
+        progress = min(1.0, (step - s.warmup_steps) / max(1, self.total_steps - s.warmup_steps))
+        return low + 0.5 * (self.peak - low) * (1.0 + math.cos(math.pi * progress))
+
+    def extended(self, step: int, total_steps: int) -> Schedule:
+        """The schedule re-planned at `step` to end at `total_steps` (lr continuous at `step`)."""
+        return Schedule(self.peak, self.config, total_steps, step, self.lr(step))
 
 
 class StopRequest:
@@ -76,12 +104,6 @@ class StopRequest:
         self.requested = True
 
 
-def checkpoint_dirs(out_dir: Path) -> list[Path]:
-    """Complete checkpoints in out_dir, oldest first."""
-    root = out_dir / "checkpoints"
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / "COMPLETE").exists()) if root.is_dir() else []
-
-
 def bf16_bytes_per_step(buckets: list, nodes: int, gpus_per_node: int) -> int:
     """Bytes all ranks together would send per step with bf16 all-gather + bf16 reduce-scatter, every
     step across the whole world (also the reference for local updates)."""
@@ -94,27 +116,18 @@ def bf16_bytes_per_step(buckets: list, nodes: int, gpus_per_node: int) -> int:
     return per_rank * world
 
 
-def _compute_dtype(name: str, device: torch.device) -> torch.dtype:
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
-def _build_model(plan: RunPlan, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    m = plan.cfg.model
-    torch.manual_seed(plan.cfg.train.seed)  # same initialization everywhere (the engine broadcasts rank 0's anyway)
-    model = build_model(m.name, -(-plan.vocab_size // 64) * 64, n_layer=m.n_layer, n_head=m.n_head,
-                        d_model=m.d_model, ctx=m.ctx, rope=m.rope, dropout=m.dropout)
-    return model.to(device=device, dtype=dtype)
-
-
-def _engine_options(plan: RunPlan, island: int = 0) -> dict[str, Any]:
-    """Engine settings; each island gets its own rounding seed, so that rank l of every island does not
-    draw the same stochastic-rounding noise (correlated errors would not average out across islands)."""
-    o, t = plan.cfg.optim, plan.cfg.train
-    return dict(optim=AdamWConfig(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay),
-                comm=CommConfig.preset(t.preset), bucket_numel=t.bucket_numel, grad_clip=o.grad_clip or None,
-                seed=t.seed + 7919 * island)
+def build_run_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
+    """The run's model on the CPU in fp32, initialized from the run's seed (every rank alike)."""
+    m = cfg.model
+    torch.manual_seed(cfg.train.seed)
+    return build_model(m.name, -(-vocab_size // 64) * 64, n_layer=m.n_layer, n_head=m.n_head,
+                       d_model=m.d_model, ctx=m.ctx, rope=m.rope, dropout=m.dropout)
 
 
 def _loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -134,312 +147,289 @@ def _eval_sums(model: torch.nn.Module, batches: list, device: torch.device) -> t
     return total
 
 
-def _save_marker(path: Path) -> None:
-    (path / checkpoint.MARKER).write_text("ok\n")
+@dataclass
+class Slot:
+    """One rank this process plays: its island's model and engine, its island-local rank, its data."""
+
+    model: torch.nn.Module
+    engine: ShardedDataParallel
+    local_rank: int
+    global_rank: int
+    sampler: TokenSampler
+    val_batches: list
 
 
-class _Ranks:
-    """What both drivers share: outer-step count and bytes on the wire. A subclass sets engine,
-    local (or None), _stats_per_process (how many ranks' bytes one process's stats stand for) and
-    calls _reset_wire() once its engine exists."""
+class Ranks:
+    """The ranks this process plays: one real rank (the process group is initialized), or all W
+    virtual ranks; with local updates, in K islands (one engine and model copy per island held)."""
 
-    engine: Any
-    local: Any
-    _stats_per_process = 1
+    def __init__(self, plan: RunPlan) -> None:
+        t, cfg = plan.cfg.train, plan.cfg
+        self.plan = plan
+        W, K = plan.world_size, plan.islands or 1
+        S = W // K
+        if plan.virtual:
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            L = plan.gpus_per_node or 1
+            if plan.islands:
+                islands = virtual_islands(K, S, L, device)
+            worlds: list[World] = islands.worlds if plan.islands else [VirtualWorld(W, L, device)]
+        else:
+            if plan.local_workers and "OMP_NUM_THREADS" not in os.environ:
+                # local workers share the CPUs this process may use (taskset / cgroup aware)
+                cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+                torch.set_num_threads(max(1, cpus // W))
+            if plan.islands:
+                islands = build_islands(K, plan.gpus_per_node)
+            worlds = islands.worlds if plan.islands else [ProcessGroupWorld(build_topology(plan.gpus_per_node))]
+            device = worlds[0].device
+        self.islands = islands if plan.islands else None
+        self.world = islands.world if plan.islands else worlds[0]  # what every process is in
+        self.device, self.leader = device, self.world.leader
+        self.dtype = compute_dtype(t.dtype, device)
+        held = islands.owned if plan.islands else (0,)
+        self.models = [build_run_model(cfg, plan.vocab_size).to(device=device, dtype=self.dtype) for _ in held]
+        # each island its own rounding seed, so that rank l of every island draws its own noise
+        self.engines = [ShardedDataParallel(model, world, optim=cfg.optim, comm=plan.comm,
+                                            bucket_numel=cfg.engine.bucket_numel, grad_clip=cfg.engine.grad_clip,
+                                            seed=t.seed + 7919 * k)
+                        for k, model, world in zip(held, self.models, worlds)]
+        if not plan.virtual:
+            torch.manual_seed(t.seed + 1 + dist.get_rank())  # after the shared init: each rank its own dropout
+        self.local = LocalUpdates(self.engines, islands, cfg.outer, seed=t.seed) if plan.islands else None
+        self.describe = (f"{islands.describe()}; {cfg.outer.describe()}" if plan.islands
+                         else worlds[0].describe())
+        per_node = plan.gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", W))
+        self.bf16_step = bf16_bytes_per_step(self.engines[0].buckets, W // per_node, per_node)
+        self.train_data = open_tokens(plan.train_path)
+        val = open_tokens(plan.val_path) if plan.val_path else None
+        windows = t.eval_tokens // t.seq_len
+        self.slots = []
+        for k, model, engine in zip(held, self.models, self.engines):
+            for l in engine.world.owned:
+                g = k * S + l
+                self.slots.append(Slot(
+                    model, engine, l, g, TokenSampler(self.train_data, t.seq_len, g, W, t.seed),
+                    eval_batches(val, t.seq_len, g, W, plan.micro_batch, windows) if val is not None else []))
+        self.has_val = val is not None
+        self._wire_start = self._sent()
+
+    @property
+    def engine(self) -> ShardedDataParallel:
+        return self.engines[0]
 
     @property
     def outer_steps(self) -> int:
         return self.local.outer_steps if self.local else 0
 
-    def _sent(self) -> torch.Tensor:
-        now = self.engine.stats.totals()
-        island = sum(self.local.stats.totals().values()) if self.local else 0
-        return torch.tensor([now["intra"], now["inter"], island], dtype=torch.float64) * self._stats_per_process
-
-    def _reset_wire(self) -> None:
-        self._stats_start = self._sent()
-
-    def wire(self) -> torch.Tensor:
-        """[intra, inter, inter-island] bytes this process's ranks sent since it started."""
-        return self._sent() - self._stats_start
-
-
-class ProcessRank(_Ranks):
-    """This process is one real rank (the process group is initialized): the engine on the whole
-    world, or on this rank's island with LocalUpdates across islands."""
-
-    def __init__(self, plan: RunPlan) -> None:
-        t = plan.cfg.train
-        if plan.local_workers and "OMP_NUM_THREADS" not in os.environ:
-            # local workers share the CPUs this process may use (taskset / cgroup aware): no oversubscription
-            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            torch.set_num_threads(max(1, cpus // plan.world_size))
-        self.plan, self.rank, self.world_size = plan, dist.get_rank(), plan.world_size
-        self.rank0 = self.rank == 0
-        if plan.islands:
-            self.islands = build_islands(plan.islands, plan.gpus_per_node)
-            topo = self.islands.island
-            self.describe = f"{self.islands.describe()}; {plan.cfg.outer.engine_config().describe()}"
-        else:
-            self.islands, topo = None, build_topology(plan.gpus_per_node)
-            self.describe = topo.describe()
-        self.topo, self.device = topo, topo.device
-        self.dtype = _compute_dtype(t.dtype, self.device)
-        self.model = _build_model(plan, self.device, self.dtype)
-        self.engine = ShardedDataParallel(
-            self.model, topo, **_engine_options(plan, self.islands.index if self.islands else 0))
-        torch.manual_seed(t.seed + 1 + self.rank)  # after the shared init: each rank its own dropout masks
-        self.local = (LocalUpdates(self.engine, self.islands, plan.cfg.outer.engine_config(), seed=t.seed)
-                      if self.islands else None)
-        per_node = plan.gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", plan.world_size))
-        self.bf16_step = bf16_bytes_per_step(self.engine.buckets, plan.world_size // per_node, per_node)
-        self.train_data = open_tokens(plan.train_path)
-        self.sampler = TokenSampler(self.train_data, t.seq_len, self.rank, plan.world_size, t.seed)
-        self.val_batches = (eval_batches(open_tokens(plan.val_path), t.seq_len, self.rank, plan.world_size,
-                                         plan.micro_batch, t.eval_tokens // t.seq_len) if plan.val_path else [])
-        self._reset_wire()
-
     def train_step(self, lr: float) -> tuple[torch.Tensor, StepResult]:
-        """Forward/backward of this rank's micro-batches, the engine step (and the outer step)."""
+        """Forward/backward of every rank's micro-batches, the engine steps (and the outer step).
+        Returns this process's loss sum (over its ranks) and the first engine's result."""
         plan, step_loss = self.plan, torch.zeros((), dtype=torch.float64, device=self.device)
-        for micro in range(plan.accum):
-            x, y = self.sampler.next_batch(plan.micro_batch)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with contextlib.nullcontext() if micro == plan.accum - 1 else self.engine.no_sync():
-                loss = _loss(self.model, x, y) / plan.accum
-                loss.backward()
-            step_loss += loss.detach()
-        result = self.engine.step(lr=lr)
-        if self.local is not None:
-            self.local.step(lr)
-        self.engine.zero_grad()
-        return step_loss, result
-
-    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
-        values = values.to(self.device)
-        dist.all_reduce(values)
-        return values.cpu()
-
-    def check_replicas(self) -> None:
-        self.engine.check_replicas()
-
-    def evaluate(self) -> float:
-        total = self.all_sum(_eval_sums(self.model, self.val_batches, self.device))
-        return float(total[0] / total[1])
-
-    def save(self, path: Path, extra: dict[str, Any]) -> None:
-        extra = {**extra, "data": self.sampler.state_dict()}
-        if self.local is None:
-            self.engine.save_checkpoint(path, extra)
-            return
-        if self.rank0:
-            (path / checkpoint.MARKER).unlink(missing_ok=True)
-        dist.barrier()
-        self.local.save_checkpoint(path, extra)  # path/island<i>/
-        dist.barrier()
-        if self.rank0:
-            _save_marker(path)
-
-    def load(self, path: str) -> dict[str, Any]:
-        extra = self.local.load_checkpoint(path) if self.local else self.engine.load_checkpoint(path)
-        self.sampler.load_state_dict(extra["data"])
-        self._reset_wire()
-        return extra
-
-
-class VirtualRanks(_Ranks):
-    """This process emulates all W ranks: each virtual rank samples the data real rank w would, and
-    the engine (VirtualDataParallel) runs their communication math. With local updates: one
-    engine and model copy per island, VirtualLocalUpdates across them."""
-
-    def __init__(self, plan: RunPlan) -> None:
-        t = plan.cfg.train
-        self.plan, self.world_size, self.rank0 = plan, plan.world_size, True
-        self._stats_per_process = plan.world_size  # every real rank sends what the stats count for one
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = _compute_dtype(t.dtype, self.device)
-        K = plan.islands or 1
-        self.island_size = plan.world_size // K
-        L = min(plan.gpus_per_node, self.island_size)  # an island lies inside one node or holds whole nodes
-        self.models = [_build_model(plan, self.device, self.dtype) for _ in range(K)]
-        self.engines = [VirtualDataParallel(model, self.island_size, L, **_engine_options(plan, k))
-                        for k, model in enumerate(self.models)]
-        self.model, self.engine = self.models[0], self.engines[0]
-        self.local = (VirtualLocalUpdates(self.engines, plan.cfg.outer.engine_config(), seed=t.seed)
-                      if plan.islands else None)
-        topo = self.engine.topo
-        self.describe = (f"{K} island(s) of {topo.describe()}; {plan.cfg.outer.engine_config().describe()}"
-                         if plan.islands else topo.describe())
-        self.bf16_step = bf16_bytes_per_step(self.engine.buckets, plan.world_size // plan.gpus_per_node,
-                                             plan.gpus_per_node)
-        self.train_data = open_tokens(plan.train_path)
-        self.samplers = [TokenSampler(self.train_data, t.seq_len, w, plan.world_size, t.seed)
-                         for w in range(plan.world_size)]
-        val = open_tokens(plan.val_path) if plan.val_path else None
-        self.val_batches = ([eval_batches(val, t.seq_len, w, plan.world_size, plan.micro_batch, t.eval_tokens // t.seq_len)
-                             for w in range(plan.world_size)] if val is not None else [])
-        self._reset_wire()
-
-    def train_step(self, lr: float) -> tuple[torch.Tensor, StepResult]:
-        plan, step_loss = self.plan, torch.zeros((), dtype=torch.float64, device=self.device)
-        for w, sampler in enumerate(self.samplers):
-            island, local_rank = divmod(w, self.island_size)
-            model, engine = self.models[island], self.engines[island]
-            with engine.virtual_rank(local_rank):
-                for _ in range(plan.accum):
-                    x, y = sampler.next_batch(plan.micro_batch)
-                    loss = _loss(model, x.to(self.device), y.to(self.device)) / plan.accum
-                    loss.backward()
+        for slot in self.slots:
+            with slot.engine.as_rank(slot.local_rank):
+                for micro in range(plan.accum):
+                    x, y = slot.sampler.next_batch(plan.micro_batch)
+                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                    with contextlib.nullcontext() if micro == plan.accum - 1 else slot.engine.no_sync():
+                        loss = _loss(slot.model, x, y) / plan.accum
+                        loss.backward()
                     step_loss += loss.detach()
         results = [engine.step(lr=lr) for engine in self.engines]
         if self.local is not None:
             self.local.step(lr)
         for engine in self.engines:
             engine.zero_grad()
-        return step_loss.cpu(), results[0]  # island 0's, as real rank 0 reports its own island's
+        return step_loss, results[0]
 
     def all_sum(self, values: torch.Tensor) -> torch.Tensor:
-        return values.cpu()  # this process holds every rank's share already
+        """The sum over every process (virtual ranks: this process holds all of them already)."""
+        if self.plan.virtual:
+            return values.cpu()
+        values = values.to(self.device)
+        dist.all_reduce(values)
+        return values.cpu()
 
     def check_replicas(self) -> None:
-        """Nothing to compare: one replica per island stands for all its ranks by construction."""
+        for engine in self.engines:
+            engine.check_replicas()
+
+    def weights_finite(self) -> bool:
+        """Every master weight of every rank is finite (one all-reduce)."""
+        bad = sum(int(not bool(torch.isfinite(m).all())) for e in self.engines for row in e.master for m in row)
+        return not bool(self.all_sum(torch.tensor([float(bad)]))[0])
 
     def evaluate(self) -> float:
-        total = sum(_eval_sums(self.models[w // self.island_size], batches, self.device)
-                    for w, batches in enumerate(self.val_batches))
+        total = torch.zeros(2, dtype=torch.float64)
+        for slot in self.slots:
+            total += _eval_sums(slot.model, slot.val_batches, self.device).cpu()
+        total = self.all_sum(total)
         return float(total[0] / total[1])
 
+    def eval_tokens(self) -> int:
+        mine = sum(y.numel() for slot in self.slots for _, y in slot.val_batches)
+        return int(self.all_sum(torch.tensor([float(mine)]))[0])
+
+    def _sent(self) -> torch.Tensor:
+        intra = sum(e.stats.totals()["intra"] for e in self.engines)
+        inter = sum(e.stats.totals()["inter"] for e in self.engines)
+        island = sum(self.local.stats.totals().values()) if self.local else 0
+        return torch.tensor([intra, inter, island], dtype=torch.float64)
+
+    def wire(self) -> torch.Tensor:
+        """[intra, inter, inter-island] bytes the ranks of this process sent since it started."""
+        return self._sent() - self._wire_start
+
     def save(self, path: Path, extra: dict[str, Any]) -> None:
-        extra = {**extra, "data": [s.state_dict() for s in self.samplers]}
-        (self.local or self.engine).save_checkpoint(path, extra)
+        extra = {**extra, "data": self.slots[0].sampler.state_dict()}  # every rank draws alike
+        if self.local is not None:
+            self.local.save_checkpoint(path, extra)
+        else:
+            self.engine.save_checkpoint(path, extra)
 
     def load(self, path: str) -> dict[str, Any]:
-        extra = (self.local or self.engine).load_checkpoint(path)
-        for sampler, state in zip(self.samplers, extra["data"]):
-            sampler.load_state_dict(state)
-        self._reset_wire()
+        extra = self.local.load_checkpoint(path) if self.local else self.engine.load_checkpoint(path)
+        for slot in self.slots:
+            slot.sampler.load_state_dict(extra["data"])
+        self._wire_start = self._sent()
         return extra
 
 
-def run_worker(plan: RunPlan) -> dict[str, Any]:
-    """Train on this rank (the process group is initialized). Returns rank 0's summary."""
+def run(plan: RunPlan) -> dict[str, Any]:
+    """Train this process's ranks (for real ranks the process group is initialized). Returns the
+    summary."""
     stop = StopRequest()  # first: a Ctrl-C during start-up also ends in a clean stop after one step
-    return _train(plan, ProcessRank(plan), stop)
+    logging.getLogger("halfbyte.engine.sharded").setLevel(logging.ERROR)  # the loop reports skips itself
+    return train(plan, Ranks(plan), stop)
 
 
-def run_virtual(plan: RunPlan) -> dict[str, Any]:
-    """Train plan.world_size virtual ranks in this process. Returns the summary."""
-    stop = StopRequest()
-    return _train(plan, VirtualRanks(plan), stop)
+def train(plan: RunPlan, ranks: Ranks, stop: StopRequest) -> dict[str, Any]:
+    cfg, t = plan.cfg, plan.cfg.train
+    out_dir, leader, device = cfg.out_dir, ranks.leader, ranks.device
+    ckpt_root = out_dir / "checkpoints"
+    schedule = Schedule(cfg.optim.lr, cfg.schedule, t.steps)
 
-
-def _train(plan: RunPlan, ranks: ProcessRank | VirtualRanks, stop: StopRequest) -> dict[str, Any]:
-    cfg, t, o = plan.cfg, plan.cfg.train, plan.cfg.optim
-    out_dir, rank0, device = cfg.out_dir, ranks.rank0, ranks.device
-    if rank0 and not plan.resume_path:
-        _fresh_out_dir(cfg)
-
-    step, elapsed, wire_offset = 0, 0.0, torch.zeros(3, dtype=torch.float64)
+    step, elapsed, wire_offset, bf16_offset = 0, 0.0, torch.zeros(3, dtype=torch.float64), 0
     if plan.resume_path:
         extra = ranks.load(plan.resume_path)
         step, elapsed = int(extra["step"]), float(extra["elapsed_s"])
-        saved_wire = list(extra["wire_bytes"]) + [0.0] * (3 - len(extra["wire_bytes"]))  # before inter-island
-        wire_offset = torch.tensor(saved_wire, dtype=torch.float64)
+        wire_offset = torch.tensor(extra["wire_bytes"], dtype=torch.float64)
+        bf16_offset = int(extra["wire_bf16_bytes"])  # the layout (hence bf16's bytes) may have changed
+        restart = extra.get("schedule")
+        if restart is not None:
+            schedule = Schedule(cfg.optim.lr, cfg.schedule, t.steps, restart["step"], restart["lr"])
+        if extra["steps"] != t.steps:  # --train.replan: decay from here to the new end
+            schedule = Schedule(cfg.optim.lr, cfg.schedule, extra["steps"], schedule.restart_step,
+                                schedule.restart_lr).extended(step, t.steps)
     start_step = step
     tokens_per_step = t.batch_size * t.seq_len
 
     log = None
-    if rank0:
-        print(_banner(plan, ranks, start_step), flush=True)
+    val_tokens = ranks.eval_tokens()  # collective: every rank, before the leader's banner
+    if leader:
+        print(_banner(plan, ranks, start_step, val_tokens), flush=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         log = RunLogger(out_dir, t.steps, start_step, resumed=bool(plan.resume_path))
 
-    def save(step: int, wire: torch.Tensor) -> Path:
-        path = out_dir / "checkpoints" / f"step_{step:06d}"
-        ranks.save(path, {"step": step, "elapsed_s": elapsed, "wire_bytes": wire.tolist()})
-        if rank0:
-            for old in checkpoint_dirs(out_dir)[: -t.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+    def bf16_at(step: int) -> int:
+        """Bytes bf16 communication would have sent by `step` (on the layouts the run had)."""
+        return bf16_offset + ranks.bf16_step * (step - start_step)
+
+    def save(step: int, wire: torch.Tensor) -> Path | None:
+        if not ranks.weights_finite():
+            if log is not None:
+                log.note(f"step {step}: the weights are no longer finite; no checkpoint written (the newest "
+                         "complete one stays the latest)")
+            return None
+        path = checkpoint.step_dir(ckpt_root, step)
+        restart = (None if schedule.restart_lr is None
+                   else {"step": schedule.restart_step, "lr": schedule.restart_lr})
+        ranks.save(path, {"step": step, "steps": t.steps, "elapsed_s": elapsed, "wire_bytes": wire.tolist(),
+                          "wire_bf16_bytes": bf16_at(step), "schedule": restart, "config": cfg.to_dict()})
+        if leader:
+            checkpoint.rotate(ckpt_root, t.keep_checkpoints)
+            if plan.previous_run:
+                rundir.discard_previous(out_dir)  # --overwrite: the new run is safe now
+                plan.previous_run = None
         return path
 
     loss_sum, loss_steps, window_time, window_start = 0.0, 0, 0.0, step
     val_loss, train_loss, checkpoint_path = float("nan"), float("nan"), None
     wire = wire_offset.clone()
-    stopped = False
-    while step < t.steps and not stopped:
-        t0 = time.perf_counter()
-        lr = lr_at(step, o, t.steps)
-        step_loss, result = ranks.train_step(lr)
-        step += 1
-        # One small all-reduce per step: mean loss, whether any rank was asked to stop, bytes on the wire.
-        shared = ranks.all_sum(torch.cat([step_loss.reshape(1).cpu(),
-                                          torch.tensor([float(stop.requested)], dtype=torch.float64),
-                                          ranks.wire()]))
-        train_loss = float(shared[0]) / ranks.world_size
-        stopped = bool(shared[1] > 0)
-        wire = wire_offset + shared[2:]
-        dt = time.perf_counter() - t0
-        elapsed += dt
-        loss_sum, loss_steps, window_time = loss_sum + train_loss, loss_steps + 1, window_time + dt
+    stopped, skipped_in_a_row = False, 0
+    try:
+        while step < t.steps and not stopped:
+            t0 = time.perf_counter()
+            lr = schedule.lr(step)
+            step_loss, result = ranks.train_step(lr)
+            step += 1
+            # One small all-reduce per step: mean loss, whether any rank was asked to stop, bytes on the wire.
+            shared = ranks.all_sum(torch.cat([step_loss.reshape(1).cpu(),
+                                              torch.tensor([float(stop.requested)], dtype=torch.float64),
+                                              ranks.wire()]))
+            train_loss = float(shared[0]) / plan.world_size
+            stopped = bool(shared[1] > 0)
+            wire = wire_offset + shared[2:]
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
+            if result.skipped and log is not None:
+                log.note(f"step {step} skipped: gradient norm {result.grad_norm} ({ranks.engine.skipped_steps} "
+                         f"skipped so far, {skipped_in_a_row} in a row)")
+            if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise TrainingStopped(
+                    f"{skipped_in_a_row} steps in a row had non-finite gradients (the last at step {step}): "
+                    f"the run stopped; lower --lr (now {cfg.optim.lr}) or check the data. The newest "
+                    f"checkpoint in {ckpt_root} holds the last finite weights")
+            if not result.skipped:  # a skipped step's loss is not finite: it stays out of the mean
+                loss_sum, loss_steps = loss_sum + train_loss, loss_steps + 1
+            window_time += dt
 
-        final = step == t.steps
-        evaluated = bool(ranks.val_batches) and not stopped and (
-            final or (t.eval_interval and step % t.eval_interval == 0))
-        if evaluated:
-            val_loss = ranks.evaluate()
-        bf16_total = ranks.bf16_step * step
+            final = step == t.steps
+            evaluated = ranks.has_val and not stopped and (final or (t.eval_interval and step % t.eval_interval == 0))
+            if evaluated:
+                val_loss = ranks.evaluate()
+            bf16_total = bf16_at(step)
+            if log is not None:
+                tok_s = (step - window_start) * tokens_per_step / max(window_time, 1e-9)
+                log.progress(step, f"loss {train_loss:.3f} | {tok_s:,.0f} tok/s | wire {fmt_bytes(wire.sum())} "
+                                   f"(bf16 {fmt_bytes(bf16_total)})")
+                if final or stopped or evaluated or step == 1 or step % t.log_interval == 0:
+                    record = {"step": step, "loss": round(loss_sum / loss_steps, 5) if loss_steps else None, "lr": lr,
+                              "tokens_per_s": round(tok_s, 1), "grad_norm": round(result.grad_norm, 5),
+                              "wire_intra_bytes": int(wire[0]), "wire_inter_bytes": int(wire[1]),
+                              "wire_bf16_bytes": bf16_total, "skipped_steps": ranks.engine.skipped_steps,
+                              "elapsed_s": round(elapsed, 2)}
+                    if plan.islands:
+                        record |= {"outer_steps": ranks.outer_steps, "wire_island_bytes": int(wire[2])}
+                    if evaluated:
+                        record["val_loss"] = round(val_loss, 5)
+                    log.log(record)
+                    loss_sum, loss_steps, window_time, window_start = 0.0, 0, 0.0, step
+            if t.check_replicas_interval and step % t.check_replicas_interval == 0:
+                ranks.check_replicas()  # raises, naming the bucket, if a replica diverged
+            if final or stopped or (t.checkpoint_interval and step % t.checkpoint_interval == 0):
+                checkpoint_path = save(step, wire) or checkpoint_path
+    finally:
         if log is not None:
-            tok_s = (step - window_start) * tokens_per_step / max(window_time, 1e-9)
-            log.progress(step, f"loss {train_loss:.3f} | {tok_s:,.0f} tok/s | wire {fmt_bytes(wire.sum())} "
-                               f"(bf16 {fmt_bytes(bf16_total)})")
-            if final or stopped or evaluated or step == 1 or step % t.log_interval == 0:
-                record = {"step": step, "loss": round(loss_sum / loss_steps, 5), "lr": lr,
-                          "tokens_per_s": round(tok_s, 1), "grad_norm": round(result.grad_norm, 5),
-                          "wire_intra_bytes": int(wire[0]), "wire_inter_bytes": int(wire[1]),
-                          "wire_bf16_bytes": bf16_total, "skipped_steps": ranks.engine.skipped_steps,
-                          "elapsed_s": round(elapsed, 2)}
-                if plan.islands:
-                    record |= {"outer_steps": ranks.outer_steps, "wire_island_bytes": int(wire[2])}
-                if evaluated:
-                    record["val_loss"] = round(val_loss, 5)
-                log.log(record)
-                loss_sum, loss_steps, window_time, window_start = 0.0, 0, 0.0, step
-        if t.check_replicas_interval and step % t.check_replicas_interval == 0:
-            ranks.check_replicas()  # raises, naming the bucket, if a replica diverged
-        if final or stopped or (t.checkpoint_interval and step % t.checkpoint_interval == 0):
-            checkpoint_path = save(step, wire)
+            log.close()
+        if leader and plan.previous_run:
+            rundir.restore_previous(out_dir)  # the new run ended before its first checkpoint
 
     summary = {"step": step, "stopped": stopped, "loss": train_loss, "val_loss": val_loss,
-               "wire_bytes": wire.tolist(), "wire_bf16_bytes": ranks.bf16_step * step, "elapsed_s": elapsed,
+               "wire_bytes": wire.tolist(), "wire_bf16_bytes": bf16_at(step), "elapsed_s": elapsed,
                "skipped_steps": ranks.engine.skipped_steps, "outer_steps": ranks.outer_steps,
                "checkpoint": str(checkpoint_path) if checkpoint_path else None,
                "dtype": str(ranks.dtype).removeprefix("torch.")}
-    if log is not None:
-        log.close()
-        _finish(plan, ranks.model, summary, out_dir, device)
+    if leader:
+        _finish(plan, ranks.models[0], summary, out_dir, device)
     return summary
 
 
-def _fresh_out_dir(cfg: Config) -> None:
-    """A new run (no --resume) replaces the previous run's outputs in the same directory."""
-    out_dir = cfg.out_dir
-    if (out_dir / "metrics.jsonl").exists() or (out_dir / "checkpoints").exists():
-        print(f"note: {out_dir} holds an earlier run; replacing it (use --resume to continue it instead)")
-    for name in ("checkpoints", "tensorboard"):
-        shutil.rmtree(out_dir / name, ignore_errors=True)
-    for name in ("metrics.jsonl", "loss.png", "sample.txt"):
-        (out_dir / name).unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _banner(plan: RunPlan, ranks: ProcessRank | VirtualRanks, start_step: int) -> str:
+def _banner(plan: RunPlan, ranks: Ranks, start_step: int, val_tokens: int) -> str:
     cfg, t, engine = plan.cfg, plan.cfg.train, ranks.engine
-    if plan.virtual:
-        val_tokens = sum(y.numel() for batches in ranks.val_batches for _, y in batches)
-    else:
-        val_tokens = sum(y.numel() for _, y in ranks.val_batches) * plan.world_size
-    val = f"{val_tokens:,} validation tokens" if ranks.val_batches else "no validation data"
-    model = ranks.model
+    val = f"{val_tokens:,} validation tokens" if ranks.has_val else "no validation data"
+    model = ranks.models[0]
     lines = [
         f"model {cfg.model.name}: {model.num_params() / 1e6:.2f}M parameters, "
         f"{str(next(model.parameters()).dtype).removeprefix('torch.')}",
@@ -449,6 +439,7 @@ def _banner(plan: RunPlan, ranks: ProcessRank | VirtualRanks, start_step: int) -
         f"batch: {t.batch_size} x {t.seq_len} tokens = {t.batch_size * t.seq_len:,} tokens/step "
         f"({plan.micro_batch} per rank per pass, {plan.accum} accumulation step(s)); {t.steps} steps",
         f"output: {plan.cfg.out_dir}",
+        *(f"note: {n}" for n in plan.notes),
     ]
     if plan.islands and t.steps % cfg.outer.local_steps:
         lines.append(f"note: {t.steps} steps is not a multiple of --local-steps {cfg.outer.local_steps}: the "
@@ -460,7 +451,7 @@ def _banner(plan: RunPlan, ranks: ProcessRank | VirtualRanks, start_step: int) -
 
 def _finish(plan: RunPlan, model: torch.nn.Module, summary: dict[str, Any], out_dir: Path,
             device: torch.device) -> None:
-    """Rank 0: plot, text sample, summary lines."""
+    """The leader: plot, text sample, summary lines."""
     t = plan.cfg.train
     ranks = f"{plan.world_size} {'virtual ' if plan.virtual else ''}ranks"
     notice = plot_loss(out_dir / "metrics.jsonl", out_dir / "loss.png",
@@ -468,18 +459,17 @@ def _finish(plan: RunPlan, model: torch.nn.Module, summary: dict[str, Any], out_
     lines = [notice] if notice else []
     if summary["stopped"]:
         lines.append(f"stopped at step {summary['step']}; checkpoint saved: {summary['checkpoint']}")
-        lines.append("continue with: halfbyte train ... --resume (same options)")
+        lines.append("continue with: halfbyte train ... --resume auto (same options)")
     elif plan.tokenizer and t.sample_tokens:
         sample = _sample(plan, model, device)
         (out_dir / "sample.txt").write_text(sample)
         lines.append(f"--- sample ({t.sample_tokens} tokens) ---\n{sample.strip()}\n---")
     intra, inter, island = summary["wire_bytes"]
     sent, bf16 = intra + inter + island, summary["wire_bf16_bytes"]
-    who = (f"all ranks, emulated: {plan.world_size} x what one real rank would send" if plan.virtual
-           else "all ranks")
+    val = f"{summary['val_loss']:.3f}" if math.isfinite(summary["val_loss"]) else "not evaluated"
     lines += [
         f"done: step {summary['step']}/{t.steps} in {fmt_time(summary['elapsed_s'])} | train loss "
-        f"{summary['loss']:.3f} | val loss {summary['val_loss']:.3f} | skipped steps {summary['skipped_steps']}",
+        f"{summary['loss']:.3f} | val loss {val} | skipped steps {summary['skipped_steps']}",
     ]
     if plan.islands:
         u = plan.cfg.outer
@@ -487,6 +477,7 @@ def _finish(plan: RunPlan, model: torch.nn.Module, summary: dict[str, Any], out_
                      f"steps, {plan.islands} islands); inter-island {fmt_bytes(island)} "
                      f"({island / max(summary['step'] * t.batch_size * t.seq_len, 1):.3g} B/token), "
                      f"inside islands {fmt_bytes(intra + inter)}")
+    who = f"all ranks, emulated: what {plan.world_size} real ranks would send" if plan.virtual else "all ranks"
     lines += [
         f"wire ({who}): {fmt_bytes(sent)} sent (inter-node {fmt_bytes(inter + island)}, intra-node {fmt_bytes(intra)}) "
         + (f"vs {fmt_bytes(bf16)} with bf16 communication (nothing was sent)" if sent == 0 else

@@ -63,7 +63,9 @@ class RunLogger:
         self.bar.refresh()
 
     def log(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        """One line of strict JSON: a non-finite number is written as null."""
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         if self.tb is not None:
             for key, value in record.items():
@@ -87,8 +89,8 @@ def plot_loss(metrics_path: Path, png_path: Path, title: str) -> str | None:
     except ImportError:
         return "loss.png skipped: matplotlib is not installed (pip install 'halfbyte[plot]')"
     records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if train:
         ax.plot(*zip(*train), label="train", lw=1.2)

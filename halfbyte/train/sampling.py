@@ -43,13 +43,15 @@ class TokenSampler:
         return windows_to_batch(self.data.tokens, starts, self.seq_len)
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index, "world_size": self.world_size, "seed": self.seed}
+        """The position in the global order (the same on every rank: all ranks draw alike), so a
+        run can resume on another number of ranks and see the windows that come next."""
+        return {"epoch": self.epoch, "consumed": self.index * self.world_size, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        # a different world size or seed re-deals the windows; keep the epoch count, start it afresh
+        # another seed deals other windows: keep the epoch count, start it afresh
         self.epoch = int(state["epoch"])
-        same_deal = state.get("world_size") == self.world_size and state.get("seed") == self.seed
-        self.index = int(state["index"]) if same_deal else 0
+        self.index = min(-(-int(state["consumed"]) // self.world_size), self.per_rank) \
+            if state.get("seed") == self.seed else 0
         self._order = self._epoch_order()
 
 

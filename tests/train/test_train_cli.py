@@ -1,11 +1,11 @@
 """`halfbyte train` on bad input: exit code 2 and one line naming the problem, before any worker starts."""
 
-import os
+import importlib.util
 
 import numpy as np
 import pytest
 
-import halfbyte.comm
+import halfbyte.train.cli
 from halfbyte.cli import main
 from halfbyte.train.data import TokenWriter
 
@@ -15,7 +15,7 @@ def no_workers(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a worker was started")
 
-    monkeypatch.setattr(halfbyte.comm, "spawn", refuse)
+    monkeypatch.setattr(halfbyte.train.cli, "spawn", refuse)
     for key in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
 
@@ -54,14 +54,16 @@ def test_bad_train_input(args, message, no_workers, capsys, tmp_path):
 def test_bad_data_and_resume(no_workers, capsys, tmp_path, token_file):
     (tmp_path / "notes.txt").write_text("plain text, not tokens " * 10)
     _fails(["train", "--data", str(tmp_path / "notes.txt")], "is not a halfbyte token file", capsys)
-    _fails(["train", "--out", str(tmp_path / "run"), "--resume"], "--resume: no complete checkpoint in", capsys)
-    _fails(["train", "--resume", str(tmp_path)], "is not a complete checkpoint directory", capsys)
+    _fails(["train", "--out", str(tmp_path / "run"), "--resume"], "--resume latest: no complete checkpoint in", capsys)
+    _fails(["train", "--resume", str(tmp_path)], "is missing or incomplete (no COMPLETE marker)", capsys)
     _fails(["train", "--data", str(token_file), "--seq_len", "128", "--workers", "64", "--batch-size", "64"],
            "too few for 64 workers", capsys)
     _fails(["train", "--data", str(token_file), "--tokenizer", "builtin",
             "--data.val_path", str(tmp_path / "val.bin")], "val.bin does not exist", capsys)
-    if not os.environ.get("HALFBYTE_TEST_HAS_TRANSFORMERS"):
-        _fails(["train", "--model", f"hf:{tmp_path}"], "transformers", capsys)
+    if importlib.util.find_spec("transformers") is None:
+        _fails(["train", "--model", f"hf:{tmp_path}"], "needs the transformers package", capsys)
+    else:  # with the .[hf] extra installed: the directory is what is wrong
+        _fails(["train", "--model", f"hf:{tmp_path}"], "no config.json there", capsys)
 
 
 def test_help_exits_zero(capsys):

@@ -129,3 +129,22 @@ def test_sampler_rejects_too_little_data(tmp_path):
 
 def torch_equal(a, b):
     return a.shape == b.shape and bool((a == b).all())
+
+
+def test_sampler_resumes_on_another_world_size_with_the_next_windows(tmp_path):
+    """Two ranks draw 3 steps of 4 windows each; resumed on 4 ranks, the next global batch is the
+    one the 2 ranks would have drawn next (the same windows, dealt to more ranks)."""
+    data = _token_file(tmp_path / "a.bin", 10_001, vocab=20_000)
+    seq = 10
+    two = [TokenSampler(data, seq, r, 2, seed=3) for r in range(2)]
+    for _ in range(3):
+        for s in two:
+            s.next_batch(4)
+    state = two[0].state_dict()
+    assert state == two[1].state_dict() and state["consumed"] == 24
+    want = {int(v) for s in two for v in s.next_batch(4)[0][:, 0]}
+    four = [TokenSampler(data, seq, r, 4, seed=3) for r in range(4)]
+    for s in four:
+        s.load_state_dict(state)
+    got = {int(v) for s in four for v in s.next_batch(2)[0][:, 0]}
+    assert got == want and len(got) == 8

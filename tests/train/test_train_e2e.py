@@ -68,11 +68,19 @@ def test_train_writes_outputs_and_resume_continues_the_curve(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-3), (a, b)
         assert a["wire_inter_bytes"] == b["wire_inter_bytes"]
 
-    # --resume alone takes the newest checkpoint; the step count goes on
-    run = _train("--steps=10", "--micro_batch_size=2", f"--out={out}", "--resume")
+    # --resume alone takes the newest checkpoint and the run's own options; more steps need --replan,
+    # and the learning rate goes on from where it was (no jump back up the cosine): the finished
+    # run's schedule had reached min_lr (1e-3), so the extension stays there
+    run = _train("--steps=10", f"--out={out}", "--resume")
+    assert run.returncode == 2 and "--train.steps would change what the run computes" in run.stderr
+    run = _train("--steps=10", f"--out={out}", "--resume", "--replan")
     assert run.returncode == 0, run.stderr
-    assert [r["step"] for r in _metrics(out)] == list(range(1, 11))
+    records = _metrics(out)
+    assert [r["step"] for r in records] == list(range(1, 11))
+    assert records[7]["lr"] > 1e-3 and records[8]["lr"] == pytest.approx(1e-3) == records[9]["lr"]
     assert "resuming from" in run.stderr + run.stdout
+    run = _train(f"--out={out}", "--resume", "auto")  # the run's saved options: steps 10, finished
+    assert run.returncode == 0 and "finished at step 10 of 10; nothing to do" in run.stdout, run.stdout
 
 
 @pytest.mark.timeout(300)
