@@ -249,7 +249,10 @@ class VirtualWorld(World):
             raise ValueError(f"virtual gpus_per_node ({L}) must divide world_size ({world_size}): "
                              f"choose one of {divisors(world_size)}")
         self.nodes, self.gpus_per_node = world_size // L, L
-        self.device, self.stats = torch.device(device), CommStats()
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # what a model moved to "cuda" reports
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device, self.stats = device, CommStats()
         self.owned = tuple(range(world_size))
         self.leader = True
         self._active: int | None = None  # the rank whose as_rank block is running
