@@ -167,6 +167,8 @@ def make_plan(cfg: Config, resume_path: Path | None = None) -> RunPlan:
     virtual = cfg.train.virtual_ranks > 0
     if virtual and launched:
         raise ConfigError("--virtual-ranks runs one process and emulates the ranks: start it without torchrun")
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--train.device=cuda, but torch sees no CUDA GPU here; use --train.device cpu or auto")
     world = cfg.train.virtual_ranks if virtual else int(os.environ["WORLD_SIZE"]) if launched else cfg.train.workers
     gpus_per_node, comm, note = _layout(cfg, world, launched)
     islands = _islands(cfg, world, gpus_per_node, comm)

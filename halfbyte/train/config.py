@@ -38,6 +38,7 @@ from halfbyte.train.model import PRESETS as MODEL_PRESETS
 
 COMM_PRESETS = CommConfig.preset_names()
 DTYPES = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
 DEBUG_ENV = "HALFBYTE_DEBUG"  # set to 1: errors show their traceback
 
 
@@ -95,6 +96,7 @@ class TrainConfig:
     gpus_per_node: int = opt(0, "ranks per (emulated) node, for real and virtual ranks alike (0: 1 for "
                                 "local workers and virtual ranks, LOCAL_WORLD_SIZE under torchrun)")
     dtype: str = opt("auto", f"compute dtype: {' | '.join(DTYPES)} (auto: bf16 on GPU, fp32 on CPU)")
+    device: str = opt("auto", f"where virtual ranks run: {' | '.join(DEVICES)} (auto: the GPU if there is one)")
     name: str = opt("", "run name (empty: <model>-<preset>)")
     out_dir: str = opt("", "output directory (empty: runs/<name>); a new run refuses a directory that "
                            "holds another run")
@@ -423,6 +425,8 @@ def validate(cfg: Config, given: set[str] = frozenset()) -> None:
         raise ConfigError(f"unknown preset {t.preset!r}; use --preset {' | '.join(COMM_PRESETS)}")
     if t.dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {t.dtype!r}; use --train.dtype {' | '.join(DTYPES)}")
+    if t.device not in DEVICES:
+        raise ConfigError(f"unknown device {t.device!r}; use --train.device {' | '.join(DEVICES)}")
     positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.seq_len": t.seq_len,
                 "train.workers": t.workers, "train.eval_tokens": t.eval_tokens, "train.log_interval": t.log_interval,
                 "train.keep_checkpoints": t.keep_checkpoints, "optim.lr": cfg.optim.lr}
@@ -464,6 +468,9 @@ def _validate_parallelism(cfg: Config, given: set[str]) -> None:
     t = cfg.train
     if t.virtual_ranks < 0:
         raise ConfigError(f"--virtual-ranks must be >= 1 (or 0: off), got {t.virtual_ranks}")
+    if t.device != "auto" and not t.virtual_ranks:
+        raise ConfigError(f"--train.device={t.device} chooses where virtual ranks run: use it with --virtual-ranks "
+                          "(local workers run on the CPU, torchrun ranks on their GPU)")
     if t.virtual_ranks:
         if "train.workers" in given and t.workers > 1:
             raise ConfigError(f"--virtual-ranks={t.virtual_ranks} runs one process: drop --workers={t.workers} "

@@ -169,7 +169,8 @@ class Ranks:
         W, K = plan.world_size, plan.islands or 1
         S = W // K
         if plan.virtual:
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            choice = t.device if t.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+            device = torch.device(choice)
             L = plan.gpus_per_node or 1
             if plan.islands:
                 islands = virtual_islands(K, S, L, device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 
 import pytest
 import torch
@@ -128,7 +129,9 @@ def test_small_run_on_the_gpu(tmp_path, capsys):
     assert kernels.main(argv) == 0
     data = json.loads(out.read_text())
     assert data["device"] == torch.cuda.get_device_name() and data["command"].startswith("halfbyte bench kernels")
-    assert len(data["rows"]) == 2 and data["warmup"]["seconds"] > 0
+    names = [r["kernel"] for r in data["rows"]]
+    assert all(re.search(argv[3], n) for n in names) and data["warmup"]["seconds"] > 0
+    assert any(n.startswith("dequantize_sum") for n in names) and any(n.startswith("quantize_messages") for n in names)
     for r in data["rows"]:
         assert r["pct_min"] <= r["pct_of_copy"] <= r["pct_max"] and r["ms_min"] <= r["ms"] <= r["ms_max"]
         assert r["calls"] >= r["input_sets"] >= 2 and r["ms"] <= 1.1 * r["eager_ms"]

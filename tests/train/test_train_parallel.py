@@ -16,6 +16,8 @@ SMALL = ["--model.n_layer=2", "--model.d_model=64", "--model.n_head=2", "--seq_l
          "--sample_tokens=0"]
 # metrics.jsonl keeps 5 decimals of the loss: equal runs agree to its last digit
 TOL = 1e-5
+# virtual ranks on the CPU, like the local workers they are compared with (a GPU's float differs: 5e-5)
+CPU = "--train.device=cpu"
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +48,7 @@ def _same_losses(a: list[dict], b: list[dict]) -> None:
 def test_virtual_ranks_equal_real_workers_and_resume(tmp_path, capfd):
     steps = ["--steps=4", "--preset=baseline", "--eval_interval=4"]
     real = _train(tmp_path / "real", *steps, "--workers=2", "--train.gpus_per_node=1")
-    virtual = _train(tmp_path / "virtual", *steps, "--virtual-ranks=2", "--checkpoint_interval=2",
+    virtual = _train(tmp_path / "virtual", *steps, "--virtual-ranks=2", CPU, "--checkpoint_interval=2",
                      "--keep_checkpoints=2")
     _same_losses(real, virtual)
     assert virtual[-1]["val_loss"] == pytest.approx(real[-1]["val_loss"], abs=TOL)
@@ -57,7 +59,7 @@ def test_virtual_ranks_equal_real_workers_and_resume(tmp_path, capfd):
     assert "emulated: what 2 real ranks would send" in capfd.readouterr().out
 
     # resume from step 2 retraces steps 3..4
-    _train(tmp_path / "virtual", *steps, "--virtual-ranks=2",
+    _train(tmp_path / "virtual", *steps, "--virtual-ranks=2", CPU,
            f"--resume={tmp_path / 'virtual' / 'checkpoints' / 'step_000002'}")
     _same_losses(virtual, [json.loads(l) for l in (tmp_path / "virtual" / "metrics.jsonl").read_text().splitlines()])
 
@@ -102,7 +104,7 @@ def test_sign_momentum_resume_and_virtual_islands(tmp_path):
     assert [r["outer_steps"] for r in resumed] == [r["outer_steps"] for r in first]
 
     # two islands of one virtual rank each follow the two real islands
-    virtual = _train(tmp_path / "virtual", *outer, "--virtual-ranks=2")
+    virtual = _train(tmp_path / "virtual", *outer, "--virtual-ranks=2", CPU)
     _same_losses(first, virtual)
     assert [(r["outer_steps"], r["wire_island_bytes"]) for r in virtual] == \
         [(r["outer_steps"], r["wire_island_bytes"]) for r in first]
@@ -114,6 +116,8 @@ def test_sign_momentum_resume_and_virtual_islands(tmp_path):
     (["--virtual-ranks=2", "--workers=4"], "drop --workers=4"),
     (["--virtual-ranks=3"], "--batch-size=8 is not divisible by virtual ranks x micro-batch = 3 x"),
     (["--virtual-ranks=2", "--model.dropout=0.1"], "--virtual-ranks needs --model.dropout=0"),
+    (["--train.device=cpu"], "--train.device=cpu chooses where virtual ranks run"),
+    (["--virtual-ranks=2", "--train.device=tpu"], "unknown device 'tpu'"),
     (["--outer=average", "--local-steps=0"], "OuterConfig.local_steps (tau) must be an integer >= 1"),
     (["--outer=adam"], "OuterConfig.optimizer must be one of"),
     (["--outer=average", "--outer-bits=3"], "[outer.spec]: QuantSpec.bits must be 4 or 8"),
