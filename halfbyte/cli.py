@@ -9,6 +9,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("halfbyte.train.cli", "train_main", "train a GPT with 4-bit sharded data parallelism"),
     "prepare-data": ("halfbyte.train.prepare_cli", "prepare_data_main", "tokenize text into a memory-mapped token file"),
+    "export": ("halfbyte.train.export_cli", "export_main", "a run's weights as safetensors / HF / torch files"),
     "bench": ("halfbyte.bench.cli", "bench_main", "benchmarks: kernels | comm | train"),
     "simulate": ("halfbyte.bench.simulate", "main", "cost model: projected step time and speedup per mode"),
 }

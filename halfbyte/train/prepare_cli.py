@@ -28,7 +28,9 @@ def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr and exit code 2 (no usage block)."""
+
     def error(self, message: str) -> None:  # one line, exit code 2
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
@@ -90,7 +92,7 @@ def _undecodable_warning(undecodable: dict[Path, int], nfiles: int) -> str:
 
 
 def prepare_data_main(argv: list[str]) -> int:
-    parser = _Parser(prog="halfbyte prepare-data", description=(
+    parser = OneLineParser(prog="halfbyte prepare-data", description=(
         "Tokenize text files into a memory-mapped token file for `halfbyte train --data OUT`. Writes OUT "
         "(training tokens), OUT's .val twin (the last --val-fraction of every file) and OUT.json (what made it)."))
     parser.add_argument("inputs", nargs="+", help="text files, or directories searched recursively")
