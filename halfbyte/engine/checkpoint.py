@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -446,7 +447,7 @@ def complete_checkpoints(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith((".tmp", ".old"))
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name)
                   and (p / MARKER).is_file())
 
 

@@ -337,10 +337,10 @@ def train(plan: RunPlan, ranks: Ranks, stop: StopRequest) -> dict[str, Any]:
         return bf16_offset + ranks.bf16_step * (step - start_step)
 
     def save(step: int, wire: torch.Tensor) -> Path | None:
-        if not ranks.weights_finite():
+        if skipped_in_a_row or not ranks.weights_finite():
             if log is not None:
-                log.note(f"step {step}: the weights are no longer finite; no checkpoint written (the newest "
-                         "complete one stays the latest)")
+                log.note(f"step {step}: no checkpoint written while the gradients or weights are not finite "
+                         "(the newest complete one stays the latest)")
             return None
         path = checkpoint.step_dir(ckpt_root, step)
         restart = (None if schedule.restart_lr is None
@@ -380,8 +380,8 @@ def train(plan: RunPlan, ranks: Ranks, stop: StopRequest) -> dict[str, Any]:
             if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
                 raise TrainingStopped(
                     f"{skipped_in_a_row} steps in a row had non-finite gradients (the last at step {step}): "
-                    f"the run stopped; lower --lr (now {cfg.optim.lr}) or check the data. The newest "
-                    f"checkpoint in {ckpt_root} holds the last finite weights")
+                    f"the run stopped; lower --lr (now {cfg.optim.lr}) or check the data. No checkpoint was "
+                    f"written since the skips began: the newest in {ckpt_root}, if any, is from before")
             if not result.skipped:  # a skipped step's loss is not finite: it stays out of the mean
                 loss_sum, loss_steps = loss_sum + train_loss, loss_steps + 1
             window_time += dt
