@@ -13,15 +13,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from halfbyte import comm
+from halfbyte.comm import emulate
 from halfbyte.comm import (
-    HOP_ALL_GATHER,
-    HOP_INTER,
-    HOP_INTRA,
-    HOP_REDUCE_SCATTER,
     all_gather_q,
     build_topology,
     chunk_numel,
-    rank_seed,
     reduce_scatter_q,
     reduce_scatter_two_level,
 )
@@ -139,41 +135,7 @@ def _bad_topologies() -> None:
     os.environ["LOCAL_WORLD_SIZE"] = str(world)
 
 
-# ---- the parent replays the ranks with the pure codec steps -------------------------------------
-def emulate_reduce_scatter(xs: list[torch.Tensor], spec: QuantSpec, op: str) -> list[torch.Tensor]:
-    W = len(xs)
-    sends = [comm.encode_chunks(x, spec, W, rank_seed(SEED, w, HOP_REDUCE_SCATTER)) for w, x in enumerate(xs)]
-    c = chunk_numel(xs[0].numel(), W)
-    return [comm.decode_sum(torch.stack([s[r] for s in sends]), spec, c, W, op=op, out_dtype=xs[0].dtype)
-            for r in range(W)]
-
-
-def emulate_two_level(xs: list[torch.Tensor], intra: QuantSpec, inter: QuantSpec, M: int, L: int) -> list[torch.Tensor]:
-    W, c = M * L, chunk_numel(xs[0].numel(), M * L)
-    cp = inter.padded_numel(c)
-    if L == 1:
-        sends = [comm.pack_messages(comm.split_chunks(x, W, cp), inter, seed=rank_seed(SEED, w, HOP_INTER))
-                 for w, x in enumerate(xs)]
-    else:
-        firsts = [comm.encode_two_level(x, intra, inter, M, L, rank_seed(SEED, w, HOP_INTRA)) for w, x in enumerate(xs)]
-        sends = []
-        for w in range(W):
-            node, local = divmod(w, L)
-            received = torch.stack([firsts[node * L + peer][local] for peer in range(L)])
-            sends.append(comm.middle_hop(received, intra, inter, M, cp, rank_seed(SEED, w, HOP_INTER)))
-    results = []
-    for r in range(W):
-        node, local = divmod(r, L)
-        received = torch.stack([sends[m * L + local][node] for m in range(M)])
-        results.append(comm.decode_sum(received, inter, c, W, op="avg", out_dtype=torch.float32))
-    return results
-
-
-def emulate_all_gather(shards: list[torch.Tensor], spec: QuantSpec) -> torch.Tensor:
-    received = torch.stack([comm.encode_shard(s, spec, rank_seed(SEED, w, HOP_ALL_GATHER)) for w, s in enumerate(shards)])
-    return comm.decode_gathered(received, spec, shards[0].numel(), torch.empty(len(shards) * shards[0].numel()))
-
-
+# ---- the parent replays the ranks with halfbyte.comm.emulate (the same codec steps, one process) ----
 def exact_chunks(xs: list[torch.Tensor], op: str = "avg") -> list[torch.Tensor]:
     W = len(xs)
     total = torch.stack(xs).double().sum(0)
@@ -208,7 +170,7 @@ def _verify(results: list[dict], errors: dict[str, float]) -> None:
     xs = [make_input(w, N) for w in range(W)]
     for name, spec in SPECS.items():
         for op in ("avg", "sum"):
-            emulated = emulate_reduce_scatter(xs, spec, op)
+            emulated = emulate.reduce_scatter(xs, spec, SEED, nodes=M, op=op)
             exact = exact_chunks(xs, op)
             for r in range(W):
                 assert torch.equal(results[r]["rs", name, op], emulated[r]), (name, op, r)
@@ -220,7 +182,7 @@ def _verify(results: list[dict], errors: dict[str, float]) -> None:
         assert err < (0.01 if spec.bits == 8 else 0.2), (name, err)
         shard_numel = SHARD_ODD if name != "int4" else SHARD_ALIGNED
         shards = [x[:shard_numel] for x in xs]
-        emulated_ag = emulate_all_gather(shards, spec)
+        emulated_ag = emulate.all_gather(shards, spec, SEED, torch.empty(W * shard_numel), nodes=M)
         for r in range(W):
             assert torch.equal(results[r]["ag", name], emulated_ag), (name, r)
         errors[f"all_gather {name}"] = rel_l2(emulated_ag, torch.cat(shards))
@@ -230,7 +192,7 @@ def _verify(results: list[dict], errors: dict[str, float]) -> None:
         return
     one_level_int4 = errors["reduce_scatter int4_h32 avg"]
     for name, (intra, inter) in TWO_LEVEL.items():
-        emulated = emulate_two_level(xs, intra, inter, M, L)
+        emulated = emulate.reduce_scatter_two_level(xs, intra, inter, SEED, nodes=M, out_dtype=torch.float32)
         for r in range(W):
             assert torch.equal(results[r]["tl", name], emulated[r]), (name, r)
         err = rel_l2(torch.cat([res["tl", name] for res in results]), torch.cat(exact_chunks(xs)))
