@@ -66,7 +66,14 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def val_path_for(path: str | Path) -> Path:
     path = Path(path)
+    _not_a_directory(path)
     return path.with_name(f"{path.stem}.val{path.suffix}")
+
+
+def _not_a_directory(path: Path) -> None:
+    if path.is_dir():
+        raise TokenFileError(f"data file {path} is a directory; pass the token file `halfbyte prepare-data` "
+                             "wrote (prepare-data takes directories of text)")
 
 
 @dataclass
@@ -81,6 +88,7 @@ class TokenFile:
 
 def open_tokens(path: str | Path) -> TokenFile:
     path = Path(path)
+    _not_a_directory(path)
     if not path.is_file():
         raise TokenFileError(f"data file {path} does not exist; create one with `halfbyte prepare-data`")
     with open(path, "rb") as f:

@@ -42,6 +42,7 @@ def _fails(argv, message, capsys):
     (["--batch-size", "30", "--workers", "4"], "--batch-size=30 is not divisible by workers x micro-batch"),
     (["--batch-size", "32", "--micro_batch_size", "6"], "not divisible by workers x micro-batch = 2 x 6"),
     (["--data", "nowhere.bin"], "data file nowhere.bin does not exist; create one with `halfbyte prepare-data`"),
+    (["--data", "."], "data file . is a directory; pass the token file"),
     (["--seq_len", "256"], "exceeds the model context 128"),
     (["--tokenizer", "nope.json"], "neither 'builtin', 'gpt2' nor an existing tokenizer.json"),
     (["--workers", "3", "--gpus_per_node", "2"], "gpus_per_node=2 does not divide the 3 ranks"),
