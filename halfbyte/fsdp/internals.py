@@ -62,6 +62,12 @@ def reshards_to_smaller_mesh(group: Any) -> bool:
     return info is not None and info is not group.mesh_info and info != group.mesh_info
 
 
+def reshards_after_forward(group: Any) -> bool:
+    """Whether the group frees its unsharded parameters after forward, so that backward all-gathers
+    them again (FSDP2 leaves the root unsharded unless reshard_after_forward was given for it)."""
+    return group.post_forward_mesh_info is not None
+
+
 def installed_comms(group: Any) -> tuple[Any, Any]:
     return group._all_gather_comm, group._reduce_scatter_comm
 

@@ -38,6 +38,7 @@ from halfbyte.train.tokenizer import TokenizerError, load_tokenizer
 
 BUILTIN_DATA = "shakespeare"
 PG_TIMEOUT_S = 600.0  # a rank stuck this long in a collective is an error, not a hang
+START_OPTIONS = {"resume": "", "overwrite": False, "replan": False}  # per invocation, never restored
 
 
 def _fail(command: str, message: str) -> int:
@@ -109,6 +110,8 @@ def resolve_config(argv: list[str]) -> tuple[Config, Path | None, dict | None] |
     saved_tree = meta["extra"].get("config")
     if not isinstance(saved_tree, dict):
         raise ConfigError(f"checkpoint {path} does not hold its run's options; it cannot be resumed here")
+    # how that run was started (--resume, --overwrite, --replan) is not one of its options
+    saved_tree = {**saved_tree, "train": {**saved_tree.get("train", {}), **START_OPTIONS}}
     saved = make_config([], base=json.loads(json.dumps(saved_tree)))
     cfg = make_config(overrides, base=json.loads(json.dumps(saved_tree)))
     validate(cfg, given)

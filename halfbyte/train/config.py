@@ -39,6 +39,7 @@ from halfbyte.train.model import PRESETS as MODEL_PRESETS
 COMM_PRESETS = CommConfig.preset_names()
 DTYPES = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+ENGINES = ("halfbyte", "fsdp2")
 DEBUG_ENV = "HALFBYTE_DEBUG"  # set to 1: errors show their traceback
 
 
@@ -76,6 +77,12 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
+    engine: str = opt("halfbyte", "halfbyte: halfbyte's sharded data-parallel engine (ZeRO-2: each rank keeps a "
+                                  "replica; [engine] applies) | fsdp2: PyTorch FSDP2, fully_shard per transformer "
+                                  "block plus the root, torch.optim.AdamW, halfbyte's collectives inside it "
+                                  "(bf16 weights / fp32 gradient reduction on GPU, fp32 on CPU; of [engine] "
+                                  "only grad_clip applies; real ranks only: no --virtual-ranks, no --outer). "
+                                  "Checkpoints of either resume in the other")
     preset: str = opt("sdp4bit", f"communication preset, fills [comm]: {' | '.join(COMM_PRESETS)}")
     steps: int = opt(500, "optimizer steps")
     batch_size: int = opt(16, "global batch size in sequences (all workers, all micro-batches)")
@@ -145,10 +152,12 @@ SHORT_FLAGS = {
     "virtual-ranks": "train.virtual_ranks", "virtual-gpus-per-node": "train.gpus_per_node",
     "outer": "outer.optimizer", "local-steps": "outer.local_steps", "islands": "outer.islands",
     "outer-lr": "outer.lr", "outer-bits": "outer.spec.bits", "overwrite": "train.overwrite",
+    "engine": "train.engine",
 }
 # Options whose change alters what a run computes: a resume refuses a new value (train.steps only
 # with --train.replan). Everything else (workers, virtual ranks, buckets, intervals) is a reshard
-# or bookkeeping, and may change.
+# or bookkeeping, and may change; so may train.engine (the checkpoint layout is the same: the other
+# engine continues the run).
 MEANING = ("model", "data.path", "optim", "schedule", "comm", "outer", "engine.grad_clip", "train.preset",
            "train.steps", "train.batch_size", "train.seq_len", "train.seed", "train.dtype")
 
@@ -427,6 +436,8 @@ def validate(cfg: Config, given: set[str] = frozenset()) -> None:
         raise ConfigError(f"unknown dtype {t.dtype!r}; use --train.dtype {' | '.join(DTYPES)}")
     if t.device not in DEVICES:
         raise ConfigError(f"unknown device {t.device!r}; use --train.device {' | '.join(DEVICES)}")
+    if t.engine not in ENGINES:
+        raise ConfigError(f"unknown engine {t.engine!r}; use --engine {' | '.join(ENGINES)}")
     positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.seq_len": t.seq_len,
                 "train.workers": t.workers, "train.eval_tokens": t.eval_tokens, "train.log_interval": t.log_interval,
                 "train.keep_checkpoints": t.keep_checkpoints, "optim.lr": cfg.optim.lr}
@@ -466,6 +477,12 @@ def validate(cfg: Config, given: set[str] = frozenset()) -> None:
 def _validate_parallelism(cfg: Config, given: set[str]) -> None:
     """Virtual ranks and local updates: the checks that need no world size."""
     t = cfg.train
+    if t.engine == "fsdp2" and t.virtual_ranks:
+        raise ConfigError(f"--engine fsdp2 runs real ranks (local workers or torchrun): drop --virtual-ranks="
+                          f"{t.virtual_ranks}, or use --engine halfbyte to emulate them")
+    if t.engine == "fsdp2" and cfg.outer.enabled:
+        raise ConfigError(f"--engine fsdp2 does not run local updates (--outer {cfg.outer.optimizer}): use "
+                          "--engine halfbyte for them")
     if t.virtual_ranks < 0:
         raise ConfigError(f"--virtual-ranks must be >= 1 (or 0: off), got {t.virtual_ranks}")
     if t.device != "auto" and not t.virtual_ranks:
@@ -500,7 +517,8 @@ def help_text() -> str:
     lines = [
         "usage: halfbyte train [--config file.toml] [--section.key=value ...]",
         "",
-        "Trains a GPT with sharded data parallelism and 4-bit communication. Without a launcher it starts",
+        "Trains a GPT with sharded data parallelism and 4-bit communication, on halfbyte's engine or on",
+        "PyTorch FSDP2 (--engine fsdp2: halfbyte's collectives inside fully_shard). Without a launcher it starts",
         "--workers local CPU processes (gloo), each its own emulated node; under torchrun it uses the",
         "launcher's ranks (NCCL on GPUs). --virtual-ranks W emulates W ranks in this one process (GPU if",
         "available) with the data order and communication math of W real ranks. --outer turns on local",

@@ -1,10 +1,13 @@
-"""The training loop, one for every layout: this process plays one real rank of a torch.distributed
-job or all W virtual ranks, in one island or several (local updates). `Ranks` builds the worlds,
-models and engines; the loop (`train`) runs the schedule, evaluation, checkpoints and, on the
-leader, progress, metrics, the loss plot, a text sample and the final summary."""
+"""The training loop, one for every layout and engine: this process plays one real rank of a
+torch.distributed job or all W virtual ranks, in one island or several (local updates), under
+halfbyte's engine or PyTorch FSDP2 (train.engine). `Ranks` is the engine-neutral interface the loop
+drives (HalfbyteRanks here, FSDP2Ranks in halfbyte.train.fsdp2 build the worlds, models and
+engines); the loop (`train`) runs the schedule, evaluation, checkpoints and, on the leader,
+progress, metrics, the loss plot, a text sample and the final summary."""
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import logging
@@ -35,6 +38,7 @@ from halfbyte.train.tokenizer import load_tokenizer
 BF16_BYTES = 2
 SAMPLE_PROMPT = "ROMEO:\n"  # for the built-in corpus; other data starts the sample at a document break
 MAX_SKIPPED_IN_A_ROW = 10  # a run that keeps skipping steps (non-finite gradients) stops
+IGNORE = -100  # a validation target that counts in no loss (cross_entropy's ignore_index)
 
 
 class TrainingStopped(RuntimeError):
@@ -136,36 +140,188 @@ def _loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
 
 @torch.no_grad()
 def _eval_sums(model: torch.nn.Module, batches: list, device: torch.device) -> torch.Tensor:
-    """[loss sum, token count] of one rank's validation batches."""
+    """[loss sum, token count] of one rank's validation batches (targets equal to IGNORE count in
+    neither: an engine whose forward is collective pads the ranks' batch lists to one length)."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for x, y in batches:
         logits = model(x.to(device))
-        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum")
-        total[1] += y.numel()
+        y = y.to(device).flatten()
+        total[0] += F.cross_entropy(logits.float().flatten(0, 1), y, reduction="sum", ignore_index=IGNORE)
+        total[1] += (y != IGNORE).sum()
     model.train()
     return total
 
 
 @dataclass
 class Slot:
-    """One rank this process plays: its island's model and engine, its island-local rank, its data."""
+    """One data-parallel rank this process plays: the model it computes with and the data it draws."""
 
     model: torch.nn.Module
-    engine: ShardedDataParallel
-    local_rank: int
     global_rank: int
     sampler: TokenSampler
     val_batches: list
 
 
-class Ranks:
-    """The ranks this process plays: one real rank (the process group is initialized), or all W
-    virtual ranks; with local updates, in K islands (one engine and model copy per island held)."""
+class Ranks(abc.ABC):
+    """The ranks this process plays and the engine that trains them: all the loop (`train`) drives.
+
+    The loop is engine-neutral; it calls train_step, all_sum, evaluate, eval_tokens, check_replicas,
+    weights_finite, wire, save, load and sample_model. This class holds what every engine shares: the
+    data each rank draws, the micro-batch loop of a step, evaluation and the byte counters. An engine
+    implements the hooks below (`_rank`, `_accumulate`, `_update`, `_sent`, `_save`, `_load`, ...):
+    HalfbyteRanks (halfbyte's ShardedDataParallel on real or virtual ranks, islands included) and
+    FSDP2Ranks (halfbyte.train.fsdp2: PyTorch FSDP2 with halfbyte's collectives, real ranks).
+
+    Subclasses set: device, leader (prints and owns the run directory), dtype (compute dtype: the
+    weights forward sees), comm (what travels), describe (the layout, for the banner), models (one
+    per island held; models[0] is the one named in the banner), slots, bf16_step (bytes all ranks
+    would send per step with bf16 communication), then call _start_counting().
+    """
+
+    plan: RunPlan
+    device: torch.device
+    leader: bool
+    dtype: torch.dtype
+    comm: CommConfig
+    describe: str
+    models: list[torch.nn.Module]
+    slots: list[Slot]
+    bf16_step: int
 
     def __init__(self, plan: RunPlan) -> None:
-        t, cfg = plan.cfg.train, plan.cfg
+        t = plan.cfg.train
         self.plan = plan
+        self.train_data = open_tokens(plan.train_path)
+        self._val = open_tokens(plan.val_path) if plan.val_path else None
+        self.has_val = self._val is not None
+        self._windows = t.eval_tokens // t.seq_len
+
+    def _data_of(self, global_rank: int) -> tuple[TokenSampler, list]:
+        """The training sampler and validation batches of one global rank (the same for every engine
+        and layout: see sampling.py)."""
+        t, W = self.plan.cfg.train, self.plan.world_size
+        sampler = TokenSampler(self.train_data, t.seq_len, global_rank, W, t.seed)
+        val = ([] if self._val is None else
+               eval_batches(self._val, t.seq_len, global_rank, W, self.plan.micro_batch, self._windows))
+        return sampler, val
+
+    def _start_counting(self) -> None:
+        self._wire_start = self._sent()
+
+    # ---- what an engine implements --------------------------------------------------------------
+    @abc.abstractmethod
+    def _rank(self, slot: Slot) -> contextlib.AbstractContextManager:
+        """Around all micro-batches of one slot's step."""
+
+    @abc.abstractmethod
+    def _accumulate(self, slot: Slot, last: bool) -> contextlib.AbstractContextManager:
+        """Around one micro-batch's forward and backward: only the last one communicates."""
+
+    @abc.abstractmethod
+    def _update(self, lr: float) -> StepResult:
+        """After every slot's backward passes: reduce, clip, optimizer step (or skip), zero grads."""
+
+    @abc.abstractmethod
+    def check_replicas(self) -> None:
+        """Raise RuntimeError if the ranks' copies of the weights differ (one collective)."""
+
+    @abc.abstractmethod
+    def weights_finite(self) -> bool:
+        """Every master weight of every rank is finite (one all-reduce)."""
+
+    @abc.abstractmethod
+    def _sent(self) -> torch.Tensor:
+        """[intra, inter, inter-island] bytes the ranks of this process sent so far."""
+
+    @abc.abstractmethod
+    def _save(self, path: Path, extra: dict[str, Any]) -> None:
+        """Write the checkpoint directory `path` (halfbyte.engine.checkpoint's layout). Collective."""
+
+    @abc.abstractmethod
+    def _load(self, path: Path) -> dict[str, Any]:
+        """Restore a checkpoint into the engine and return its extra; CheckpointError if it cannot."""
+
+    @property
+    @abc.abstractmethod
+    def skipped_steps(self) -> int:
+        """Steps skipped so far for a non-finite gradient norm (resumed runs included)."""
+
+    @property
+    def outer_steps(self) -> int:
+        return 0
+
+    @abc.abstractmethod
+    def sample_model(self) -> torch.nn.Module | None:
+        """A model the leader can generate the text sample with, alone (None elsewhere). Collective."""
+
+    # ---- shared ---------------------------------------------------------------------------------
+    def train_step(self, lr: float) -> tuple[torch.Tensor, StepResult]:
+        """Forward/backward of every rank's micro-batches, then the engine's update. Returns this
+        process's loss sum (over its ranks) and the update's result."""
+        plan, step_loss = self.plan, torch.zeros((), dtype=torch.float64, device=self.device)
+        for slot in self.slots:
+            with self._rank(slot):
+                for micro in range(plan.accum):
+                    x, y = slot.sampler.next_batch(plan.micro_batch)
+                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                    with self._accumulate(slot, last=micro == plan.accum - 1):
+                        loss = _loss(slot.model, x, y) / plan.accum
+                        loss.backward()
+                    step_loss += loss.detach()
+        return step_loss, self._update(lr)
+
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """The sum over every process (virtual ranks: this process holds all of them already)."""
+        if self.plan.virtual:
+            return values.cpu()
+        values = values.to(self.device)
+        dist.all_reduce(values)
+        return values.cpu()
+
+    def evaluate(self) -> float:
+        total = torch.zeros(2, dtype=torch.float64)
+        for slot in self.slots:
+            total += _eval_sums(slot.model, slot.val_batches, self.device).cpu()
+        total = self.all_sum(total)
+        return float(total[0] / total[1])
+
+    def eval_tokens(self) -> int:
+        mine = sum(int((y != IGNORE).sum()) for slot in self.slots for _, y in slot.val_batches)
+        return int(self.all_sum(torch.tensor([float(mine)]))[0])
+
+    def wire(self) -> torch.Tensor:
+        """[intra, inter, inter-island] bytes the ranks of this process sent since it started."""
+        return self._sent() - self._wire_start
+
+    def save(self, path: Path, extra: dict[str, Any]) -> None:
+        self._save(path, {**extra, "data": self.slots[0].sampler.state_dict()})  # every rank draws alike
+
+    def load(self, path: str) -> dict[str, Any]:
+        extra = self._load(Path(path))
+        for slot in self.slots:
+            slot.sampler.load_state_dict(extra["data"])
+        self._wire_start = self._sent()
+        return extra
+
+
+@dataclass
+class EngineSlot(Slot):
+    """A slot of halfbyte's engine: which engine (island) it belongs to and its rank there."""
+
+    engine: ShardedDataParallel
+    local_rank: int
+
+
+class HalfbyteRanks(Ranks):
+    """halfbyte's ShardedDataParallel: one real rank (the process group is initialized), or all W
+    virtual ranks; with local updates, in K islands (one engine and model copy per island held)."""
+
+    slots: list[EngineSlot]
+
+    def __init__(self, plan: RunPlan) -> None:
+        super().__init__(plan)
+        t, cfg = plan.cfg.train, plan.cfg
         W, K = plan.world_size, plan.islands or 1
         S = W // K
         if plan.virtual:
@@ -176,10 +332,7 @@ class Ranks:
                 islands = virtual_islands(K, S, L, device)
             worlds: list[World] = islands.worlds if plan.islands else [VirtualWorld(W, L, device)]
         else:
-            if plan.local_workers and "OMP_NUM_THREADS" not in os.environ:
-                # local workers share the CPUs this process may use (taskset / cgroup aware)
-                cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-                torch.set_num_threads(max(1, cpus // W))
+            share_cpus(plan)
             if plan.islands:
                 islands = build_islands(K, plan.gpus_per_node)
             worlds = islands.worlds if plan.islands else [ProcessGroupWorld(build_topology(plan.gpus_per_node))]
@@ -198,22 +351,14 @@ class Ranks:
         if not plan.virtual:
             torch.manual_seed(t.seed + 1 + dist.get_rank())  # after the shared init: each rank its own dropout
         self.local = LocalUpdates(self.engines, islands, cfg.outer, seed=t.seed) if plan.islands else None
+        self.comm = plan.comm
         self.describe = (f"{islands.describe()}; {cfg.outer.describe()}" if plan.islands
                          else worlds[0].describe())
         per_node = plan.gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", W))
         self.bf16_step = bf16_bytes_per_step(self.engines[0].buckets, W // per_node, per_node)
-        self.train_data = open_tokens(plan.train_path)
-        val = open_tokens(plan.val_path) if plan.val_path else None
-        windows = t.eval_tokens // t.seq_len
-        self.slots = []
-        for k, model, engine in zip(held, self.models, self.engines):
-            for l in engine.world.owned:
-                g = k * S + l
-                self.slots.append(Slot(
-                    model, engine, l, g, TokenSampler(self.train_data, t.seq_len, g, W, t.seed),
-                    eval_batches(val, t.seq_len, g, W, plan.micro_batch, windows) if val is not None else []))
-        self.has_val = val is not None
-        self._wire_start = self._sent()
+        self.slots = [EngineSlot(model, k * S + l, *self._data_of(k * S + l), engine, l)
+                      for k, model, engine in zip(held, self.models, self.engines) for l in engine.world.owned]
+        self._start_counting()
 
     @property
     def engine(self) -> ShardedDataParallel:
@@ -223,53 +368,31 @@ class Ranks:
     def outer_steps(self) -> int:
         return self.local.outer_steps if self.local else 0
 
-    def train_step(self, lr: float) -> tuple[torch.Tensor, StepResult]:
-        """Forward/backward of every rank's micro-batches, the engine steps (and the outer step).
-        Returns this process's loss sum (over its ranks) and the first engine's result."""
-        plan, step_loss = self.plan, torch.zeros((), dtype=torch.float64, device=self.device)
-        for slot in self.slots:
-            with slot.engine.as_rank(slot.local_rank):
-                for micro in range(plan.accum):
-                    x, y = slot.sampler.next_batch(plan.micro_batch)
-                    x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                    with contextlib.nullcontext() if micro == plan.accum - 1 else slot.engine.no_sync():
-                        loss = _loss(slot.model, x, y) / plan.accum
-                        loss.backward()
-                    step_loss += loss.detach()
+    @property
+    def skipped_steps(self) -> int:
+        return self.engine.skipped_steps
+
+    def _rank(self, slot: EngineSlot) -> contextlib.AbstractContextManager:
+        return slot.engine.as_rank(slot.local_rank)
+
+    def _accumulate(self, slot: EngineSlot, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if last else slot.engine.no_sync()
+
+    def _update(self, lr: float) -> StepResult:
         results = [engine.step(lr=lr) for engine in self.engines]
         if self.local is not None:
             self.local.step(lr)
         for engine in self.engines:
             engine.zero_grad()
-        return step_loss, results[0]
-
-    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
-        """The sum over every process (virtual ranks: this process holds all of them already)."""
-        if self.plan.virtual:
-            return values.cpu()
-        values = values.to(self.device)
-        dist.all_reduce(values)
-        return values.cpu()
+        return results[0]
 
     def check_replicas(self) -> None:
         for engine in self.engines:
             engine.check_replicas()
 
     def weights_finite(self) -> bool:
-        """Every master weight of every rank is finite (one all-reduce)."""
         bad = sum(int(not bool(torch.isfinite(m).all())) for e in self.engines for row in e.master for m in row)
         return not bool(self.all_sum(torch.tensor([float(bad)]))[0])
-
-    def evaluate(self) -> float:
-        total = torch.zeros(2, dtype=torch.float64)
-        for slot in self.slots:
-            total += _eval_sums(slot.model, slot.val_batches, self.device).cpu()
-        total = self.all_sum(total)
-        return float(total[0] / total[1])
-
-    def eval_tokens(self) -> int:
-        mine = sum(y.numel() for slot in self.slots for _, y in slot.val_batches)
-        return int(self.all_sum(torch.tensor([float(mine)]))[0])
 
     def _sent(self) -> torch.Tensor:
         intra = sum(e.stats.totals()["intra"] for e in self.engines)
@@ -277,23 +400,45 @@ class Ranks:
         island = sum(self.local.stats.totals().values()) if self.local else 0
         return torch.tensor([intra, inter, island], dtype=torch.float64)
 
-    def wire(self) -> torch.Tensor:
-        """[intra, inter, inter-island] bytes the ranks of this process sent since it started."""
-        return self._sent() - self._wire_start
-
-    def save(self, path: Path, extra: dict[str, Any]) -> None:
-        extra = {**extra, "data": self.slots[0].sampler.state_dict()}  # every rank draws alike
+    def _save(self, path: Path, extra: dict[str, Any]) -> None:
         if self.local is not None:
             self.local.save_checkpoint(path, extra)
         else:
             self.engine.save_checkpoint(path, extra)
 
-    def load(self, path: str) -> dict[str, Any]:
+    def _load(self, path: Path) -> dict[str, Any]:
         extra = self.local.load_checkpoint(path) if self.local else self.engine.load_checkpoint(path)
-        for slot in self.slots:
-            slot.sampler.load_state_dict(extra["data"])
-        self._wire_start = self._sent()
+        if written_by(checkpoint.read_meta(path)) != "halfbyte":
+            # FSDP2's qWD replica lags its master by the last update (it catches up in the next
+            # forward): start this engine's qWD from the exact masters instead
+            for engine in self.engines:
+                engine.refresh_replica()
         return extra
+
+    def sample_model(self) -> torch.nn.Module | None:
+        return self.models[0] if self.leader else None
+
+
+def written_by(meta: dict[str, Any]) -> str:
+    """Which trainer engine wrote a checkpoint, from its meta.json: FSDP2Ranks marks its engine
+    entry; halfbyte's engine writes none."""
+    return next(iter(meta["engines"].values())).get("engine", "halfbyte")
+
+
+def share_cpus(plan: RunPlan) -> None:
+    """Local workers share the CPUs this process may use (taskset / cgroup aware)."""
+    if plan.local_workers and "OMP_NUM_THREADS" not in os.environ:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cpus // plan.world_size))
+
+
+def make_ranks(plan: RunPlan) -> Ranks:
+    """The ranks of this process under the run's engine (train.engine)."""
+    if plan.cfg.train.engine == "fsdp2":
+        from halfbyte.train.fsdp2 import FSDP2Ranks  # imports FSDP2 only for FSDP2 runs
+
+        return FSDP2Ranks(plan)
+    return HalfbyteRanks(plan)
 
 
 def run(plan: RunPlan) -> dict[str, Any]:
@@ -301,7 +446,7 @@ def run(plan: RunPlan) -> dict[str, Any]:
     summary."""
     stop = StopRequest()  # first: a Ctrl-C during start-up also ends in a clean stop after one step
     logging.getLogger("halfbyte.engine.sharded").setLevel(logging.ERROR)  # the loop reports skips itself
-    return train(plan, Ranks(plan), stop)
+    return train(plan, make_ranks(plan), stop)
 
 
 def train(plan: RunPlan, ranks: Ranks, stop: StopRequest) -> dict[str, Any]:
@@ -375,7 +520,7 @@ def train(plan: RunPlan, ranks: Ranks, stop: StopRequest) -> dict[str, Any]:
             elapsed += dt
             skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
             if result.skipped and log is not None:
-                log.note(f"step {step} skipped: gradient norm {result.grad_norm} ({ranks.engine.skipped_steps} "
+                log.note(f"step {step} skipped: gradient norm {result.grad_norm} ({ranks.skipped_steps} "
                          f"skipped so far, {skipped_in_a_row} in a row)")
             if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
                 raise TrainingStopped(
@@ -399,7 +544,7 @@ def train(plan: RunPlan, ranks: Ranks, stop: StopRequest) -> dict[str, Any]:
                     record = {"step": step, "loss": round(loss_sum / loss_steps, 5) if loss_steps else None, "lr": lr,
                               "tokens_per_s": round(tok_s, 1), "grad_norm": round(result.grad_norm, 5),
                               "wire_intra_bytes": int(wire[0]), "wire_inter_bytes": int(wire[1]),
-                              "wire_bf16_bytes": bf16_total, "skipped_steps": ranks.engine.skipped_steps,
+                              "wire_bf16_bytes": bf16_total, "skipped_steps": ranks.skipped_steps,
                               "elapsed_s": round(elapsed, 2)}
                     if plan.islands:
                         record |= {"outer_steps": ranks.outer_steps, "wire_island_bytes": int(wire[2])}
@@ -419,23 +564,24 @@ def train(plan: RunPlan, ranks: Ranks, stop: StopRequest) -> dict[str, Any]:
 
     summary = {"step": step, "stopped": stopped, "loss": train_loss, "val_loss": val_loss,
                "wire_bytes": wire.tolist(), "wire_bf16_bytes": bf16_at(step), "elapsed_s": elapsed,
-               "skipped_steps": ranks.engine.skipped_steps, "outer_steps": ranks.outer_steps,
+               "skipped_steps": ranks.skipped_steps, "outer_steps": ranks.outer_steps,
                "checkpoint": str(checkpoint_path) if checkpoint_path else None,
                "dtype": str(ranks.dtype).removeprefix("torch.")}
+    sampling = not stopped and plan.tokenizer and t.sample_tokens
+    model = ranks.sample_model() if sampling else None  # collective: every rank, before the leader's end
     if leader:
-        _finish(plan, ranks.models[0], summary, out_dir, device)
+        _finish(plan, model, summary, out_dir, device)
     return summary
 
 
 def _banner(plan: RunPlan, ranks: Ranks, start_step: int, val_tokens: int) -> str:
-    cfg, t, engine = plan.cfg, plan.cfg.train, ranks.engine
+    cfg, t = plan.cfg, plan.cfg.train
     val = f"{val_tokens:,} validation tokens" if ranks.has_val else "no validation data"
-    model = ranks.models[0]
+    params = sum(p.numel() for p in ranks.models[0].parameters())  # tied weights once; DTensors whole
     lines = [
-        f"model {cfg.model.name}: {model.num_params() / 1e6:.2f}M parameters, "
-        f"{str(next(model.parameters()).dtype).removeprefix('torch.')}",
+        f"model {cfg.model.name}: {params / 1e6:.2f}M parameters, {str(ranks.dtype).removeprefix('torch.')}",
         f"ranks: {plan.world_size} ({ranks.describe})",
-        f"preset {t.preset}: {engine.comm.describe()}",
+        f"preset {t.preset}: {ranks.comm.describe()}",
         f"data: {plan.train_path} ({len(ranks.train_data):,} tokens), {val}",
         f"batch: {t.batch_size} x {t.seq_len} tokens = {t.batch_size * t.seq_len:,} tokens/step "
         f"({plan.micro_batch} per rank per pass, {plan.accum} accumulation step(s)); {t.steps} steps",
@@ -450,9 +596,9 @@ def _banner(plan: RunPlan, ranks: Ranks, start_step: int, val_tokens: int) -> st
     return "\n".join(lines)
 
 
-def _finish(plan: RunPlan, model: torch.nn.Module, summary: dict[str, Any], out_dir: Path,
+def _finish(plan: RunPlan, model: torch.nn.Module | None, summary: dict[str, Any], out_dir: Path,
             device: torch.device) -> None:
-    """The leader: plot, text sample, summary lines."""
+    """The leader: plot, text sample (with `model`, when there is one), summary lines."""
     t = plan.cfg.train
     ranks = f"{plan.world_size} {'virtual ' if plan.virtual else ''}ranks"
     notice = plot_loss(out_dir / "metrics.jsonl", out_dir / "loss.png",
@@ -461,7 +607,7 @@ def _finish(plan: RunPlan, model: torch.nn.Module, summary: dict[str, Any], out_
     if summary["stopped"]:
         lines.append(f"stopped at step {summary['step']}; checkpoint saved: {summary['checkpoint']}")
         lines.append("continue with: halfbyte train ... --resume auto (same options)")
-    elif plan.tokenizer and t.sample_tokens:
+    elif model is not None:
         sample = _sample(plan, model, device)
         (out_dir / "sample.txt").write_text(sample)
         lines.append(f"--- sample ({t.sample_tokens} tokens) ---\n{sample.strip()}\n---")

@@ -47,6 +47,9 @@ def _fails(argv, message, capsys):
     (["--tokenizer", "nope.json"], "neither 'builtin', 'gpt2' nor an existing tokenizer.json"),
     (["--workers", "3", "--gpus_per_node", "2"], "gpus_per_node=2 does not divide the 3 ranks"),
     (["--model", "tiny", "--d_model", "100", "--n_head", "3"], "must be divisible by model.n_head"),
+    (["--engine", "ddp"], "unknown engine 'ddp'; use --engine halfbyte | fsdp2"),
+    (["--engine", "fsdp2", "--virtual-ranks", "2"], "--engine fsdp2 runs real ranks (local workers or torchrun)"),
+    (["--engine", "fsdp2", "--outer", "average"], "--engine fsdp2 does not run local updates"),
 ])
 def test_bad_train_input(args, message, no_workers, capsys, tmp_path):
     _fails(["train", "--out", str(tmp_path / "run"), *args], message, capsys)
@@ -71,3 +74,5 @@ def test_help_exits_zero(capsys):
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--train.steps" in out and "(default: 500)" in out
+    assert "--engine                       = --train.engine" in out
+    assert "fsdp2: PyTorch FSDP2, fully_shard per transformer block" in out and "(default: 'halfbyte')" in out
