@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -284,12 +285,17 @@ def train_main(argv: list[str]) -> int:
         finally:
             dist.destroy_process_group()
     try:
-        with _ForwardStop():
-            spawn(run_worker, plan.world_size, plan, timeout_s=float("inf"), backend="gloo",
-                  pg_timeout_s=PG_TIMEOUT_S)
-    except WorkerError as e:
-        print(f"halfbyte train: error: a worker failed, all workers stopped.\n{e}", file=sys.stderr)
-        return 1
+        with _ForwardStop(), tempfile.TemporaryDirectory(prefix="halfbyte-train-") as errors:
+            plan.user_error_dir = errors
+            try:
+                spawn(run_worker, plan.world_size, plan, timeout_s=float("inf"), backend="gloo",
+                      pg_timeout_s=PG_TIMEOUT_S)
+            except WorkerError as e:
+                message = _user_error(Path(errors))
+                if message is not None:  # the user's to fix: one line, as for the checks made up front
+                    return _fail("train", message)
+                print(f"halfbyte train: error: a worker failed, all workers stopped.\n{e}", file=sys.stderr)
+                return 1
     except KeyboardInterrupt:
         print("halfbyte train: aborted", file=sys.stderr)
         return 130
@@ -323,11 +329,20 @@ def _run_here(plan: RunPlan, debug: bool) -> int:
 
 
 def run_worker(plan: RunPlan) -> dict:
-    """A local worker's body: train, and turn a user-facing failure into one line and exit code 2."""
+    """A local worker's body: train. A user-facing failure is left as one line in
+    plan.user_error_dir (named by the rank) for the parent to print, and the worker exits at once
+    (os._exit: tearing down a process group that peers still use can abort noisily; printing here
+    would show the line once per worker)."""
     try:
         return run(plan)
     except USER_ERRORS as e:
         if os.environ.get(DEBUG_ENV) == "1":
             raise
-        print(f"halfbyte train: error: {_user_message(e, plan)}", file=sys.stderr, flush=True)
+        (Path(plan.user_error_dir) / f"rank{os.environ['RANK']}").write_text(_user_message(e, plan))
         os._exit(2)
+
+
+def _user_error(directory: Path) -> str | None:
+    """The message the lowest rank left in `directory` (run_worker), or None when none did."""
+    left = sorted(directory.glob("rank*"), key=lambda p: int(p.name.removeprefix("rank")))
+    return left[0].read_text() if left else None

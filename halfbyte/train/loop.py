@@ -66,6 +66,7 @@ class RunPlan:
     islands: int = 0  # local updates across this many islands (0: off)
     notes: list[str] = field(default_factory=list)  # printed in the banner
     previous_run: str | None = None  # --overwrite: the earlier run, deleted after the first checkpoint
+    user_error_dir: str | None = None  # local workers leave a user-facing failure's message here (cli)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from halfbyte.comm.accounting import all_gather_bytes, reduce_scatter_bytes, reduce_scatter_two_level_bytes
 from halfbyte.comm.config import CommConfig
@@ -140,6 +142,26 @@ def test_checkpoints_move_between_the_engines(runs, tmp_path):
     _close(to_own, fsdp2[2:])
     for rows in (to_fsdp2, to_own):  # the data position came along: the same windows as before
         assert rows[-1]["val_loss"] == pytest.approx(own[-1]["val_loss"], abs=LOSS_TOL)
+
+
+@pytest.mark.timeout(300)
+def test_a_workers_user_error_is_one_line_and_exit_code_2(runs, tmp_path, capfd):
+    """A checkpoint that passes the up-front verify (sizes intact) but whose `extra` entry is garbage
+    fails inside the workers' load; the parent says it in one line (it printed the whole crash
+    report and returned 1 before)."""
+    out = tmp_path / "run"
+    shutil.copytree(runs / "fsdp2-sdp4bit", out)
+    ckpt = out / "checkpoints" / "step_000002"
+    info = dcp.FileSystemReader(str(ckpt)).read_metadata().storage_data[MetadataIndex("extra")]
+    with open(ckpt / info.relative_path, "r+b") as f:
+        f.seek(info.offset)
+        f.write(b"\0" * info.length)
+    capfd.readouterr()
+    assert train_main([f"--out={out}", f"--resume={ckpt}"]) == 2
+    err = capfd.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "step/s" not in line]
+    assert len(lines) == 1 and lines[0].startswith(f"halfbyte train: error: checkpoint {ckpt} could not be read"), err
+    assert "it is damaged" in lines[0]
 
 
 @pytest.mark.gpu
