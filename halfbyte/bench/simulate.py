@@ -161,7 +161,8 @@ def measured_compute(path: Path, model: str | None, dp_world: int) -> tuple[floa
     try:
         result = json.loads(path.read_text())
         world, meta = result["meta"]["world_size"], result["meta"]
-        rows = [r for r in result["rows"] if r["model"] == model and r["preset"] == "baseline"]
+        rows = [r for r in result["rows"] if r["model"] == model and r["preset"] == "baseline"
+                and r.get("engine", "halfbyte") == "halfbyte"]  # the engine the cost model models
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"--compute-from {path}: not a `halfbyte bench train` JSON ({err})") from None
     if not rows:

@@ -42,15 +42,16 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from halfbyte.comm.accounting import all_gather_bytes, reduce_scatter_bytes
+from halfbyte.comm.config import CommConfig
 from halfbyte.comm.topology import Topology
-from halfbyte.engine import StepResult, checkpoint
+from halfbyte.engine import AdamWConfig, StepResult, checkpoint
 from halfbyte.engine.checkpoint import CheckpointError
-from halfbyte.fsdp import internals, shard_model
+from halfbyte.fsdp import QuantizedComms, find_blocks, internals, shard_model
 from halfbyte.fsdp.quantize import COUNTERS_KEY
 from halfbyte.train.loop import (
     BF16_BYTES,
@@ -91,6 +92,49 @@ def bytes_per_step(model: nn.Module, topo: Topology, gather_bytes: int, reduce_b
     return total
 
 
+def shard(model: nn.Module, mesh: DeviceMesh, comm: CommConfig | None, *, dtype: torch.dtype,
+          gpus_per_node: int | None, seed: int) -> QuantizedComms | None:
+    """fully_shard every transformer block of `model` (fp32, on its device) and then the root, with
+    FSDP2's mixed precision when `dtype` is not fp32 (weights all-gathered in dtype, gradients
+    reduced in fp32), and halfbyte's collectives in `comm`'s mode (shard_model). comm None: FSDP2
+    alone, sharded the same way (the reference halfbyte is measured against); returns None then."""
+    mp = (MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32
+          else MixedPrecisionPolicy())
+    if comm is None:  # shard_model's sharding without quantize_comms
+        for block in find_blocks(model):
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+        return None
+    with warnings.catch_warnings():  # a world of one: the callers say that nothing is sent
+        warnings.filterwarnings("ignore", message="quantize_comms: the FSDP shard group has 1 rank")
+        return shard_model(model, mesh, comm, gpus_per_node=gpus_per_node, mp_policy=mp, seed=seed)
+
+
+def make_optimizer(params: list[nn.Parameter], config: AdamWConfig, device: torch.device) -> torch.optim.AdamW:
+    """torch.optim.AdamW on the (DTensor) parameters with halfbyte's AdamWConfig; fused on a GPU."""
+    return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
+                             weight_decay=config.weight_decay, fused=device.type == "cuda")
+
+
+def update(params: list[nn.Parameter], optim: torch.optim.Optimizer, grad_clip: float | None,
+           lr: float | None = None) -> StepResult:
+    """halfbyte's engine's step rule in torch: the global norm of the averaged gradients (one
+    all-reduce over the DTensor shards); when it is not finite, no rank changes its weights; else
+    clip to grad_clip (torch.nn.utils' arithmetic, which the engine's clip_ copies) and step. lr:
+    this step's learning rate (None: the optimizer's). The caller zeroes the gradients."""
+    if lr is not None:
+        for group in optim.param_groups:
+            group["lr"] = lr
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if not math.isfinite(grad_norm):
+        return StepResult(skipped=True, grad_norm=grad_norm)
+    if grad_clip is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, norm)
+    optim.step()
+    return StepResult(skipped=False, grad_norm=grad_norm)
+
+
 def _cause(error: BaseException) -> str:
     """What went wrong in a failed DCP load, in one line: a CheckpointException wraps the first
     failing rank's exception (DCP raises many kinds on damaged files)."""
@@ -125,18 +169,11 @@ class FSDP2Ranks(Ranks):
                        else torch.device("cpu"))
         self.leader = rank == 0
         self.dtype = compute_dtype(t.dtype, self.device)
-        mp = (MixedPrecisionPolicy(param_dtype=self.dtype, reduce_dtype=torch.float32)
-              if self.dtype != torch.float32 else MixedPrecisionPolicy())
         self.model = build_run_model(cfg, plan.vocab_size).to(self.device)  # fp32: FSDP2's masters
-        mesh = init_device_mesh(self.device.type, (world,))
-        with warnings.catch_warnings():  # a world of one: the banner says that nothing is sent
-            warnings.filterwarnings("ignore", message="quantize_comms: the FSDP shard group has 1 rank")
-            self.handle = shard_model(self.model, mesh, plan.comm, gpus_per_node=plan.gpus_per_node,
-                                      mp_policy=mp, seed=t.seed)
-        o = cfg.optim
+        self.handle = shard(self.model, init_device_mesh(self.device.type, (world,)), plan.comm, dtype=self.dtype,
+                            gpus_per_node=plan.gpus_per_node, seed=t.seed)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optim = torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, eps=o.eps,
-                                       weight_decay=o.weight_decay, fused=self.device.type == "cuda")
+        self.optim = make_optimizer(self.params, cfg.optim, self.device)
         torch.manual_seed(t.seed + 1 + rank)  # after the shared init: each rank its own dropout
         self.step_count, self._skipped = 0, 0
         self.models, self.comm = [self.model], plan.comm
@@ -167,23 +204,11 @@ class FSDP2Ranks(Ranks):
         yield
 
     def _update(self, lr: float) -> StepResult:
-        """halfbyte's engine's step, in torch: the global norm of the averaged gradients, skip every
-        rank's update when it is not finite, clip (torch.nn.utils' arithmetic, as the engine's),
-        AdamW."""
-        for group in self.optim.param_groups:
-            group["lr"] = lr
-        norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-        grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-        if not math.isfinite(grad_norm):
-            self._skipped += 1
-            self.optim.zero_grad(set_to_none=True)
-            return StepResult(skipped=True, grad_norm=grad_norm)
-        if self.plan.cfg.engine.grad_clip is not None:
-            torch.nn.utils.clip_grads_with_norm_(self.params, self.plan.cfg.engine.grad_clip, norm)
-        self.optim.step()
+        result = update(self.params, self.optim, self.plan.cfg.engine.grad_clip, lr)
         self.optim.zero_grad(set_to_none=True)
-        self.step_count += 1
-        return StepResult(skipped=False, grad_norm=grad_norm)
+        self._skipped += result.skipped
+        self.step_count += not result.skipped
+        return result
 
     @property
     def skipped_steps(self) -> int:

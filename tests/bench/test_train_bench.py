@@ -49,7 +49,7 @@ def test_two_workers_two_nodes_every_preset(tmp_path):
     by_preset = {r["preset"]: r for r in rows}
     for r in rows:
         comm = CommConfig.preset(r["preset"])
-        assert r["comm"] == comm.describe() and r["note"] is None
+        assert r["comm"] == comm.describe() and r["notes"] == [] and r["engine"] == "halfbyte"
         assert r["tokens_per_step"] == 2 * 64 * 2
         assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / (r["step_ms"] / 1e3))
         phases = sum(r[f"{p}_ms"] for p in train_bench.PHASES)
@@ -77,19 +77,66 @@ def test_two_workers_two_nodes_every_preset(tmp_path):
     assert by_preset["sdp4bit"]["codec_calls_per_step"] == {
         "decode_gathered": buckets, "decode_sum": buckets, "encode_shard": buckets, "pack_messages": buckets}
     assert by_preset["baseline"]["codec_calls_per_step"] == {}
+    # overlap efficiency: the link measured by the probe, the compute-only step of a world of one
+    assert meta["link_rate"].startswith("measured: bf16 all-gather") and meta["link_GBps"] > 0
+    for r in rows:
+        assert r["compute_only_ms"] == rows[0]["compute_only_ms"] > 0
+        assert r["wire_ms"] == pytest.approx(sum(r["wire_bytes_per_step"].values()) / (meta["link_GBps"] * 1e6))
+        assert r["overlap_efficiency"] == pytest.approx(r["step_ms"] / max(r["compute_only_ms"], r["wire_ms"]))
+
+
+@pytest.mark.timeout(180)
+def test_fsdp2_rows_next_to_the_engine_on_two_workers(tmp_path):
+    """FSDP2 alone, FSDP2 through quantize_comms and halfbyte's engine on the same model and batch:
+    FSDP2's own bytes by the formulas equal what the pass-through baseline recorded; sdp4bit's
+    backward re-gathers come from the replica; the qWD replica is one copy of the model; the overlap
+    efficiency at a given link rate."""
+    out = tmp_path / "fsdp2.json"
+    rc = train_bench.main(["--workers", "2", "--gpus-per-node", "1", "--steps", "2", "--warmup", "1",
+                           "--micro-batch", "2", "--seq-len", "64", "--engine", "halfbyte,fsdp2",
+                           "--presets", "plain,baseline,sdp4bit", "--link-gbps", "8", "--out", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    rows = {(r["engine"], r["preset"]): r for r in result["rows"]}
+    assert list(rows) == [("halfbyte", "baseline"), ("halfbyte", "sdp4bit"), ("fsdp2", "plain"),
+                          ("fsdp2", "baseline"), ("fsdp2", "sdp4bit")]
+    plain, passthrough, sdp = rows["fsdp2", "plain"], rows["fsdp2", "baseline"], rows["fsdp2", "sdp4bit"]
+    assert plain["comm"] == "FSDP2 alone (no halfbyte)" and "wire_by_op_per_step" not in plain
+    assert plain["wire_bytes_per_step"] == passthrough["wire_bytes_per_step"]  # formulas == CommStats
+    assert plain["bf16_bytes_per_step"] == sdp["bf16_bytes_per_step"] == {"intra": 0, "inter": plain[
+        "wire_bytes_per_step"]["inter"] // 2}  # fp32 on CPU
+    assert plain["codec_calls_per_step"] == {} and plain["codec_ms"] == 0 and sdp["codec_ms"] > 0
+    assert sum(sdp["wire_bytes_per_step"].values()) < 0.3 * sum(sdp["bf16_bytes_per_step"].values())
+    regathers = sdp["wire_by_op_per_step"]["all_gather_from_replica"]
+    assert regathers["calls"] == 5 and regathers["intra"] == regathers["inter"] == 0  # tiny: 4 blocks + root
+    engine = rows["halfbyte", "sdp4bit"]
+    # one fp32 copy of the model (its dims split evenly: no padding); the engine pads its buckets
+    assert sdp["replica_bytes"] == FP32_BYTES * sdp["params"] and plain["replica_bytes"] == 0
+    assert sdp["replica_bytes"] <= engine["replica_bytes"] == engine["memory_report"]["replica"]
+    assert all(r["exposed_comm_ms"] is None for (e, _), r in rows.items() if e == "fsdp2")
+    assert result["meta"]["link_rate"] == "given" and result["meta"]["link_GBps"] == 1.0
+    for r in rows.values():
+        assert r["wire_ms"] == pytest.approx(sum(r["wire_bytes_per_step"].values()) / 1e6)  # 1 GB/s
+        assert r["overlap_efficiency"] == pytest.approx(r["step_ms"] / max(r["compute_only_ms"], r["wire_ms"]))
+    assert plain["compute_only_ms"] == sdp["compute_only_ms"] != engine["compute_only_ms"]
 
 
 @pytest.mark.timeout(120)
 def test_world_of_one_runs_two_level_presets_one_level(tmp_path, capsys):
     out = tmp_path / "one.json"
     rc = train_bench.main(["--steps", "1", "--warmup", "0", "--micro-batch", "1", "--seq-len", "32",
-                           "--presets", "sdp4bit", "--out", str(out)])
+                           "--engine", "halfbyte,fsdp2", "--presets", "sdp4bit", "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "sdp4bit: 1 node: two-level gradients run one level" in printed and "codec %" in printed
-    (row,) = json.loads(out.read_text())["rows"]
+    row, fsdp2_row = json.loads(out.read_text())["rows"]
     assert row["comm"].startswith("weights qwd") and "grads one-level int4/g128/sr/H32" in row["comm"]
     assert row["wire_bytes_per_step"] == {"intra": 0, "inter": 0} and row["codec_ms"] > 0
+    assert row["overlap_efficiency"] is None and row["wire_ms"] is None  # a world of one: no wire
+    # FSDP2 on one rank runs no collective: no codec share to show, and the row says why
+    assert fsdp2_row["codec_ms"] is None and fsdp2_row["codec_pct"] is None
+    assert "fsdp2 on a world of 1: FSDP2 calls no collective" in " ".join(fsdp2_row["notes"])
+    assert "FSDP2 calls no collective, so its rows measure nothing of the codec" in printed
 
 
 def test_recorder_separates_codec_inside_waits():
@@ -135,7 +182,7 @@ def test_results_default_under_runs_bench_of_the_current_directory(tmp_path, mon
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--presets", "baseline,nope"], "--presets ['nope']: choose from baseline"),
+    (["--presets", "baseline,nope"], "--presets ['nope']: choose from plain, baseline"),
     (["--models", "7b"], "--models ['7b']: choose from tiny"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
@@ -143,6 +190,9 @@ def test_results_default_under_runs_bench_of_the_current_directory(tmp_path, mon
     (["--workers", "3", "--gpus-per-node", "2"], "--gpus-per-node 2 must divide --workers 3"),
     (["--dtype", "fp8"], "--dtype must be one of auto, bf16, fp32"),
     (["--vocab-size", "1"], "--vocab-size must be >= 2"),
+    (["--engine", "ddp"], "--engine ['ddp']: choose from halfbyte, fsdp2"),
+    (["--presets", "plain"], "--presets plain is FSDP2 without halfbyte: add --engine fsdp2"),
+    (["--link-gbps", "0"], "--link-gbps must be a positive number"),
 ])
 def test_bad_options_exit_2_naming_the_option(argv, message, capsys):
     assert train_bench.main(["--models", "tiny", *argv]) == 2  # a later --models wins
@@ -155,11 +205,15 @@ def test_world_of_one_on_cuda_times_with_events(tmp_path):
     """The CUDA path times with events, read only after the device synchronized (CPU tests use clocks)."""
     out = tmp_path / "gpu.json"
     rc = train_bench.main(["--models", "tiny", "--steps", "2", "--warmup", "1", "--micro-batch", "2",
-                           "--seq-len", "64", "--presets", "baseline,sdp4bit", "--out", str(out)])
+                           "--seq-len", "64", "--engine", "halfbyte,fsdp2", "--presets", "plain,baseline,sdp4bit",
+                           "--out", str(out)])
     assert rc == 0
-    rows = {row["preset"]: row for row in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"baseline", "sdp4bit"}
-    assert rows["sdp4bit"]["codec_ms"] > 0 and rows["baseline"]["peak_mem_bytes"] > 0
+    rows = {(row["engine"], row["preset"]): row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {("halfbyte", "baseline"), ("halfbyte", "sdp4bit"), ("fsdp2", "plain"),
+                         ("fsdp2", "baseline"), ("fsdp2", "sdp4bit")}
+    assert rows["halfbyte", "sdp4bit"]["codec_ms"] > 0 and rows["halfbyte", "baseline"]["peak_mem_bytes"] > 0
+    # FSDP2's mixed precision: bf16 all-gathers; on one GPU no collective runs, so no codec share
+    assert rows["fsdp2", "sdp4bit"]["dtype"] == "bfloat16" and rows["fsdp2", "sdp4bit"]["codec_pct"] is None
     for row in rows.values():
-        phases = sum(row[f"{p}_ms"] for p in ("forward", "backward", "optimizer", "zero_grad"))
+        phases = sum(row[f"{p}_ms"] for p in train_bench.PHASES)
         assert row["step_ms"] > 0 and phases == pytest.approx(row["step_ms"], rel=0.05)
