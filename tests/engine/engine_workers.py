@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
-import json
 import shutil
 import weakref
 from contextlib import nullcontext
@@ -25,54 +24,9 @@ from halfbyte.comm import build_topology
 from halfbyte.engine import AdamWConfig, CommConfig, ShardedDataParallel
 from halfbyte.quant import QuantSpec, codec
 from halfbyte.train.model import build_model
+from toys import TinyTransformer, make_mlp, mse, regression_batch, used_forward
 
 RTOL = 1e-5  # baseline engine vs torch DDP + AdamW, relative
-
-
-# ---- models and data --------------------------------------------------------------------------
-def make_mlp(seed: int = 0, width: int = 32, unused: bool = False) -> nn.Module:
-    torch.manual_seed(seed)
-    layers = [nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1)]
-    model = nn.Sequential(*layers)
-    if unused:
-        model.add_module("unused", nn.Linear(4, 4))  # registered, never called
-    return model
-
-
-class TinyTransformer(nn.Module):
-    def __init__(self, seed: int = 0, dropout: float = 0.0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.inp = nn.Linear(8, 16)
-        self.block = nn.TransformerEncoderLayer(16, nhead=2, dim_feedforward=32, dropout=dropout,
-                                                batch_first=True)
-        self.head = nn.Linear(16, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.block(self.inp(x)).mean(dim=1))
-
-
-def _unused_forward(model: nn.Sequential):
-    layers = [m for name, m in model.named_children() if name != "unused"]
-    return lambda x: nn.Sequential(*layers)(x)
-
-
-_teacher = torch.Generator().manual_seed(12345)
-TEACHER_IN = torch.randn(8, 16, generator=_teacher) / 8**0.5
-TEACHER_OUT = torch.randn(16, 1, generator=_teacher)
-
-
-def regression_batch(step: int, rank: int, micro: int = 0, n: int = 16, seq: int | None = None):
-    """Rank- and step-specific data (independent of the global RNG); the target is a fixed random
-    one-layer teacher, so the loss has a clear floor of 0."""
-    g = torch.Generator().manual_seed(100_003 * step + 1009 * rank + micro)
-    x = torch.randn((n, seq, 8) if seq else (n, 8), generator=g)
-    flat = x.mean(dim=1) * seq**0.5 if seq else x
-    return x, torch.tanh(flat @ TEACHER_IN) @ TEACHER_OUT
-
-
-def mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return ((out - y) ** 2).mean()
 
 
 # ---- 2 ranks: baseline == DDP, unused params, non-finite skip, memory ------------------------
@@ -138,14 +92,14 @@ def baseline_vs_ddp() -> dict:
                                  comm=CommConfig.preset("baseline"), bucket_numel=64)
     unused_before = model.unused.weight.detach().clone()
     x, y = regression_batch(0, rank)
-    mse(_unused_forward(model)(x), y).backward()
+    mse(used_forward(model)(x), y).backward()
     assert not engine.step().skipped
     engine.zero_grad()
     engine.check_replicas()
     torch.testing.assert_close(model.unused.weight, unused_before * (1 - 1e-2 * 0.1), rtol=0, atol=0)
 
     # A batch discarded after its backward: zero_grad() completes and drops the reduce-scatters.
-    forward = _unused_forward(model)
+    forward = used_forward(model)
     mse(forward(x), y).backward()
     engine.zero_grad()
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +10,8 @@ import torch
 from halfbyte.comm import spawn
 from halfbyte.engine import VirtualWorld
 
-# Spawned ranks import the worker bodies by module name; sys.path travels to them.
-sys.path.insert(0, str(Path(__file__).parent))
-import engine_workers as workers  # noqa: E402
+import engine_workers as workers
+import toys
 
 COMPRESSED = ["zeropp", "sdp4bit", "qw4", "qwd", "tlq", "tlq-hs"]
 
@@ -89,7 +86,7 @@ def test_frozen_params_broadcast_late_grads_raise_mismatched_ranks_fail_fast_del
 
 
 def _virtual_reshard(preset: str, load: str, save: str | None, world: int, L: int, steps: int) -> dict:
-    model = workers.TinyTransformer(seed=9)
+    model = toys.TinyTransformer(seed=9)
     engine = workers.reshard_engine(model, VirtualWorld(world, L), preset)
     engine.load_checkpoint(load)
     out = {"loaded": workers.state_of(model, engine)}

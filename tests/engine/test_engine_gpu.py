@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from halfbyte.comm import spawn
 
-sys.path.insert(0, str(Path(__file__).parent))  # spawned ranks import the worker bodies by name
-import engine_workers as workers  # noqa: E402
+import engine_workers as workers
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -1,14 +1,11 @@
 """Local updates across islands (halfbyte/engine/local.py): multi-process tests on gloo (CPU, fp32).
 
 Worker bodies are module-level functions of this file; spawned ranks import it by module name
-(its folder is put on sys.path, which travels to them). Assertions that need every rank's data run
+(conftest.py puts its folder on sys.path, which travels to them). Assertions that need every rank's data run
 in the parent; per-rank invariants run inside the ranks and surface as WorkerError.
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,37 +25,16 @@ from halfbyte.engine.outer import (
 )
 from halfbyte.quant import QuantSpec
 
-sys.path.insert(0, str(Path(__file__).parent))
-import test_local as workers  # noqa: E402  (this file, importable by name in the spawned ranks)
+import test_local as workers  # this file, importable by name in the spawned ranks
+from toys import flat_params, make_mlp, regression_batch
 
 INT4 = QuantSpec(bits=4, group_size=128, rounding="stochastic", hadamard=32)
 INT4_NEAREST = QuantSpec(bits=4, group_size=128, rounding="nearest")
 
 
 # ---- model, data, loop --------------------------------------------------------------------------
-def make_mlp(width: int = 24) -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1))
-
-
-_teacher = torch.Generator().manual_seed(4242)
-TEACHER = (torch.randn(8, 4, generator=_teacher) / 8**0.5, torch.randn(4, 1, generator=_teacher))
-
-
-def batch(step: int, rank: int, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Data of one global rank at one step, independent of the global RNG; a fixed random teacher
-    gives the loss a floor of 0."""
-    g = torch.Generator().manual_seed(7919 * step + 31 * rank + 1)
-    x = torch.randn(n, 8, generator=g)
-    return x, torch.tanh(x @ TEACHER[0]) @ TEACHER[1]
-
-
-def flat_params(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
-
-
 def train_step(engine, local, model: nn.Module, step: int, lr: float) -> bool:
-    x, y = batch(step, dist.get_rank())
+    x, y = regression_batch(step, dist.get_rank())
     ((model(x) - y) ** 2).mean().backward()
     engine.step(lr=lr)
     synced = local.step(lr) if local is not None else False
@@ -88,7 +64,7 @@ def dp_equivalence_worker() -> dict:
     ranks and 4 islands x 1 rank; then sign-momentum over int4 pseudo-gradients with the sdp4bit
     preset inside islands of 2 emulated nodes: islands restart identical after every outer step."""
     steps = 5
-    model = make_mlp()
+    model = make_mlp(width=24)
     dp = ShardedDataParallel(model, build_topology(), optim=LINEAR_ADAM, comm=CommConfig.preset("baseline"),
                              grad_clip=None, bucket_numel=300)
     for step in range(steps):
@@ -97,7 +73,7 @@ def dp_equivalence_worker() -> dict:
 
     report: dict = {}
     for K in (2, 4):
-        model = make_mlp()
+        model = make_mlp(width=24)
         islands = build_islands(K)
         engine = ShardedDataParallel(model, islands.worlds[0], optim=LINEAR_ADAM, comm=CommConfig.preset("baseline"),
                                      grad_clip=None, bucket_numel=300)
@@ -106,11 +82,11 @@ def dp_equivalence_worker() -> dict:
             assert train_step(engine, local, model, step, LINEAR_ADAM.lr)
             assert islands_agree(model), f"islands differ after outer step {step} (K={K})"
         err = (flat_params(model) - reference).abs().max().item()
-        report[K] = {"err": err, "moved": (reference - flat_params(make_mlp())).abs().max().item(),
+        report[K] = {"err": err, "moved": (reference - flat_params(make_mlp(width=24))).abs().max().item(),
                      "outer_steps": local.outer_steps, "inter_bytes": local.stats.totals()["inter"]}
 
     # sdp4bit inside islands of 2 emulated nodes x 1 rank, int4 + Hadamard pseudo-gradients + EF.
-    model = make_mlp()
+    model = make_mlp(width=24)
     islands = build_islands(2, gpus_per_node=1)
     assert (islands.worlds[0].nodes, islands.worlds[0].gpus_per_node) == (2, 1)
     engine = ShardedDataParallel(model, islands.worlds[0], optim=AdamWConfig(lr=1e-2), comm=CommConfig.preset("sdp4bit"),
@@ -118,7 +94,7 @@ def dp_equivalence_worker() -> dict:
     local = LocalUpdates([engine], islands, OuterConfig("sign-momentum", local_steps=3, spec=INT4))
     losses = []
     for step in range(12):
-        x, y = batch(1000, dist.get_rank(), n=64)  # a fixed evaluation batch
+        x, y = regression_batch(1000, dist.get_rank(), n=64)  # a fixed evaluation batch
         with torch.no_grad():
             losses.append(((model(x) - y) ** 2).mean().item())
         if train_step(engine, local, model, step, 1e-2):
@@ -131,7 +107,7 @@ def dp_equivalence_worker() -> dict:
 
 def sign_momentum_worker(tau: int, lrs: list[float]) -> dict:
     """2 islands of 1 rank, sign-momentum: record start, end-of-round and post-outer weights."""
-    model = make_mlp()
+    model = make_mlp(width=24)
     islands = build_islands(2)
     engine = ShardedDataParallel(model, islands.worlds[0], optim=AdamWConfig(lr=1e-2), comm=CommConfig.preset("baseline"),
                                  grad_clip=None, bucket_numel=300)
@@ -139,7 +115,7 @@ def sign_momentum_worker(tau: int, lrs: list[float]) -> dict:
     rounds = []
     start = flat_params(model)
     for step, lr in enumerate(lrs):
-        x, y = batch(step, dist.get_rank())
+        x, y = regression_batch(step, dist.get_rank())
         ((model(x) - y) ** 2).mean().backward()
         engine.step(lr=lr)
         engine.zero_grad()
@@ -171,7 +147,7 @@ def checkpoint_worker(path: str) -> dict:
     config = OuterConfig("sign-momentum", local_steps=2, spec=INT4)
 
     def build():
-        model = make_mlp()
+        model = make_mlp(width=24)
         islands = build_islands(2)
         engine = ShardedDataParallel(model, islands.worlds[0], optim=AdamWConfig(lr=lr), comm=CommConfig.preset("qwd"),
                                      bucket_numel=300, seed=5)
@@ -217,7 +193,7 @@ def bad_layout_worker() -> dict:
         "islands_3": lambda: build_islands(3),
         "islands_0": lambda: build_islands(0),
         "foreign_engine": lambda: LocalUpdates(
-            [ShardedDataParallel(make_mlp(), build_topology(), comm=CommConfig.preset("baseline"))],
+            [ShardedDataParallel(make_mlp(width=24), build_topology(), comm=CommConfig.preset("baseline"))],
             build_islands(2), OuterConfig()),
     }.items():
         try:
@@ -391,12 +367,12 @@ def _island_engine(model: nn.Module, world, island: int) -> ShardedDataParallel:
 def real_islands_worker() -> dict:
     """4 ranks as 2 islands of 2 emulated nodes x 1 rank: sdp4bit inside, int4 outer exchange."""
     islands = build_islands(2, gpus_per_node=1)
-    model = make_mlp()
+    model = make_mlp(width=24)
     engine = _island_engine(model, islands.worlds[0], islands.owned[0])
     local = LocalUpdates([engine], islands, ISLAND_CONFIG, seed=3)
     losses = []
     for step in range(ISLAND_STEPS):
-        x, y = batch(step, dist.get_rank())
+        x, y = regression_batch(step, dist.get_rank())
         loss = ((model(x) - y) ** 2).mean()
         loss.backward()
         engine.step(lr=1e-2)
@@ -414,14 +390,14 @@ def test_virtual_islands_of_two_ranks_match_real_islands_bit_for_bit():
     weights of every island, and the same bytes as the 4 gloo ranks together."""
     real = spawn(real_islands_worker, 4, timeout_s=110)
     islands = virtual_islands(2, 2, gpus_per_node=1)
-    models = [make_mlp() for _ in islands.owned]
+    models = [make_mlp(width=24) for _ in islands.owned]
     engines = [_island_engine(m, w, k) for k, (m, w) in enumerate(zip(models, islands.worlds))]
     local = LocalUpdates(engines, islands, ISLAND_CONFIG, seed=3)
     losses = [[] for _ in range(4)]
     for step in range(ISLAND_STEPS):
         for k, (model, engine) in enumerate(zip(models, engines)):
             for l in range(2):
-                x, y = batch(step, 2 * k + l)
+                x, y = regression_batch(step, 2 * k + l)
                 with engine.as_rank(l):
                     loss = ((model(x) - y) ** 2).mean()
                     loss.backward()
