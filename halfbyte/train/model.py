@@ -4,6 +4,7 @@ and a thin wrapper that makes a Hugging Face causal LM look the same (`forward(i
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -131,13 +134,24 @@ class GPT(nn.Module):
 
 
 class HFCausalLM(nn.Module):
-    """A transformers causal LM behind the same `forward(idx) -> logits` interface as GPT."""
+    """A transformers causal LM behind the same `forward(idx) -> logits` interface as GPT.
+
+    `path` is a local directory with a config.json: with weights next to it they are loaded
+    (from_pretrained); with the config alone (the usual start of a pre-training run) the model is
+    built from it with random initialization (from torch's global RNG, so a seed set before makes it
+    reproducible), and a warning says so. `pretrained` tells which."""
 
     def __init__(self, path: str):
         super().__init__()
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
-        self.hf = AutoModelForCausalLM.from_pretrained(path)
+        self.pretrained = has_hf_weights(path)
+        if self.pretrained:
+            self.hf = AutoModelForCausalLM.from_pretrained(path)
+        else:
+            logger.warning("--model hf:%s has no weights (only config.json): building the model from its config "
+                           "with random initialization", path)
+            self.hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
         self.ctx = int(getattr(self.hf.config, "max_position_embeddings", 0) or 1 << 30)
         self.vocab_size = int(self.hf.config.vocab_size)
 
@@ -148,12 +162,36 @@ class HFCausalLM(nn.Module):
         return self.hf(input_ids=idx, use_cache=False).logits
 
 
+def has_hf_weights(path: str) -> bool:
+    """True when the directory holds weights transformers' from_pretrained reads (safetensors or
+    PyTorch, whole or sharded with an index), not only a config.json."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    names = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+    return any((Path(path) / name).is_file() for name in names)
+
+
 def check_hf_model(path: str) -> None:
     """Raise ValueError early (before any worker starts) if `hf:<path>` cannot be loaded."""
     if importlib.util.find_spec("transformers") is None:
         raise ValueError(f"--model hf:{path} needs the transformers package: pip install transformers")
     if not (Path(path) / "config.json").is_file():
         raise ValueError(f"--model hf:{path}: no config.json there; pass a local directory of a HF causal LM")
+
+
+def gpt_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The usual GPT parameter groups, in torch.optim's format (for torch.optim.AdamW or
+    ShardedDataParallel(param_groups=...)): `weight_decay` on the weight matrices of the linear
+    layers; none on embeddings (a tied output projection is the embedding), norms and biases, whose
+    decay pulls scales and offsets towards 0 and rare tokens' embeddings towards the origin. The
+    rule, for any model (GPT, HF): a trainable parameter of an nn.Embedding, or with fewer than two
+    dimensions, does not decay. Trainable parameters only, each once; groups in that order."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():  # tied parameters once
+        if p.requires_grad:
+            (no_decay if id(p) in embeddings or p.dim() < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_model(name: str, vocab_size: int, **overrides) -> nn.Module:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from halfbyte.train.model import GPT, GPTConfig, build_model, generate
+from halfbyte.train.model import GPT, GPTConfig, build_model, generate, gpt_param_groups
 
 
 def _small(**kw):
@@ -70,3 +70,49 @@ def test_bad_model_names():
     if importlib.util.find_spec("transformers") is None:
         with pytest.raises(ValueError, match="needs the transformers package"):
             build_model("hf:/some/dir", 100)
+
+
+def test_gpt_param_groups_keep_decay_off_embeddings_norms_and_biases():
+    model = _small()
+    decay, no_decay = gpt_param_groups(model, 0.1)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in no_decay["params"]) == sorted(
+        ["wte.weight", "ln_f.weight"] + [f"blocks.{i}.{ln}.weight" for i in range(2) for ln in ("ln_attn", "ln_mlp")])
+    assert all(p.dim() == 2 and names[id(p)].startswith("blocks.") for p in decay["params"])  # the Linear matrices
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names)  # each trainable parameter once (tied: wte)
+    model.blocks[0].ln_attn.weight.requires_grad_(False)
+    assert sum(len(g["params"]) for g in gpt_param_groups(model, 0.1)) == len(names) - 1  # trainable only
+    torch.optim.AdamW(gpt_param_groups(model, 0.1))  # the format torch.optim takes
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers (the .[hf] extra)")
+def test_hf_directory_with_only_a_config_builds_a_random_model_and_says_so(tmp_path, caplog):
+    """The usual start of a pre-training run: a config.json and no weights (transformers' from_pretrained
+    raised OSError: no model.safetensors). Built from the config with torch's RNG, and a warning says so;
+    a directory with weights still loads them."""
+    import json
+
+    config = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
+              "max_position_embeddings": 16, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING", logger="halfbyte.train.model"):
+        torch.manual_seed(0)
+        model = build_model(f"hf:{tmp_path}", 0)
+    assert not model.pretrained and "no weights (only config.json)" in caplog.text
+    assert "random initialization" in caplog.text
+    torch.manual_seed(0)
+    again = build_model(f"hf:{tmp_path}", 0)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))  # seeded init
+    assert model(torch.zeros(2, 16, dtype=torch.long)).shape == (2, 16, 64) and model.ctx == 16
+    decay, no_decay = gpt_param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert "hf.model.embed_tokens.weight" in {names[id(p)] for p in no_decay["params"]}
+    assert "hf.lm_head.weight" in {names[id(p)] for p in decay["params"]}  # untied: a Linear matrix
+    assert all(p.dim() == 1 for p in no_decay["params"] if names[id(p)] != "hf.model.embed_tokens.weight")
+
+    saved = tmp_path / "pretrained"
+    model.hf.save_pretrained(saved)
+    loaded = build_model(f"hf:{saved}", 0)
+    assert loaded.pretrained and all(torch.equal(p, q) for p, q in zip(loaded.parameters(), model.parameters()))
