@@ -52,16 +52,25 @@ def shard_model(model: nn.Module, mesh: DeviceMesh | None, comm: CommConfig, *,
     (possibly emulated) node, for the two-level gradient topology (see topology_from_mesh).
     blocks: a dotted path to the ModuleList/ModuleDict of blocks, the modules themselves, or None
     to look in the usual places (find_blocks). mp_policy: FSDP2's mixed precision (e.g.
-    param_dtype=torch.bfloat16, reduce_dtype=torch.float32); None: none. comm must suit the node
-    count (comm.for_nodes(topo.nodes)[0] on one node).
+    param_dtype=torch.bfloat16, reduce_dtype=torch.float32); None: none. reshard_after_forward:
+    the blocks'; the root never reshards after forward, FSDP2's own rule for a root it is left to
+    choose (backward needs the root's parameters first, so freeing them would only re-gather them
+    at once), given explicitly so that every rank knows each group's gathers before the first
+    forward. comm must suit the node count (comm.for_nodes(topo.nodes)[0] on one node).
     """
     if mesh is None:
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
         mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-    modules = find_blocks(model, blocks) if blocks is None or isinstance(blocks, str) else list(blocks)
-    kwargs = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy(),
-                  reshard_after_forward=reshard_after_forward)
-    for block in modules:
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+    shard_blocks(model, mesh, mp_policy or MixedPrecisionPolicy(), blocks, reshard_after_forward)
     return quantize_comms(model, comm, topology_from_mesh(mesh, gpus_per_node), seed=seed)
+
+
+def shard_blocks(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy,
+                 blocks: str | Iterable[nn.Module] | None = None, reshard_after_forward: bool = True) -> None:
+    """shard_model's sharding without halfbyte's collectives (FSDP2 alone, e.g. the reference a
+    quantized run is compared with): fully_shard every block, then the root (which keeps its
+    parameters unsharded from forward to backward)."""
+    modules = find_blocks(model, blocks) if blocks is None or isinstance(blocks, str) else list(blocks)
+    for block in modules:
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)

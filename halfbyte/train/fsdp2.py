@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
 from halfbyte.comm.accounting import all_gather_bytes, reduce_scatter_bytes
@@ -51,7 +51,7 @@ from halfbyte.comm.config import CommConfig
 from halfbyte.comm.topology import Topology
 from halfbyte.engine import AdamWConfig, StepResult, checkpoint
 from halfbyte.engine.checkpoint import CheckpointError
-from halfbyte.fsdp import QuantizedComms, find_blocks, internals, shard_model
+from halfbyte.fsdp import QuantizedComms, internals, shard_blocks, shard_model
 from halfbyte.fsdp.quantize import COUNTERS_KEY
 from halfbyte.train.loop import (
     BF16_BYTES,
@@ -100,10 +100,8 @@ def shard(model: nn.Module, mesh: DeviceMesh, comm: CommConfig | None, *, dtype:
     alone, sharded the same way (the reference halfbyte is measured against); returns None then."""
     mp = (MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype != torch.float32
           else MixedPrecisionPolicy())
-    if comm is None:  # shard_model's sharding without quantize_comms
-        for block in find_blocks(model):
-            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
-        fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    if comm is None:
+        shard_blocks(model, mesh, mp)
         return None
     with warnings.catch_warnings():  # a world of one: the callers say that nothing is sent
         warnings.filterwarnings("ignore", message="quantize_comms: the FSDP shard group has 1 rank")

@@ -57,7 +57,7 @@ def test_multigpu_script_and_report_on_two_cpu_workers(tmp_path):
     assert plain["codec_calls_per_step"] == {} and plain["codec_ms"] == 0 and sdp["codec_ms"] > 0
     assert sum(sdp["wire_bytes_per_step"].values()) < 0.3 * sum(sdp["bf16_bytes_per_step"].values())
     regathers = sdp["wire_by_op_per_step"]["all_gather_from_replica"]
-    assert regathers["calls"] == 5 and regathers["intra"] == regathers["inter"] == 0  # tiny: 4 blocks + root
+    assert regathers["calls"] == 4 and regathers["intra"] == regathers["inter"] == 0  # tiny's 4 blocks (not the root)
     engine = rows["halfbyte", "sdp4bit"]
     # one fp32 copy of the model (its dims split evenly: no padding); the engine pads its buckets
     assert sdp["replica_bytes"] == FP32_BYTES * sdp["params"] and plain["replica_bytes"] == 0

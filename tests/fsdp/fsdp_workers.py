@@ -96,18 +96,18 @@ def local_params(model: nn.Module) -> list[torch.Tensor]:
 
 def expected_bytes(handle: QuantizedComms, steps: int, comm: CommConfig, elem: int) -> dict[str, int]:
     """Bytes this rank must have sent, per op, after `steps` training steps and one held-out
-    forward, predicted from halfbyte.comm.accounting alone. reshard_after_forward=True everywhere
-    (the root too): each step gathers every group in forward and again in backward."""
+    forward, predicted from halfbyte.comm.accounting alone. shard_model: each step gathers every
+    block in forward and again in backward (reshard_after_forward=True), the root in forward only."""
     topo = handle.topo
     M, L, W = topo.nodes, topo.gpus_per_node, topo.world_size
-    numels = list(handle.shard_numels().values())
     out: dict[str, int] = {}
 
     def add(op: str, sent: dict[str, int], times: int) -> None:
         out[op] = out.get(op, 0) + times * sum(sent.values())
 
-    forwards, backwards = steps + 1, steps
-    for n in numels:
+    forwards = steps + 1
+    for name, n in handle.shard_numels().items():
+        backwards = steps if name else 0  # the root ("") keeps its weights unsharded for backward
         if comm.weights == "full":
             add("all_gather", all_gather_bytes(n, elem, M, L), forwards + backwards)
         elif comm.weights == "direct":
@@ -194,6 +194,7 @@ def qwd_details(steps: int) -> dict:
         before = sent()
         lm_loss(model, x, y)                              # no step since: nothing to send
         out["second_forward_bytes"] = sent() - before
+        model.reshard()  # the root keeps its gathered weights after a forward: make every group gather
         handle.resend_weights()
         before = sent()
         lm_loss(model, x, y)

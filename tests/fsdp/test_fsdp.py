@@ -73,7 +73,9 @@ def test_regathers_resume_ops_and_refusals_on_2_ranks():
     q = r["qwd"]
     assert q["backward_gather_bytes"] == 0 and q["second_forward_bytes"] == 0, q
     assert q["from_replica"]["intra"] == q["from_replica"]["inter"] == 0
-    assert q["from_replica"]["calls"] == 3 * 3 and q["from_replica"]["baseline"] > 0  # 3 groups
+    # two backwards re-gather the 2 blocks (the root keeps its weights for backward), the forward
+    # without a step all 3 groups
+    assert q["from_replica"]["calls"] == 2 * 2 + 3 and q["from_replica"]["baseline"] > 0
     assert q["forward_bytes"] > 0 and q["resend_bytes"] == q["forward_bytes"]
     assert "all_gather" not in q["first"], q["first"]  # the first forward only fills the replicas
     # bf16 mixed precision, 20 steps: measured plain 1.5504, sdp4bit 1.5640 (+0.9%)
