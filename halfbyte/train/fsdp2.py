@@ -212,6 +212,14 @@ class FSDP2Ranks(Ranks):
     def skipped_steps(self) -> int:
         return self._skipped
 
+    def evaluate(self) -> float:
+        """The loop's evaluation, then the root's weights freed: a forward without backward leaves
+        them gathered (the root does not reshard after forward), and the next step would skip its
+        all-gather; resharded, every step sends the same bytes, evaluated or resumed or not."""
+        loss = super().evaluate()
+        self.model.reshard()
+        return loss
+
     def check_replicas(self) -> None:
         self.handle.check_replicas()  # qWD replicas; sharded weights have one owner each
 

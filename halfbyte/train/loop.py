@@ -556,7 +556,9 @@ def train(plan: RunPlan, ranks: Ranks, stop: StopRequest) -> dict[str, Any]:
             if t.check_replicas_interval and step % t.check_replicas_interval == 0:
                 ranks.check_replicas()  # raises, naming the bucket, if a replica diverged
             if final or stopped or (t.checkpoint_interval and step % t.checkpoint_interval == 0):
-                checkpoint_path = save(step, wire) or checkpoint_path
+                # read again: an evaluation of this step may have communicated (FSDP2's forward
+                # gathers), and a resumed run must start from every byte sent before its checkpoint
+                checkpoint_path = save(step, wire_offset + ranks.all_sum(ranks.wire())) or checkpoint_path
     finally:
         if log is not None:
             log.close()

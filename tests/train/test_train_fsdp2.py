@@ -47,14 +47,16 @@ def _metrics(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, token_cache) -> Path:
     """Three 4-step runs with checkpoints at steps 2 and 4: halfbyte's engine and fsdp2 on the
-    baseline, fsdp2 on sdp4bit."""
+    baseline, fsdp2 on sdp4bit (also evaluated at step 2)."""
     root = tmp_path_factory.mktemp("fsdp2-runs")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HALFBYTE_CACHE", str(token_cache))
         mp.setenv("OMP_NUM_THREADS", "1")
         _train(root / "halfbyte-baseline", "--preset=baseline")
         _train(root / "fsdp2-baseline", "--preset=baseline", "--engine=fsdp2")
-        _train(root / "fsdp2-sdp4bit", "--preset=sdp4bit", "--engine=fsdp2")
+        # evaluated at its step-2 checkpoint too: FSDP2's evaluation communicates (the qWD
+        # difference goes out in its first forward instead of the next step's)
+        _train(root / "fsdp2-sdp4bit", "--preset=sdp4bit", "--engine=fsdp2", "--eval_interval=2")
     return root
 
 
@@ -101,7 +103,7 @@ def test_fsdp2_sdp4bit_trains_and_sends_what_the_accounting_predicts(runs):
     assert meta["engines"][""]["comm"] == json.loads(json.dumps(comm.to_dict()))
     groups = _groups(meta["engines"][""]["params"])
     assert len(groups) == 3  # two blocks and the root
-    for r in rows:  # every rank sends alike; eval (at step 4) is read after the step's bytes
+    for r in rows:  # every rank sends alike; an evaluation's bytes count in the next step's record
         s, sent, bf16 = r["step"], 0, 0
         for group, n in groups.items():
             # qWD: the first forward fills the replica (fp32 here), later ones send int4 differences,
