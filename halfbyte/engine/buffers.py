@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
 from torch import nn
@@ -44,9 +44,14 @@ class Bucket:
     numel: int
     shard_numel: int
     world_size: int
-    replica: torch.Tensor  # [padded_numel], the model's dtype; param .data are views into it
-    grad: torch.Tensor  # [padded_numel], the model's dtype; param .grad are views into it
+    replica: torch.Tensor  # [padded_numel], the params' dtype; param .data are views into it
+    grad: torch.Tensor  # [padded_numel], the params' dtype; param .grad are views into it
+    group: int = 0  # the parameter group (engine.param_groups index) all its params belong to
     ready: set[int] = field(default_factory=set)  # params whose gradient is final this step
+    # grad._version when the engine last saw the gradient buffer (after backward accumulated into
+    # it, or the engine wrote it); None until backward reaches the bucket this step. A different
+    # version later means someone changed the gradients in place behind the engine's back.
+    grad_version: int | None = None
 
     @property
     def padded_numel(self) -> int:
@@ -65,20 +70,26 @@ class Bucket:
         return flat[self.offsets[i] : self.offsets[i] + p.numel()].view(p.shape)
 
 
-def plan_buckets(sizes: list[int], bucket_numel: int) -> list[list[int]]:
-    """Group parameter indices (already in bucket order) into runs of >= bucket_numel values; a
-    parameter larger than bucket_numel closes its bucket by itself."""
+def plan_buckets(sizes: list[int], bucket_numel: int, keys: list[Hashable] | None = None) -> list[list[int]]:
+    """Group parameter indices (already in bucket order) into buckets of one key each (a parameter
+    group and dtype: what one collective and one optimizer call can share). Each key fills its own
+    open bucket; a bucket closes once it holds >= bucket_numel values (a larger parameter closes
+    its bucket by itself), the open ones close at the end. Buckets are ordered by their last
+    member, which is the order backward completes them, so launching in index order never waits
+    on a bucket that is still filling."""
     if bucket_numel < 1:
         raise ValueError(f"bucket_numel must be >= 1, got {bucket_numel}")
-    plan: list[list[int]] = [[]]
-    filled = 0
-    for i, n in enumerate(sizes):
-        plan[-1].append(i)
-        filled += n
-        if filled >= bucket_numel:
-            plan.append([])
-            filled = 0
-    return [b for b in plan if b]
+    keys = keys if keys is not None else [None] * len(sizes)
+    plan: list[list[int]] = []
+    open_: dict[Hashable, list[int]] = {}
+    filled: dict[Hashable, int] = {}
+    for i, (n, key) in enumerate(zip(sizes, keys)):
+        open_.setdefault(key, []).append(i)
+        filled[key] = filled.get(key, 0) + n
+        if filled[key] >= bucket_numel:
+            plan.append(open_.pop(key))
+            filled[key] = 0
+    return sorted(plan + list(open_.values()), key=lambda members: members[-1])
 
 
 def shard_numel_for(numel: int, world_size: int, alignment: int) -> int:
@@ -87,10 +98,11 @@ def shard_numel_for(numel: int, world_size: int, alignment: int) -> int:
     return max(1, -(-per_rank // alignment)) * alignment
 
 
-def build_buckets(model: nn.Module, bucket_numel: int, world_size: int,
-                  alignment: int) -> list[Bucket]:
+def build_buckets(model: nn.Module, bucket_numel: int, world_size: int, alignment: int,
+                  groups: dict[nn.Parameter, int] | None = None) -> list[Bucket]:
     """Move every trainable parameter of `model` into flat buckets, in reverse registration order
-    (roughly the order backward produces gradients, so early buckets fill first).
+    (roughly the order backward produces gradients, so early buckets fill first), one parameter
+    group (`groups`: param -> group index, default all 0) and one dtype per bucket.
 
     After this, each param's .data is a view into its bucket's replica and its .grad a view into
     the bucket's gradient buffer: autograd accumulates straight into the flat buffer.
@@ -98,16 +110,16 @@ def build_buckets(model: nn.Module, bucket_numel: int, world_size: int,
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # tied params once
     if not named:
         raise ValueError("the model has no trainable parameters")
-    dtypes = {p.dtype for _, p in named}
     devices = {p.device for _, p in named}
-    if len(dtypes) != 1 or len(devices) != 1:
-        raise ValueError("all trainable parameters must share one dtype and one device, got "
-                         f"dtypes {sorted(map(str, dtypes))} and devices {sorted(map(str, devices))}")
-    dtype, device = dtypes.pop(), devices.pop()
+    if len(devices) != 1:
+        raise ValueError(f"all trainable parameters must be on one device, got {sorted(map(str, devices))}")
+    device = devices.pop()
     named.reverse()
+    group_of = [0 if groups is None else groups[p] for _, p in named]
 
     buckets = []
-    for index, members in enumerate(plan_buckets([p.numel() for _, p in named], bucket_numel)):
+    keys = [(g, p.dtype) for g, (_, p) in zip(group_of, named)]
+    for index, members in enumerate(plan_buckets([p.numel() for _, p in named], bucket_numel, keys)):
         names = [named[i][0] for i in members]
         params = [named[i][1] for i in members]
         offsets, numel = [], 0
@@ -115,9 +127,11 @@ def build_buckets(model: nn.Module, bucket_numel: int, world_size: int,
             offsets.append(numel)
             numel += p.numel()
         shard = shard_numel_for(numel, world_size, alignment)
+        dtype = params[0].dtype
         bucket = Bucket(index, names, params, offsets, numel, shard, world_size,
                         replica=torch.zeros(shard * world_size, dtype=dtype, device=device),
-                        grad=torch.zeros(shard * world_size, dtype=dtype, device=device))
+                        grad=torch.zeros(shard * world_size, dtype=dtype, device=device),
+                        group=group_of[members[0]])
         with torch.no_grad():
             for i, p in enumerate(params):
                 view = bucket.param_view(bucket.replica, i)

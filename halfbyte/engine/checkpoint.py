@@ -7,7 +7,8 @@ torch.optim produces through `torch.distributed.checkpoint.state_dict` (flattene
                                        the pieces each rank owns); frozen params and buffers as is
   optimizer.state.<fqn>.exp_avg        AdamW moments, same pieces; `.step` the optimizer step count
   optimizer.state.<fqn>.exp_avg_sq
-  optimizer.param_groups.<fqn>.<key>   lr, betas, eps, weight_decay
+  optimizer.param_groups.<fqn>.<key>   lr, betas, eps, weight_decay of the parameter's group (on
+                                       load the lr is restored; the others must equal the run's)
   replica.<fqn>                        the compute-dtype replica every rank holds (under qWD it lags
                                        the master by one step's quantization error: resuming needs it)
   halfbyte.engine                      step counters, seed, comm config, layout
@@ -47,6 +48,7 @@ from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, Wri
 
 from halfbyte.comm.config import CommConfig
 from halfbyte.engine.buffers import Bucket
+from halfbyte.engine.groups import HYPER_PARAMETERS
 
 if TYPE_CHECKING:
     from halfbyte.engine.sharded import ShardedDataParallel
@@ -188,7 +190,7 @@ def engine_meta(engine: ShardedDataParallel) -> dict[str, Any]:
         "params": [[n, list(p.shape)] for b in engine.buckets for n, p in zip(b.names, b.params)],
         "comm": json.loads(json.dumps(engine.comm.to_dict())),
         "comm_describe": engine.comm.describe(),
-        "dtype": str(engine.buckets[0].replica.dtype).removeprefix("torch."),
+        "dtype": ",".join(sorted({str(b.replica.dtype).removeprefix("torch.") for b in engine.buckets})),
         "world": {"nodes": w.nodes, "gpus_per_node": w.gpus_per_node, "virtual": w.defers_gradients},
         "step_count": engine.step_count,
         "skipped_steps": engine.skipped_steps,
@@ -202,7 +204,7 @@ def _process_key(world: World) -> str:
 
 
 def _template(engine: ShardedDataParallel, prefix: str) -> _Template:
-    model, o = engine.module, engine.optim
+    model = engine.module
     tensors: dict[str, Any] = {}
     masters = shard_pieces(engine, engine.master)
     moments = {m: shard_pieces(engine, getattr(engine, m)) for m in ("exp_avg", "exp_avg_sq")}
@@ -220,10 +222,58 @@ def _template(engine: ShardedDataParallel, prefix: str) -> _Template:
             tensors[f"{state}.exp_avg"] = moments["exp_avg"][name]
             tensors[f"{state}.exp_avg_sq"] = moments["exp_avg_sq"][name]
             tensors[f"{state}.step"] = torch.tensor(float(engine.step_count))
-            for key, value in (("lr", o.lr), ("betas", tuple(o.betas)), ("eps", o.eps),
-                               ("weight_decay", o.weight_decay)):
+            for key, value in _hyper_parameters(engine.param_groups[b.group]).items():
                 entries[f"{prefix}optimizer.param_groups.{name}.{key}"] = value
     return _Template(tensors, entries)
+
+
+def _hyper_parameters(group: dict[str, Any]) -> dict[str, Any]:
+    """A parameter group's AdamW hyper-parameters as the checkpoint stores them (Python numbers)."""
+    return {"lr": float(group["lr"]), "betas": tuple(float(b) for b in group["betas"]),
+            "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"])}
+
+
+def _restore_param_groups(path: Path, engines: dict[str, ShardedDataParallel], world: World,
+                          stored: dict[str, Any]) -> list[tuple[dict[str, Any], float]]:
+    """Read the checkpoint's `optimizer.param_groups.<fqn>.<key>` entries (their own small DCP read,
+    before any tensor) and check them against every engine's groups: within one of this run's
+    groups every parameter must carry the same values (else the checkpoint was written with other
+    groups), and betas, eps and weight_decay must equal the run's (they are its configuration,
+    like the comm config). Returns (group, saved lr) to restore: the lr is schedule state, as in
+    torch.optim's state dicts, so a resumed LR scheduler continues from it."""
+    keys = {f"{prefix}optimizer.param_groups.{name}.{key}": (prefix, b.group, name, key)
+            for prefix, engine in engines.items() for b in engine.buckets for name in b.names
+            for key in HYPER_PARAMETERS}
+    missing = sorted(k for k in keys if k not in stored)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {len(missing)} entries this run needs (first: "
+                              f"{', '.join(missing[:3])}): it was written with other settings; nothing was loaded")
+    state: dict[str, Any] = dict.fromkeys(keys)
+    try:
+        _dcp(dcp.load, state, path, world, _LoadPlanner())
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} could not be read ({type(e).__name__}): it is damaged; "
+                              "nothing was loaded") from e
+    saved: dict[tuple[str, int], dict[str, tuple[str, Any]]] = {}  # (prefix, group) -> key -> (fqn, value)
+    for k, (prefix, g, name, key) in keys.items():
+        value = tuple(state[k]) if key == "betas" else state[k]
+        first = saved.setdefault((prefix, g), {}).setdefault(key, (name, value))
+        if first[1] != value:
+            raise CheckpointError(f"checkpoint {path} holds {key} {first[1]} for {first[0]} and {value} for {name}, "
+                                  f"which this run puts in one parameter group (param_groups[{g}]): it was "
+                                  "written with other parameter groups; nothing was loaded")
+    restore = []
+    for (prefix, g), values in saved.items():
+        group = engines[prefix].param_groups[g]
+        ours = _hyper_parameters(group)
+        for key, (name, value) in values.items():
+            if key != "lr" and value != ours[key]:
+                raise CheckpointError(
+                    f"checkpoint {path} was written with {key} {value} for {name} (param_groups[{g}]), this run "
+                    f"has {ours[key]}: build the engine with the checkpoint's parameter groups and values "
+                    "(change them in engine.param_groups after loading); nothing was loaded")
+        restore.append((group, values["lr"][1]))
+    return restore
 
 
 def save(path: str | Path, engines: dict[str, ShardedDataParallel], extra: dict[str, Any],
@@ -241,7 +291,7 @@ def save(path: str | Path, engines: dict[str, ShardedDataParallel], extra: dict[
     if world.leader:
         shutil.rmtree(tmp, ignore_errors=True)  # left over from a run that died mid-save
         tmp.mkdir(parents=True)
-    _barrier(world)
+    world.barrier()
     state: dict[str, Any] = {"extra": dict(extra), **(more or {})}
     for prefix, engine in engines.items():
         t = _template(engine, prefix)
@@ -249,13 +299,13 @@ def save(path: str | Path, engines: dict[str, ShardedDataParallel], extra: dict[
     first = next(iter(engines.values()))
     state[f"halfbyte.rng.{_process_key(first.world)}"] = _rng_state()
     _dcp(dcp.save, _pickle_dicts(state), tmp, world, _SavePlanner())
-    _barrier(world)
+    world.barrier()
     metas = _gather_metas(engines, world)
     if world.leader:
         meta = {"format": FORMAT_VERSION, "engines": metas, "extra": _json_safe(extra)}
         (tmp / META).write_text(json.dumps(meta, indent=1))
         publish(tmp, path)
-    _barrier(world)
+    world.barrier()
 
 
 def load(path: str | Path, engines: dict[str, ShardedDataParallel], world: World,
@@ -276,19 +326,20 @@ def load(path: str | Path, engines: dict[str, ShardedDataParallel], world: World
         if engine.in_flight:
             raise RuntimeError("checkpoint load while gradient reductions are in flight")
         engine.wait_weights()
-    state: dict[str, Any] = {"extra": {}, **(more or {})}
-    for prefix, engine in engines.items():
-        state |= _template(engine, prefix).tensors  # the byte entries are meta.json's, read above
-    first = next(iter(engines.values()))
-    rng_key = f"halfbyte.rng.{_process_key(first.world)}"
-    same_layout = all(saved[p]["world"] == engine_meta(e)["world"] for p, e in engines.items())
-    if same_layout:
-        state[rng_key] = {}
     try:
         stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} has an unreadable DCP .metadata ({type(e).__name__}): it "
                               "is damaged; nothing was loaded") from None
+    learning_rates = _restore_param_groups(path, engines, world, stored)
+    state: dict[str, Any] = {"extra": {}, **(more or {})}
+    for prefix, engine in engines.items():
+        state |= _template(engine, prefix).tensors  # the engine entry is meta.json's, read above
+    first = next(iter(engines.values()))
+    rng_key = f"halfbyte.rng.{_process_key(first.world)}"
+    same_layout = all(saved[p]["world"] == engine_meta(e)["world"] for p, e in engines.items())
+    if same_layout:
+        state[rng_key] = {}
     missing = sorted(k for k in state if k not in stored)
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} entries this run needs (first: "
@@ -306,6 +357,8 @@ def load(path: str | Path, engines: dict[str, ShardedDataParallel], world: World
         _set_rng_state(state[rng_key])
     if more is not None:
         more |= {k: state[k] for k in more}
+    for group, lr in learning_rates:
+        group["lr"] = lr
     for prefix, engine in engines.items():
         engine.step_count = saved[prefix]["step_count"]
         engine.skipped_steps = saved[prefix]["skipped_steps"]
@@ -336,11 +389,6 @@ def _dcp(fn: Any, state: dict[str, Any], path: Path, world: World, planner: Any)
             fn(state, checkpoint_id=str(path), planner=planner, no_dist=True)
     else:
         fn(state, checkpoint_id=str(path), planner=planner, process_group=group)
-
-
-def _barrier(world: World) -> None:
-    if world.process_group is not None:
-        dist.barrier(group=world.process_group)
 
 
 def _pickle_dicts(state: dict[str, Any]) -> dict[str, Any]:
@@ -421,9 +469,9 @@ def verify(path: str | Path) -> dict[str, Any]:
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """CheckpointError unless the checkpoint holds the same model (names, shapes) and comm config."""
-    if saved["params"] != current["params"]:
-        ours = {n: s for n, s in current["params"]}
-        theirs = {n: s for n, s in saved["params"]}
+    ours = {n: s for n, s in current["params"]}  # by name: the bucket order is the layout's, not the model's
+    theirs = {n: s for n, s in saved["params"]}
+    if ours != theirs:
         diff = sorted(set(ours) ^ set(theirs)) or sorted(n for n in ours if ours[n] != theirs[n])
         raise CheckpointError(f"checkpoint {path} is from a different model: parameter names/shapes "
                               f"differ (first differences: {diff[:5]}); nothing was loaded")

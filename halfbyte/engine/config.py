@@ -14,14 +14,16 @@ class AdamWConfig:
     lr:           peak learning rate (a schedule may pass each step's own to engine.step)
     betas:        coefficients of the running averages of the gradient and its square
     eps:          added to the denominator for numerical stability
-    weight_decay: decoupled weight decay, applied to every parameter as
-                  torch.optim.AdamW(model.parameters()) does
+    weight_decay: decoupled weight decay (the default of every parameter group)
+    fused:        torch's fused AdamW kernel on the master shards (one pass over memory) instead of
+                  foreach ops; the same math to float rounding
     """
 
     lr: float = 3e-4
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
+    fused: bool = False
 
     def __post_init__(self) -> None:
         if not self.lr >= 0 or self.lr == float("inf"):
@@ -32,6 +34,8 @@ class AdamWConfig:
             raise ValueError(f"AdamWConfig.eps must be a finite number > 0, got {self.eps!r}")
         if not 0 <= self.weight_decay < float("inf"):
             raise ValueError(f"AdamWConfig.weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.fused, bool):
+            raise ValueError(f"AdamWConfig.fused must be true or false, got {self.fused!r}")
 
 
 @dataclass(frozen=True)

@@ -476,11 +476,17 @@ class LocalUpdates:
 
     def step(self, lr: float | None = None) -> bool:
         """Count one inner step; run the outer step every local_steps calls. lr: the inner lr of
-        the step just taken (None: the engines' AdamWConfig.lr)."""
+        the step just taken (None: the engines' parameter groups' lr, which must be one value)."""
         self.steps_since_sync += 1
         if self.steps_since_sync < self.config.local_steps:
             return False
-        self._outer_step(self.engines[0].optim.lr if lr is None else lr)
+        if lr is None:
+            lrs = {float(g["lr"]) for g in self.engines[0].param_groups}
+            if len(lrs) > 1:
+                raise ValueError(f"LocalUpdates.step(lr=None): the engine's parameter groups have different "
+                                 f"lrs {sorted(lrs)}; pass the inner lr the outer step scales by")
+            (lr,) = lrs
+        self._outer_step(lr)
         return True
 
     # ---- checkpoints --------------------------------------------------------------------------

@@ -100,6 +100,9 @@ class World(ABC):
         """Per element of a 1-D int64 tensor: True where every process holds the same value."""
         return torch.ones_like(values, dtype=torch.bool)
 
+    def barrier(self) -> None:
+        """Wait until every process got here (e.g. after the leader wrote a file)."""
+
     def begin_rank(self, rank: int) -> None:
         """Enter `engine.as_rank(rank)`: backward passes inside are global rank `rank`'s."""
 
@@ -173,6 +176,9 @@ class ProcessGroupWorld(World):
         # group_src: the topology may be a sub-group (one island), whose first rank is not global 0
         for t in tensors:
             dist.broadcast(t, group_src=0, group=self.topo.world_group)
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.topo.world_group)
 
     def agree(self, values: torch.Tensor) -> torch.Tensor:
         both = torch.cat([values, -values]).to(self.device)  # max of (x, -x): max and -min at once

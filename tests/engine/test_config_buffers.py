@@ -15,6 +15,7 @@ from halfbyte.engine.world import ProcessGroupWorld
 from halfbyte.engine.buffers import build_buckets, plan_buckets
 from halfbyte.engine.seeds import GRADS, WEIGHTS, collective_seed
 from halfbyte.quant import QuantSpec
+from toys import Tied
 
 INT4 = QuantSpec(bits=4, group_size=128)
 
@@ -104,20 +105,7 @@ def test_plan_buckets_closes_at_threshold():
         plan_buckets([1], 0)
 
 
-class Tied(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(10, 6)
-        self.mid = nn.Linear(6, 6)
-        self.out = nn.Linear(6, 10, bias=False)
-        self.out.weight = self.emb.weight  # tied: one parameter, laid out once
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.tanh(self.mid(self.emb(idx))))
-
-
 def test_buckets_are_views_aligned_shards_in_reverse_order():
-    torch.manual_seed(0)
     model = Tied()
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     world, align = 4, 128
@@ -143,10 +131,36 @@ def test_buckets_are_views_aligned_shards_in_reverse_order():
     assert torch.equal(flat_grads, torch.cat([p.grad.reshape(-1) for b in buckets for p in b.params]))
 
 
-def test_mixed_dtypes_are_refused():
+def test_buckets_hold_one_group_and_one_dtype_each_and_complete_in_backward_order():
+    """fp32 norms in a bf16 model, two parameter groups: every bucket is one (group, dtype), keeps
+    its params' dtype, and buckets are ordered by their last parameter in backward (reverse
+    registration) order, so launching in index order never waits on a bucket still filling."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 8), nn.LayerNorm(8))
+    model[0].bfloat16()
+    model[2].bfloat16()
+    no_decay = {model[0].bias, model[1].weight, model[1].bias, model[2].bias, model[3].weight, model[3].bias}
+    groups = {p: int(p in no_decay) for p in model.parameters()}
+    buckets = build_buckets(model, bucket_numel=20, world_size=2, alignment=1, groups=groups)
+    backward = [n for n, _ in reversed(list(model.named_parameters()))]
+    for b in buckets:
+        assert {p.dtype for p in b.params} == {b.replica.dtype} == {b.grad.dtype}
+        assert {groups[p] for p in b.params} == {b.group}
+    assert [[backward.index(n) for n in b.names][-1] for b in buckets] == sorted(
+        [backward.index(n) for n in b.names][-1] for b in buckets)
+    assert sorted(n for b in buckets for n in b.names) == sorted(backward)
+    assert [(b.names, b.group, b.replica.dtype) for b in buckets] == [
+        (["2.weight"], 0, torch.bfloat16),  # 64 values >= 20: full at once
+        (["3.bias", "3.weight", "1.bias"], 1, torch.float32),  # full with its third parameter
+        (["1.weight"], 1, torch.float32),  # the rest of each key closes at the end
+        (["2.bias", "0.bias"], 1, torch.bfloat16),
+        (["0.weight"], 0, torch.bfloat16)]
+    assert plan_buckets([5, 5, 5], 10, keys=["a", "b", "a"]) == [[1], [0, 2]]  # by last member
+
+
+def test_float64_parameters_are_refused_before_communicating():
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2).to(torch.float64))
-    with pytest.raises(ValueError, match="one dtype and one device"):
-        build_buckets(model, 100, 2, 1)
+    with pytest.raises(ValueError, match=r"parameter 1.weight is torch.float64.*fp32 and bf16"):
+        ShardedDataParallel(model, _no_network_topology(1, 2), comm=CommConfig.preset("baseline"))
 
 
 def test_collective_seeds_are_deterministic_and_distinct():

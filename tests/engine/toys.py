@@ -52,13 +52,15 @@ class Tied(nn.Module):
 
 class NormNet(nn.Module):
     """Every kind of parameter the usual no-decay groups tell apart, and running statistics:
-    token embedding -> Linear -> BatchNorm -> tanh -> Linear -> LayerNorm -> Linear (biases)."""
+    token embedding -> Linear -> BatchNorm -> tanh -> Linear -> LayerNorm -> Linear (biases). The
+    Linear before the BatchNorm has no bias: BatchNorm cancels it, so its true gradient is zero and
+    what it gets is summation-order noise (which Adam would scale up to +-lr steps)."""
 
     def __init__(self, seed: int = 0, width: int = 16) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.emb = nn.Embedding(12, 8)
-        self.inp = nn.Linear(8, width)
+        self.inp = nn.Linear(8, width, bias=False)
         self.bn = nn.BatchNorm1d(width)
         self.mid = nn.Linear(width, width)
         self.ln = nn.LayerNorm(width)
@@ -76,6 +78,31 @@ class NormNet(nn.Module):
         if no_decay_lr is not None:
             no_decay["lr"] = no_decay_lr
         return [{"params": decay, "weight_decay": weight_decay}, no_decay]
+
+
+class Fp32LayerNorm(nn.LayerNorm):
+    """A LayerNorm kept in fp32 inside a bf16 model (as HF's RMSNorms compute): input upcast,
+    output back in the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+class MixedNet(nn.Module):
+    """bf16 Linear layers with fp32 LayerNorms between them: two parameter dtypes in one model."""
+
+    def __init__(self, seed: int = 0, width: int = 32) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = nn.Linear(8, width).bfloat16()
+        self.ln1 = Fp32LayerNorm(width)
+        self.mid = nn.Linear(width, width).bfloat16()
+        self.ln2 = Fp32LayerNorm(width)
+        self.head = nn.Linear(width, 1).bfloat16()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.ln1(self.inp(x.bfloat16())))
+        return self.head(torch.tanh(self.ln2(self.mid(h)))).float()
 
 
 _teacher = torch.Generator().manual_seed(12345)
