@@ -40,6 +40,9 @@ from halfbyte.train.tokenizer import TokenizerError, load_tokenizer
 BUILTIN_DATA = "shakespeare"
 PG_TIMEOUT_S = 600.0  # a rank stuck this long in a collective is an error, not a hang
 START_OPTIONS = {"resume": "", "overwrite": False, "replan": False}  # per invocation, never restored
+# [train] options added after checkpoints without them were written: the value such a run computed
+# with (before train.weight_decay_on, weight decay applied to every parameter)
+ADDED_LATER = {"weight_decay_on": "all"}
 
 
 def _fail(command: str, message: str) -> int:
@@ -112,7 +115,7 @@ def resolve_config(argv: list[str]) -> tuple[Config, Path | None, dict | None] |
     if not isinstance(saved_tree, dict):
         raise ConfigError(f"checkpoint {path} does not hold its run's options; it cannot be resumed here")
     # how that run was started (--resume, --overwrite, --replan) is not one of its options
-    saved_tree = {**saved_tree, "train": {**saved_tree.get("train", {}), **START_OPTIONS}}
+    saved_tree = {**saved_tree, "train": {**ADDED_LATER, **saved_tree.get("train", {}), **START_OPTIONS}}
     saved = make_config([], base=json.loads(json.dumps(saved_tree)))
     cfg = make_config(overrides, base=json.loads(json.dumps(saved_tree)))
     validate(cfg, given)

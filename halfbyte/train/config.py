@@ -40,6 +40,7 @@ COMM_PRESETS = CommConfig.preset_names()
 DTYPES = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("halfbyte", "fsdp2")
+WEIGHT_DECAY_ON = ("matrices", "all")
 DEBUG_ENV = "HALFBYTE_DEBUG"  # set to 1: errors show their traceback
 
 
@@ -88,6 +89,12 @@ class TrainConfig:
     batch_size: int = opt(16, "global batch size in sequences (all workers, all micro-batches)")
     micro_batch_size: int = opt(0, "sequences per worker per forward pass (0: no gradient accumulation)")
     seq_len: int = opt(128, "tokens per training sequence")
+    weight_decay_on: str = opt("matrices", "which parameters --optim.weight_decay applies to: matrices (the "
+                                           "weight matrices of the linear layers; none on embeddings, a tied "
+                                           "output projection included, norms and biases: the GPT convention; "
+                                           "an hf: model by the same rule, no decay on an nn.Embedding's weight "
+                                           "or a parameter of fewer than 2 dimensions) | all (every parameter, "
+                                           "one group: what runs before this option did)")
     eval_interval: int = opt(50, "evaluate validation loss every N steps (0: only at the end)")
     eval_tokens: int = opt(16384, "validation tokens per evaluation: a fixed set of windows spread over the "
                                   "whole validation file, the same for every world size")
@@ -159,7 +166,7 @@ SHORT_FLAGS = {
 # or bookkeeping, and may change; so may train.engine (the checkpoint layout is the same: the other
 # engine continues the run).
 MEANING = ("model", "data.path", "optim", "schedule", "comm", "outer", "engine.grad_clip", "train.preset",
-           "train.steps", "train.batch_size", "train.seq_len", "train.seed", "train.dtype")
+           "train.steps", "train.batch_size", "train.seq_len", "train.seed", "train.dtype", "train.weight_decay_on")
 
 
 # ---- the tree ---------------------------------------------------------------------------------------
@@ -438,6 +445,9 @@ def validate(cfg: Config, given: set[str] = frozenset()) -> None:
         raise ConfigError(f"unknown device {t.device!r}; use --train.device {' | '.join(DEVICES)}")
     if t.engine not in ENGINES:
         raise ConfigError(f"unknown engine {t.engine!r}; use --engine {' | '.join(ENGINES)}")
+    if t.weight_decay_on not in WEIGHT_DECAY_ON:
+        raise ConfigError(f"unknown --train.weight_decay_on {t.weight_decay_on!r}; use "
+                          f"{' | '.join(WEIGHT_DECAY_ON)}")
     positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.seq_len": t.seq_len,
                 "train.workers": t.workers, "train.eval_tokens": t.eval_tokens, "train.log_interval": t.log_interval,
                 "train.keep_checkpoints": t.keep_checkpoints, "optim.lr": cfg.optim.lr}

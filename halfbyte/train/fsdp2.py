@@ -61,6 +61,7 @@ from halfbyte.train.loop import (
     Slot,
     build_run_model,
     compute_dtype,
+    run_param_groups,
     share_cpus,
     written_by,
 )
@@ -108,8 +109,10 @@ def shard(model: nn.Module, mesh: DeviceMesh, comm: CommConfig | None, *, dtype:
         return shard_model(model, mesh, comm, gpus_per_node=gpus_per_node, mp_policy=mp, seed=seed)
 
 
-def make_optimizer(params: list[nn.Parameter], config: AdamWConfig, device: torch.device) -> torch.optim.AdamW:
-    """torch.optim.AdamW on the (DTensor) parameters with halfbyte's AdamWConfig; fused on a GPU."""
+def make_optimizer(params: list[nn.Parameter] | list[dict[str, Any]], config: AdamWConfig,
+                   device: torch.device) -> torch.optim.AdamW:
+    """torch.optim.AdamW on the (DTensor) parameters, or on parameter groups in torch.optim's format,
+    with halfbyte's AdamWConfig (a group's own keys win); fused on a GPU."""
     return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
                              weight_decay=config.weight_decay, fused=device.type == "cuda")
 
@@ -171,7 +174,8 @@ class FSDP2Ranks(Ranks):
         self.handle = shard(self.model, init_device_mesh(self.device.type, (world,)), plan.comm, dtype=self.dtype,
                             gpus_per_node=plan.gpus_per_node, seed=t.seed)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optim = make_optimizer(self.params, cfg.optim, self.device)
+        # the groups of halfbyte's engine (train.weight_decay_on), on the DTensors fully_shard made
+        self.optim = make_optimizer(run_param_groups(cfg, self.model), cfg.optim, self.device)
         torch.manual_seed(t.seed + 1 + rank)  # after the shared init: each rank its own dropout
         self.step_count, self._skipped = 0, 0
         self.models, self.comm = [self.model], plan.comm

@@ -31,7 +31,7 @@ from halfbyte.train import rundir
 from halfbyte.train.config import Config, ScheduleConfig
 from halfbyte.train.data import open_tokens
 from halfbyte.train.metrics import RunLogger, fmt_bytes, fmt_time, plot_loss
-from halfbyte.train.model import build_model, generate
+from halfbyte.train.model import build_model, generate, gpt_param_groups
 from halfbyte.train.sampling import TokenSampler, eval_batches
 from halfbyte.train.tokenizer import load_tokenizer
 
@@ -133,6 +133,16 @@ def build_run_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
     torch.manual_seed(cfg.train.seed)
     return build_model(m.name, -(-vocab_size // 64) * 64, n_layer=m.n_layer, n_head=m.n_head,
                        d_model=m.d_model, ctx=m.ctx, rope=m.rope, dropout=m.dropout)
+
+
+def run_param_groups(cfg: Config, model: torch.nn.Module) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups for train.weight_decay_on, in torch.optim's format (both
+    engines take them): matrices: gpt_param_groups (optim.weight_decay on the linear layers' weight
+    matrices, none on embeddings, norms and biases; an empty group left out); all: one group of every
+    trainable parameter with optim.weight_decay."""
+    if cfg.train.weight_decay_on == "all":
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.optim.weight_decay}]
+    return [g for g in gpt_param_groups(model, cfg.optim.weight_decay) if g["params"]]
 
 
 def _loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -347,7 +357,7 @@ class HalfbyteRanks(Ranks):
         # each island its own rounding seed, so that rank l of every island draws its own noise
         self.engines = [ShardedDataParallel(model, world, optim=cfg.optim, comm=plan.comm,
                                             bucket_numel=cfg.engine.bucket_numel, grad_clip=cfg.engine.grad_clip,
-                                            seed=t.seed + 7919 * k)
+                                            seed=t.seed + 7919 * k, param_groups=run_param_groups(cfg, model))
                         for k, model, world in zip(held, self.models, worlds)]
         if not plan.virtual:
             torch.manual_seed(t.seed + 1 + dist.get_rank())  # after the shared init: each rank its own dropout

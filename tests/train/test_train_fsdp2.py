@@ -84,6 +84,27 @@ def test_fsdp2_baseline_agrees_with_halfbyte_engine(runs):
     assert meta["engines"][""]["engine"] == "fsdp2" and meta["engines"][""]["step_count"] == 4
 
 
+def _weight_decay_of(ckpt: Path) -> dict[str, float]:
+    """fqn -> the weight decay its optimizer's group gave each parameter (either engine's checkpoint)."""
+    names = [n for n, _ in json.loads((ckpt / "meta.json").read_text())["engines"][""]["params"]]
+    entries = {f"optimizer.param_groups.{n}.weight_decay": None for n in names}
+    dcp.load(entries, checkpoint_id=str(ckpt))
+    return {n: entries[f"optimizer.param_groups.{n}.weight_decay"] for n in names}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.load in this process
+def test_fsdp2_trains_with_the_groups_of_halfbytes_engine(runs):
+    """train.weight_decay_on=matrices (the default): torch's AdamW under FSDP2 gets the GPT groups too,
+    no weight decay on the embedding (tied output) and the norms."""
+    ckpt = Path("checkpoints") / "step_000004"
+    fsdp2, own = _weight_decay_of(runs / "fsdp2-baseline" / ckpt), _weight_decay_of(runs / "halfbyte-baseline" / ckpt)
+    assert fsdp2 == own
+    no_decay = ["wte.weight", "ln_f.weight"] + [f"blocks.{i}.{n}.weight" for i in range(2) for n in ("ln_attn", "ln_mlp")]
+    assert sorted(n for n, wd in fsdp2.items() if wd == 0.0) == sorted(no_decay)
+    assert {wd for n, wd in fsdp2.items() if n not in no_decay} == {0.1}
+
+
 def _groups(params: list[list]) -> dict[str, int]:
     """Values per rank of each FSDP2 parameter group (a block each, the root "" for the rest):
     fully_shard pads every parameter's dim 0 to a multiple of the world size."""
