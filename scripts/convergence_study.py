@@ -81,7 +81,11 @@ DESIGN: dict[str, str] = {
     "--lr": "1.5e-3", "--schedule.min_lr": "1.5e-4", "--schedule.warmup_steps": "64", "--optim.betas": "0.9,0.95",
     "--optim.eps": "1e-8", "--optim.weight_decay": "0.1", "--engine.grad_clip": "1.0",
     "--engine.bucket_numel": "25000000", "--train.eval_tokens": str(EVAL_TOKENS), "--train.dtype": "bf16",
+    "--train.weight_decay_on": "all",
 }
+# Design keys added after runs were recorded, with the value those runs had: runs recorded before
+# --train.weight_decay_on existed trained with weight decay on every parameter.
+DESIGN_ADDED_LATER: dict[str, str] = {"--train.weight_decay_on": "all"}
 # What only shapes the outputs: 8 evaluations of 2M tokens (~8% of a run), a checkpoint every quarter
 # (a run killed outright loses at most 256 steps; SIGTERM saves one at once).
 OUTPUT_ARGS = ("--train.eval_interval", "128", "--train.log_interval", "16", "--train.checkpoint_interval", "256",
@@ -271,6 +275,11 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def recorded_design(provenance: dict) -> dict[str, str]:
+    """A run's recorded design, with the keys added later at the value it trained with."""
+    return {**DESIGN_ADDED_LATER, **provenance["design"]}
+
+
 def check_recorded(run: Run, recorded: dict | None, data: dict[str, Any], run_dir: Path) -> None:
     """Refuse to continue a run that was started with another design or data (it could not be paired)."""
     if (run_dir / "metrics.jsonl").is_file() and recorded is None:
@@ -278,10 +287,10 @@ def check_recorded(run: Run, recorded: dict | None, data: dict[str, Any], run_di
                          "move it away or choose another --runs-dir")
     if recorded is None:
         return
-    if recorded["design"] != DESIGN:
-        key = next(k for k in sorted(set(DESIGN) | set(recorded["design"]))
-                   if DESIGN.get(k) != recorded["design"].get(k))
-        raise StudyError(f"{rel(run_dir)} was started with {key} {recorded['design'].get(key)}, this design has "
+    design = recorded_design(recorded)
+    if design != DESIGN:
+        key = next(k for k in sorted(set(DESIGN) | set(design)) if DESIGN.get(k) != design.get(k))
+        raise StudyError(f"{rel(run_dir)} was started with {key} {design.get(key)}, this design has "
                          f"{DESIGN.get(key)}; move it away or choose another --runs-dir")
     for key in ("train_sha256", "val_sha256"):
         if recorded["data"][key] != data[key]:
@@ -592,10 +601,11 @@ def check_pairable(records: list[Record], same_commit: bool) -> None:
     first = records[0]
     for r in records[1:]:
         a, b = first.provenance, r.provenance
-        for key in sorted(set(a["design"]) | set(b["design"])):
-            if a["design"].get(key) != b["design"].get(key):
-                raise StudyError(f"runs differ in their design: {key} {a['design'].get(key)} in {first.run.name}, "
-                                 f"{b['design'].get(key)} in {r.run.name}; report only runs of one design")
+        da, db = recorded_design(a), recorded_design(b)
+        for key in sorted(set(da) | set(db)):
+            if da.get(key) != db.get(key):
+                raise StudyError(f"runs differ in their design: {key} {da.get(key)} in {first.run.name}, "
+                                 f"{db.get(key)} in {r.run.name}; report only runs of one design")
         for key in ("train_sha256", "val_sha256"):
             if a["data"][key] != b["data"][key]:
                 raise StudyError(f"runs differ in their data: {key} {a['data'][key][:12]} in {first.run.name}, "
@@ -731,7 +741,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     summary = {
         "study": "issue 19: paired multi-seed convergence, virtual ranks on one GPU",
         "model": {"params": gpt_params(), "n_layer": N_LAYER, "d_model": D_MODEL, "n_head": N_HEAD, "vocab": VOCAB},
-        "tokens_per_run": STEPS * BATCH * SEQ_LEN, "design": first["design"], "data": first["data"],
+        "tokens_per_run": STEPS * BATCH * SEQ_LEN, "design": recorded_design(first), "data": first["data"],
         "target_pct": args.target_pct, "confidence": 0.95,
         "code_versions": sorted({f"{s['code_sha']} (commit {s['commit']})" for r in finished
                                  for s in r.provenance["segments"]}),

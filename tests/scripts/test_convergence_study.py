@@ -100,6 +100,7 @@ def test_halfbyte_train_reads_every_command_as_designed(tmp_path):
         assert (t.steps, t.batch_size, t.seq_len, t.eval_tokens) == (cs.STEPS, cs.BATCH, cs.SEQ_LEN, cs.EVAL_TOKENS)
         assert (t.virtual_ranks, t.gpus_per_node, t.preset, t.seed) == (run.world, run.gpus_per_node, run.arm, run.seed)
         assert t.resume == "auto" and t.out_dir.endswith(run.name) and t.dtype == "bf16"
+        assert t.weight_decay_on == "all"  # what the study's runs trained with before the option existed
         assert (cfg.optim.lr, cfg.schedule.min_lr, cfg.engine.grad_clip) == (1.5e-3, 1.5e-4, 1.0)
         assert batch_layout(cfg, run.world) == (cs.BATCH // run.world, 1)  # no accumulation
 
@@ -355,3 +356,28 @@ def test_report_refuses_runs_it_cannot_pair(tmp_path, override, flags, message):
     assert not (tmp_path / "out" / "summary.json").exists()
     if flags:  # the same runs without --same-commit pair fine: code versions are recorded, not required
         assert study("report", "--runs-dir", str(runs), "--out", str(tmp_path / "out")).returncode == 0
+
+
+def test_a_design_recorded_before_weight_decay_on_existed_reads_as_all(tmp_path):
+    """Runs recorded before --train.weight_decay_on trained with weight decay on every parameter: they
+    pair with runs that record "all" (report) and continue under this design (run); "matrices" is refused."""
+    old = {k: v for k, v in cs.DESIGN.items() if k != "--train.weight_decay_on"}
+    matrices = {**cs.DESIGN, "--train.weight_decay_on": "matrices"}
+    runs = tmp_path / "runs"
+    _synthetic_run(runs, "baseline", 8, 0, 2.0, design=old)
+    _synthetic_run(runs, "baseline", 8, 1, 2.1)
+    _synthetic_run(runs, "sdp4bit", 8, 0, 2.0, design=old)
+    res = study("report", "--runs-dir", str(runs), "--out", str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["design"] == cs.DESIGN
+    _synthetic_run(runs, "sdp4bit", 8, 1, 2.1, design=matrices)
+    res = study("report", "--runs-dir", str(runs), "--out", str(tmp_path / "out2"))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "runs differ in their design: --train.weight_decay_on all in baseline-w8-seed0, matrices in " \
+           "sdp4bit-w8-seed1" in res.stderr
+
+    data = {"train_sha256": "a" * 64, "val_sha256": "b" * 64}
+    run = cs.Run("baseline", 8, 0)
+    cs.check_recorded(run, {"design": old, "data": data}, data, tmp_path)  # continues
+    with pytest.raises(cs.StudyError, match="was started with --train.weight_decay_on matrices, this design has all"):
+        cs.check_recorded(run, {"design": matrices, "data": data}, data, tmp_path)
