@@ -100,7 +100,8 @@ def test_fsdp2_trains_with_the_groups_of_halfbytes_engine(runs):
     ckpt = Path("checkpoints") / "step_000004"
     fsdp2, own = _weight_decay_of(runs / "fsdp2-baseline" / ckpt), _weight_decay_of(runs / "halfbyte-baseline" / ckpt)
     assert fsdp2 == own
-    no_decay = ["wte.weight", "ln_f.weight"] + [f"blocks.{i}.{n}.weight" for i in range(2) for n in ("ln_attn", "ln_mlp")]
+    norms = [f"blocks.{i}.{n}.weight" for i in range(2) for n in ("ln_attn", "ln_mlp")]
+    no_decay = ["wte.weight", "ln_f.weight", *norms]
     assert sorted(n for n, wd in fsdp2.items() if wd == 0.0) == sorted(no_decay)
     assert {wd for n, wd in fsdp2.items() if n not in no_decay} == {0.1}
 
