@@ -26,6 +26,15 @@ Outer step (every tau inner steps, identical on every island), for every island-
   5. the new shared weights become the engine's master shards and are all-gathered uncompressed
      into the replicas inside the island (so islands restart bit-identical even under qWD or
      direct weight modes). Inner AdamW state is kept.
+With `delay` d > 0 (Streaming DiLoCo's overlapped exchange, Douillard et al. 2025, arXiv 2501.18512,
+Sec. 2.3): steps 1-2 start at the round's end and the islands keep training from their own weights;
+the reduce-scatter runs behind the next inner step, the all-gather behind steps 2..d, and after the
+d-th step every island takes the new outer weights x_new (the next round's anchor) merged with its
+progress since the round's end: x <- x + (x_new - x_end) (delay_mix none: CoCoD-SGD's rule, Shen et
+al., IJCAI 2019, arXiv 1906.12043: no inner step is lost) or x <- alpha x + (1 - alpha) x_new
+(delay_mix alpha: Streaming DiLoCo's merge; alpha 0, torchft's and MaxText's default, drops the d
+steps' progress). The next round's pseudo-gradient is taken against x_new, so every inner step counts
+in exactly one round.
 
 Outer optimizers (one interface, `OuterOptimizer.step(params, pseudo_grad, inner_lr)`):
   sign-momentum  Yu et al., "Distributed Sign Momentum with Local Steps for Training Transformers"
@@ -54,6 +63,7 @@ Usage (`lr` is the inner learning rate of this step):
     local = LocalUpdates(engines, islands, OuterConfig("sign-momentum", local_steps=tau))
     for step ...:
         backward per island; engine.step(lr) for each; local.step(lr); engine.zero_grad() for each
+    local.flush()                     # delay > 0: apply the exchange in flight before evaluating
     local.save_checkpoint(path, extra) / local.load_checkpoint(path) -> extra
 Inter-island bytes are counted in `local.stats`, every outer hop as "inter".
 """
@@ -61,6 +71,7 @@ Inter-island bytes are counted in `local.stats`, every outer hop as "inter".
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +116,14 @@ class OuterConfig:
     weight_decay:   sign-momentum's decoupled weight decay (none: 0.2); other optimizers: 0
     spec:           codec of the pseudo-gradient exchange across islands (none: uncompressed fp32)
     error_feedback: keep the exchange's quantization residual and add it to the next one
+    delay:          inner steps between starting the outer exchange after a round's last inner step
+                    and applying its result (the exchange runs behind them: Streaming DiLoCo's
+                    overlap); 0: synchronous, the islands wait for the exchange. Must be < local_steps
+    delay_mix:      with delay: how the islands take the result. none: keep each island's progress
+                    since the exchange started (weights += new outer weights - weights at the
+                    round's end; CoCoD-SGD's rule); a number alpha in [0, 1]: weights = alpha *
+                    weights + (1 - alpha) * new outer weights (Streaming DiLoCo's merge; 0 drops
+                    the delay steps' progress)
     """
 
     optimizer: str = "sign-momentum"
@@ -117,6 +136,8 @@ class OuterConfig:
     spec: QuantSpec | None = field(default=None, metadata={"template": QuantSpec(
         bits=4, group_size=128, rounding="stochastic", hadamard=32)})
     error_feedback: bool = True
+    delay: int = 0
+    delay_mix: float | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in OUTER_OPTIMIZERS + ("none",):
@@ -127,6 +148,11 @@ class OuterConfig:
             raise ValueError(f"OuterConfig.local_steps (tau) must be an integer >= 1, got {tau!r}")
         if isinstance(self.islands, bool) or not isinstance(self.islands, int) or self.islands < 0:
             raise ValueError(f"OuterConfig.islands must be an integer >= 1 (or 0: one per node), got {self.islands!r}")
+        d = self.delay
+        if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < tau:
+            raise ValueError(f"OuterConfig.delay must be an integer in [0, local_steps = {tau}), got {d!r}")
+        if self.delay_mix is not None and not 0.0 <= self.delay_mix <= 1.0:
+            raise ValueError(f"OuterConfig.delay_mix must be none or a number in [0, 1], got {self.delay_mix!r}")
         if not self.enabled:
             return
         if self.lr is None:
@@ -153,7 +179,11 @@ class OuterConfig:
 
     def describe(self) -> str:
         wire = "fp32" if self.spec is None else f"{self.spec}{' +EF' if self.error_feedback else ''}"
-        return f"outer {self.optimizer} lr {self.lr} every {self.local_steps} steps, pseudo-grads {wire}"
+        delay = ""
+        if self.delay:
+            mix = "progress kept" if self.delay_mix is None else f"mix {self.delay_mix:g}"
+            delay = f", applied {self.delay} step{'s' if self.delay > 1 else ''} later ({mix})"
+        return f"outer {self.optimizer} lr {self.lr} every {self.local_steps} steps, pseudo-grads {wire}{delay}"
 
 
 # ---- outer optimizers ---------------------------------------------------------------------------
@@ -259,6 +289,10 @@ class OuterExchange(ABC):
     gather(chunks, shared, seed): every island's new chunk into `shared` (K * chunk values, the
                   weights every island holds). With a spec: qWD, the quantized chunk - own part of
                   shared, decoded and added by every island.
+    start_average / start_gather: the same, started; they return a function that waits for the
+                  transfer and returns average's result (real ranks: async collectives that run
+                  behind the inner steps; virtual islands compute at once). What they read is read
+                  when they start.
     """
 
     def __init__(self, islands: tuple[int, ...], num_islands: int, numel: int, spec: QuantSpec | None,
@@ -269,6 +303,12 @@ class OuterExchange(ABC):
                          if spec is not None and error_feedback else None)
 
     def average(self, flats: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+        return self.start_average(flats, seed)()
+
+    def gather(self, chunks: list[torch.Tensor], shared: torch.Tensor, seed: int) -> None:
+        self.start_gather(chunks, shared, seed)()
+
+    def start_average(self, flats: list[torch.Tensor], seed: int) -> Callable[[], list[torch.Tensor]]:
         if self.residual is not None:
             flats = [f + r for f, r in zip(flats, self.residual)]
             for i, (island, flat) in enumerate(zip(self.islands, flats)):
@@ -276,13 +316,13 @@ class OuterExchange(ABC):
                 send = encode_chunks(flat, self.spec, self.num_islands,
                                      rank_seed(seed, island, HOP_REDUCE_SCATTER))
                 self.residual[i] = flat - decode_chunks(send, self.spec, self.numel)
-        return self._average(flats, seed)
+        return self._start_average(flats, seed)
 
     @abstractmethod
-    def _average(self, flats: list[torch.Tensor], seed: int) -> list[torch.Tensor]: ...
+    def _start_average(self, flats: list[torch.Tensor], seed: int) -> Callable[[], list[torch.Tensor]]: ...
 
     @abstractmethod
-    def gather(self, chunks: list[torch.Tensor], shared: torch.Tensor, seed: int) -> None: ...
+    def start_gather(self, chunks: list[torch.Tensor], shared: torch.Tensor, seed: int) -> Callable[[], None]: ...
 
 
 class ProcessExchange(OuterExchange):
@@ -292,19 +332,26 @@ class ProcessExchange(OuterExchange):
         super().__init__((topo.rank,), topo.world_size, numel, spec, error_feedback, topo.device)
         self.topo = topo
 
-    def _average(self, flats: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    def _start_average(self, flats: list[torch.Tensor], seed: int) -> Callable[[], list[torch.Tensor]]:
         (flat,) = flats
         if self.spec is None:
-            return [reduce_scatter_q(flat, None, self.topo, op="avg")]
-        return [reduce_scatter_q(flat, self.spec, self.topo, op="avg", out_dtype=torch.float32, seed=seed)]
+            handle = reduce_scatter_q(flat, None, self.topo, op="avg", async_op=True)
+        else:
+            handle = reduce_scatter_q(flat, self.spec, self.topo, op="avg", out_dtype=torch.float32, seed=seed,
+                                      async_op=True)
+        return lambda: [handle.wait()]
 
-    def gather(self, chunks: list[torch.Tensor], shared: torch.Tensor, seed: int) -> None:
+    def start_gather(self, chunks: list[torch.Tensor], shared: torch.Tensor, seed: int) -> Callable[[], None]:
         (chunk,), c, r = chunks, self.chunk, self.topo.rank
         if self.spec is None:
-            all_gather_q(chunk, None, self.topo, out=shared)
-            return
-        all_gather_q(chunk, self.spec, self.topo, out=shared, accumulate=True,
-                     subtract=shared[r * c:(r + 1) * c], seed=seed)  # qWD: the codec sends chunk - shared
+            handle = all_gather_q(chunk, None, self.topo, out=shared, async_op=True)
+        else:  # qWD: the codec sends chunk - shared
+            handle = all_gather_q(chunk, self.spec, self.topo, out=shared, accumulate=True,
+                                  subtract=shared[r * c:(r + 1) * c], seed=seed, async_op=True)
+
+        def wait() -> None:
+            handle.wait()
+        return wait
 
 
 class VirtualExchange(OuterExchange):
@@ -315,16 +362,18 @@ class VirtualExchange(OuterExchange):
         super().__init__(tuple(range(num_islands)), num_islands, numel, spec, error_feedback, device)
         self.stats = stats
 
-    def _average(self, flats: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
-        return emulate.reduce_scatter(flats, self.spec, seed, nodes=self.num_islands, op="avg",
-                                      out_dtype=torch.float32, stats=self.stats)
+    def _start_average(self, flats: list[torch.Tensor], seed: int) -> Callable[[], list[torch.Tensor]]:
+        means = emulate.reduce_scatter(flats, self.spec, seed, nodes=self.num_islands, op="avg",
+                                       out_dtype=torch.float32, stats=self.stats)
+        return lambda: means
 
-    def gather(self, chunks: list[torch.Tensor], shared: torch.Tensor, seed: int) -> None:
+    def start_gather(self, chunks: list[torch.Tensor], shared: torch.Tensor, seed: int) -> Callable[[], None]:
         c = self.chunk
         parts = [shared[i * c:(i + 1) * c] for i in range(self.num_islands)]
         emulate.all_gather(chunks, self.spec, seed, shared, nodes=self.num_islands,
                            accumulate=self.spec is not None,
                            subtract=parts if self.spec is not None else None, stats=self.stats)
+        return lambda: None
 
 
 @dataclass
@@ -429,9 +478,21 @@ class LocalUpdates:
     (`engines[i]` is island islands.owned[i], built on islands.worlds[i]).
 
     Call `step(lr)` once after every engines' step(lr) (skipped inner steps included, so every
-    island counts the same); every `local_steps`-th call runs the outer step (collective over the
-    whole world) and returns True. The constructor makes every island start from island 0's
-    weights.
+    island counts the same); every `local_steps`-th call ends a round and runs the outer step
+    (collective over the whole world). It returns True on the calls after which an outer update
+    was applied: the round's end, or with `config.delay` = d, d calls later. The constructor makes
+    every island start from island 0's weights.
+
+    Delayed exchange (d > 0), in three stages so that it runs behind the inner steps: at the round's
+    end the pseudo-gradient's reduce-scatter starts (an async collective on real ranks); at the next
+    call it is waited for, the outer optimizer steps and the all-gather of the new outer weights
+    starts; at the d-th call it is waited for and every island takes the new outer weights (the
+    anchor of the next round) with its progress since the round's end (`delay_mix`). With d = 1
+    the all-gather is waited for at once: only the reduce-scatter is hidden. `flush()` applies an
+    exchange in flight now (at the end of training). The arithmetic is the same whenever a
+    transfer ends, so a checkpoint waits for the transfer in flight and stores its result (the
+    averaged chunks, or the new outer weights) with the round-end weights the merge needs: a
+    resumed run is bit-identical and counts the same bytes.
     """
 
     def __init__(self, engines: list[ShardedDataParallel], islands: Islands, config: OuterConfig,
@@ -468,6 +529,18 @@ class LocalUpdates:
                 mask[offset: offset + b.valid_in_shard(rank)] = False
                 offset += b.shard_numel
         self.optimizers = [[make_outer_optimizer(config, c, device) for _ in islands.owned] for _ in self.start]
+        # The exchange in flight (delay > 0): None, "reducing" (reduce-scatter started), "reduced"
+        # (its averages in _means: a checkpoint was taken), "gathering" (outer step taken,
+        # all-gather started) or "gathered" (the new outer weights in `start`, the merge due); per
+        # held island-local rank and island, the flat master shards at the round's end (what the
+        # merge subtracts) and the averaged chunk.
+        self.pending: str | None = None
+        self._pending_lr = 0.0
+        self._waits: list[Callable[[], Any]] = []
+        delayed = range(1 if config.delay else 0)
+        self._round_end = [[torch.zeros(self.numel, device=device) for _ in islands.owned]
+                           for _ in self.start for _ in delayed]
+        self._means = [[torch.zeros(c, device=device) for _ in islands.owned] for _ in self.start for _ in delayed]
 
     @property
     def stats(self) -> CommStats:
@@ -475,23 +548,53 @@ class LocalUpdates:
         return self.islands.stats
 
     def step(self, lr: float | None = None) -> bool:
-        """Count one inner step; run the outer step every local_steps calls. lr: the inner lr of
-        the step just taken (None: the engines' parameter groups' lr, which must be one value)."""
+        """Count one inner step; end the round every local_steps calls. lr: the inner lr of the step
+        just taken (None: the engines' parameter groups' lr, which must be one value). True when an
+        outer update was applied to the weights after this step."""
         self.steps_since_sync += 1
+        applied = False
+        if self.pending is not None:  # delay > 0: the exchange started at the round's end
+            if self.pending in ("reducing", "reduced"):
+                self._outer_update_and_gather()
+            if self.steps_since_sync >= self.config.delay:
+                self._apply()
+                applied = True
         if self.steps_since_sync < self.config.local_steps:
-            return False
+            return applied
         if lr is None:
             lrs = {float(g["lr"]) for g in self.engines[0].param_groups}
             if len(lrs) > 1:
                 raise ValueError(f"LocalUpdates.step(lr=None): the engine's parameter groups have different "
                                  f"lrs {sorted(lrs)}; pass the inner lr the outer step scales by")
             (lr,) = lrs
-        self._outer_step(lr)
+        self._start_exchange(lr)
+        if self.config.delay:
+            return applied
+        self._outer_update_and_gather()
+        self._apply()
+        return True
+
+    def flush(self) -> bool:
+        """Apply the exchange in flight now (collective; at the end of training, so that the islands
+        end on the outer weights: called right after a round's end, they end identical, as with
+        delay 0). True if there was one."""
+        if self.pending is None:
+            return False
+        self._apply()
         return True
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save_checkpoint(self, path: str | Path, extra: dict | None = None) -> None:
-        """Every held island's engine (keys `island<k>.`) and the outer state, in one checkpoint."""
+        """Every held island's engine (keys `island<k>.`) and the outer state, in one checkpoint.
+        A transfer in flight is waited for first and its result stored (the outer step and the
+        all-gather run when they would have: the bytes the run records stay the same)."""
+        if self.pending == "reducing":
+            for means, wait in zip(self._means, self._waits):
+                for mean, got in zip(means, wait()):
+                    mean.copy_(got)
+            self._waits, self.pending = [], "reduced"
+        if self.pending == "gathering":
+            self._finish_transfers()
         checkpoint.save(path, self._engines_by_prefix(), extra or {}, self.islands.world, self._state())
 
     def load_checkpoint(self, path: str | Path) -> dict:
@@ -502,7 +605,14 @@ class LocalUpdates:
             raise checkpoint.CheckpointError(
                 f"checkpoint {path} was written with the outer optimizer {counters['optimizer']!r}, this run "
                 f"uses {self.config.optimizer!r}")
+        pending, delay = counters.get("pending"), counters.get("delay", 0)
+        if pending is not None and delay != self.config.delay:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} was saved {counters['steps_since_sync']} step(s) into an outer exchange "
+                f"applied {delay} step(s) after its start; this run has delay {self.config.delay}: resume with "
+                f"--outer.delay {delay}")
         self.outer_steps, self.steps_since_sync = counters["outer_steps"], counters["steps_since_sync"]
+        self.pending, self._waits, self._pending_lr = pending, [], counters.get("pending_lr", 0.0)
         return extra
 
     def _engines_by_prefix(self) -> dict[str, ShardedDataParallel]:
@@ -510,11 +620,14 @@ class LocalUpdates:
 
     def _state(self) -> dict[str, Any]:
         """The outer state as checkpoint entries: the round's start weights (the same in every
-        island), each chunk's exact outer weights and optimizer state, each island's residual."""
+        island), each chunk's exact outer weights and optimizer state, each island's residual and,
+        with delay, its weights at the round's end."""
         first, c = self.engines[0], self.exchanges[0].chunk
         state: dict[str, Any] = {"outer.counters": {"optimizer": self.config.optimizer,
                                                     "outer_steps": self.outer_steps,
-                                                    "steps_since_sync": self.steps_since_sync}}
+                                                    "steps_since_sync": self.steps_since_sync,
+                                                    "delay": self.config.delay, "pending": self.pending,
+                                                    "pending_lr": self._pending_lr}}
         vectors: dict[str, list[tuple[int, int, torch.Tensor]]] = {"outer.start": []}
         for j, start in enumerate(self.start):
             vectors["outer.start"].append((j, 0, start[: self.numel]))
@@ -526,6 +639,9 @@ class LocalUpdates:
                 residual = self.exchanges[j].residual
                 if residual is not None:
                     vectors.setdefault(f"island{island}.outer.residual", []).append((j, 0, residual[i]))
+                if self._round_end:
+                    vectors.setdefault(f"island{island}.outer.round_end", []).append((j, 0, self._round_end[j][i]))
+                    vectors.setdefault("outer.pending_mean", []).append((j, q0, self._means[j][i]))
         for key, parts in vectors.items():
             state |= {f"{key}.{n}": v for n, v in checkpoint.vector_pieces(first, parts).items()}
         return state
@@ -535,15 +651,29 @@ class LocalUpdates:
     def _flat_master(engine: ShardedDataParallel, j: int) -> torch.Tensor:
         return torch.cat([m.view(-1) for m in engine.master[j]])
 
+    def _seed(self, stream: int) -> int:
+        return seeds.collective_seed(self.seed, self.outer_steps, 0, stream)
+
     @torch.no_grad()
-    def _outer_step(self, inner_lr: float) -> None:
-        grads_seed = seeds.collective_seed(self.seed, self.outer_steps, 0, OUTER_GRADS)
-        weights_seed = seeds.collective_seed(self.seed, self.outer_steps, 0, OUTER_WEIGHTS)
+    def _start_exchange(self, inner_lr: float) -> None:
+        """The round's end: every island's pseudo-gradient Delta = start - x_end, its average started."""
         for engine in self.engines:
             engine.wait_weights()
+        self._pending_lr, self._waits = inner_lr, []
         for j, (start, exchange) in enumerate(zip(self.start, self.exchanges)):
-            flats = [start[: self.numel] - self._flat_master(e, j) for e in self.engines]
-            means = exchange.average(flats, grads_seed)
+            ends = [self._flat_master(e, j) for e in self.engines]
+            for i, end in enumerate(ends if self._round_end else []):
+                self._round_end[j][i].copy_(end)
+            self._waits.append(exchange.start_average([start[: self.numel] - end for end in ends],
+                                                      self._seed(OUTER_GRADS)))
+        self.pending, self.steps_since_sync = "reducing", 0
+
+    @torch.no_grad()
+    def _outer_update_and_gather(self) -> None:
+        """Wait for the averages, step the outer optimizer of every held chunk, start the all-gather."""
+        waits, self._waits = self._waits, []
+        averages = [wait() for wait in waits] if self.pending == "reducing" else self._means
+        for j, (exchange, means) in enumerate(zip(self.exchanges, averages)):
             # A Hadamard rotation spreads codec noise into the padding: keep it (and what the outer
             # optimizer derives from it) at zero there, as the masters are.
             padding, c = self._padding[j], exchange.chunk
@@ -551,22 +681,53 @@ class LocalUpdates:
                 residual[padding[: self.numel]] = 0
             for i, (island, mean) in enumerate(zip(self.islands.owned, means)):
                 mean[padding[island * c:(island + 1) * c]] = 0
-                self.optimizers[j][i].step(self.outer_params[j][i], mean, inner_lr)
-            exchange.gather(self.outer_params[j], start, weights_seed)
-            start[self._padding[j]] = 0  # the quantized gather's noise must not stay in the padding
-            for engine in self.engines:  # the new shared weights become every island's masters
+                self.optimizers[j][i].step(self.outer_params[j][i], mean, self._pending_lr)
+            self._waits.append(exchange.start_gather(self.outer_params[j], self.start[j], self._seed(OUTER_WEIGHTS)))
+        self.pending = "gathering"
+
+    def _finish_transfers(self) -> None:
+        """Carry an exchange in flight to its merge: the new outer weights in `start`."""
+        if self.pending in ("reducing", "reduced"):
+            self._outer_update_and_gather()
+        if self.pending == "gathering":
+            for wait in self._waits:
+                wait()
+            self._waits = []
+            for start, padding in zip(self.start, self._padding):
+                start[padding] = 0  # the quantized gather's noise must not stay in the padding
+            self.pending = "gathered"
+
+    @torch.no_grad()
+    def _apply(self) -> None:
+        """The new outer weights become every island's masters: exactly (right at the round's end:
+        delay 0 or a flush), or merged with the island's progress since the round's end."""
+        self._finish_transfers()
+        for engine in self.engines:
+            engine.wait_weights()
+        exact, mix = self.steps_since_sync == 0, self.config.delay_mix
+        for j, start in enumerate(self.start):
+            for i, engine in enumerate(self.engines):
                 offset = 0
                 for master in engine.master[j]:
-                    master.copy_(start[offset: offset + master.numel()].view_as(master))
+                    new = start[offset: offset + master.numel()].view_as(master)
+                    if exact or mix == 0:
+                        master.copy_(new)
+                    elif mix is None:
+                        # CoCoD-SGD (Shen et al., IJCAI 2019, arXiv 1906.12043): the progress made
+                        # during the exchange is kept, added to the new outer weights.
+                        end = self._round_end[j][i][offset: offset + master.numel()].view_as(master)
+                        master.add_(new - end)
+                    else:  # Streaming DiLoCo (Douillard et al. 2025, arXiv 2501.18512): mixing factor alpha
+                        master.mul_(mix).add_(new, alpha=1 - mix)
                     offset += master.numel()
         for engine in self.engines:
             engine.zero_padding_()
         # Replicas gathered uncompressed inside the island (fast links, once per round), so every
-        # island restarts from bit-identical weights whatever its CommConfig.
+        # island restarts from bit-identical weights (delay 0) whatever its CommConfig.
         for engine in self.engines:
             engine.refresh_replica()
         self.outer_steps += 1
-        self.steps_since_sync = 0
+        self.pending = None
 
 
 __all__ = [

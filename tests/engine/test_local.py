@@ -301,6 +301,12 @@ def test_bad_configs_raise_value_errors():
         OuterConfig(lr=0.0)
     with pytest.raises(ValueError, match="weight_decay is only used"):
         OuterConfig("nesterov", weight_decay=0.1)
+    with pytest.raises(ValueError, match=r"delay must be an integer in \[0, local_steps = 4\), got 4"):
+        OuterConfig(local_steps=4, delay=4)
+    with pytest.raises(ValueError, match="delay must be"):
+        OuterConfig(delay=-1)
+    with pytest.raises(ValueError, match="delay_mix must be none or a number in"):
+        OuterConfig(delay=1, delay_mix=1.5)
     with pytest.raises(ValueError, match="spec"):
         OuterConfig(spec="int4")
     with pytest.raises(ValueError, match=r"must divide the world size \(8\): choose one of \[1, 2, 4, 8\]"):
@@ -357,6 +363,11 @@ def test_nesterov_and_average_match_torch_sgd():
 # ---- virtual islands == real islands ------------------------------------------------------------
 ISLAND_STEPS, ISLAND_TAU = 6, 2
 ISLAND_CONFIG = OuterConfig("sign-momentum", local_steps=ISLAND_TAU, spec=INT4_NEAREST)
+# Delayed: each exchange applied 2 steps after its round's end (the all-gather waits across a step);
+# 7 steps end inside the second exchange, which flush() applies.
+DELAY_STEPS = 7
+DELAY_CONFIG = OuterConfig("sign-momentum", local_steps=3, spec=INT4, delay=2)
+ISLAND_RUNS = ((ISLAND_CONFIG, ISLAND_STEPS), (DELAY_CONFIG, DELAY_STEPS))
 
 
 def _island_engine(model: nn.Module, world, island: int) -> ShardedDataParallel:
@@ -364,37 +375,40 @@ def _island_engine(model: nn.Module, world, island: int) -> ShardedDataParallel:
                                bucket_numel=300, seed=11 + island)
 
 
-def real_islands_worker() -> dict:
-    """4 ranks as 2 islands of 2 emulated nodes x 1 rank: sdp4bit inside, int4 outer exchange."""
-    islands = build_islands(2, gpus_per_node=1)
-    model = make_mlp(width=24)
-    engine = _island_engine(model, islands.worlds[0], islands.owned[0])
-    local = LocalUpdates([engine], islands, ISLAND_CONFIG, seed=3)
-    losses = []
-    for step in range(ISLAND_STEPS):
-        x, y = regression_batch(step, dist.get_rank())
-        loss = ((model(x) - y) ** 2).mean()
-        loss.backward()
-        engine.step(lr=1e-2)
-        local.step(1e-2)
-        engine.zero_grad()
-        losses.append(loss.item())
-    engine.wait_weights()
-    return {"losses": losses, "params": flat_params(model), "island_bytes": local.stats.by_op(),
-            "inner_bytes": engine.stats.by_op()}
+def real_islands_worker() -> list[dict]:
+    """4 ranks as 2 islands of 2 emulated nodes x 1 rank: sdp4bit inside, int4 outer exchange; once
+    synchronous, once delayed."""
+    reports = []
+    for config, steps in ISLAND_RUNS:
+        islands = build_islands(2, gpus_per_node=1)
+        model = make_mlp(width=24)
+        engine = _island_engine(model, islands.worlds[0], islands.owned[0])
+        local = LocalUpdates([engine], islands, config, seed=3)
+        losses, applied = [], []
+        for step in range(steps):
+            x, y = regression_batch(step, dist.get_rank())
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            engine.step(lr=1e-2)
+            applied.append(local.step(1e-2))
+            engine.zero_grad()
+            losses.append(loss.item())
+        flushed = local.flush()
+        engine.wait_weights()
+        reports.append({"losses": losses, "params": flat_params(model), "island_bytes": local.stats.by_op(),
+                        "inner_bytes": engine.stats.by_op(), "applied": applied, "flushed": flushed,
+                        "outer_steps": local.outer_steps})
+    return reports
 
 
-def test_virtual_islands_of_two_ranks_match_real_islands_bit_for_bit():
-    """K=2 islands of S=2 ranks (2 emulated nodes each) with sdp4bit inside and int4 pseudo-gradients
-    across: the virtual islands (one process) give bit-identical losses of every rank and final
-    weights of every island, and the same bytes as the 4 gloo ranks together."""
-    real = spawn(real_islands_worker, 4, timeout_s=110)
+def virtual_islands_run(config: OuterConfig, steps: int) -> dict:
+    """The same as one of real_islands_worker's runs, with K=2 islands of S=2 virtual ranks."""
     islands = virtual_islands(2, 2, gpus_per_node=1)
     models = [make_mlp(width=24) for _ in islands.owned]
     engines = [_island_engine(m, w, k) for k, (m, w) in enumerate(zip(models, islands.worlds))]
-    local = LocalUpdates(engines, islands, ISLAND_CONFIG, seed=3)
-    losses = [[] for _ in range(4)]
-    for step in range(ISLAND_STEPS):
+    local = LocalUpdates(engines, islands, config, seed=3)
+    losses, applied = [[] for _ in range(4)], []
+    for step in range(steps):
         for k, (model, engine) in enumerate(zip(models, engines)):
             for l in range(2):
                 x, y = regression_batch(step, 2 * k + l)
@@ -404,19 +418,146 @@ def test_virtual_islands_of_two_ranks_match_real_islands_bit_for_bit():
                 losses[2 * k + l].append(loss.item())
         for engine in engines:
             engine.step(lr=1e-2)
-        local.step(1e-2)
+        applied.append(local.step(1e-2))
         for engine in engines:
             engine.zero_grad()
-    assert local.outer_steps == ISLAND_STEPS // ISLAND_TAU
-    for rank in range(4):
-        assert losses[rank] == real[rank]["losses"], rank
-    for k, model in enumerate(models):
-        assert torch.equal(flat_params(model), real[2 * k]["params"]), k
-    def together(key: str) -> dict:
-        return {op: {f: sum(r[key][op][f] for r in real) for f in row} for op, row in real[0][key].items()}
-    assert local.stats.by_op() == together("island_bytes")
+    flushed = local.flush()
     inner = {}
     for engine in engines:
+        engine.wait_weights()
         for op, row in engine.stats.by_op().items():
             inner[op] = {f: inner.get(op, {}).get(f, 0) + n for f, n in row.items()}
-    assert inner == together("inner_bytes")
+    return {"losses": losses, "params": [flat_params(m) for m in models], "island_bytes": local.stats.by_op(),
+            "inner_bytes": inner, "applied": applied, "flushed": flushed, "outer_steps": local.outer_steps}
+
+
+def test_virtual_islands_of_two_ranks_match_real_islands_bit_for_bit():
+    """K=2 islands of S=2 ranks (2 emulated nodes each) with sdp4bit inside and int4 pseudo-gradients
+    across, synchronous and delayed by 2 steps (async collectives on the gloo ranks, ending with a
+    flush inside an exchange): the virtual islands (one process) give bit-identical losses of every
+    rank and final weights of every island, and the same bytes as the 4 gloo ranks together."""
+    real = spawn(real_islands_worker, 4, timeout_s=110)
+    for run, (config, steps) in enumerate(ISLAND_RUNS):
+        virtual = virtual_islands_run(config, steps)
+        for rank in range(4):
+            assert virtual["losses"][rank] == real[rank][run]["losses"], (run, rank)
+            assert virtual["applied"] == real[rank][run]["applied"]
+        for k in range(2):
+            assert torch.equal(virtual["params"][k], real[2 * k][run]["params"]), (run, k)
+
+        def together(key: str, run: int = run) -> dict:
+            return {op: {f: sum(r[run][key][op][f] for r in real) for f in row}
+                    for op, row in real[0][run][key].items()}
+        assert virtual["island_bytes"] == together("island_bytes")
+        assert virtual["inner_bytes"] == together("inner_bytes")
+    sync, delayed = (virtual_islands_run(c, n) for c, n in ISLAND_RUNS)
+    assert sync["applied"] == [False, True] * 3 and not sync["flushed"] and sync["outer_steps"] == 3
+    # rounds end at steps 3 and 6; the first exchange is applied after step 5, the second by flush()
+    assert delayed["applied"] == [False, False, False, False, True, False, False]
+    assert delayed["flushed"] and delayed["outer_steps"] == 2
+    assert not torch.equal(delayed["params"][0], delayed["params"][1])  # flushed 1 step in: progress kept
+
+
+# ---- the delayed exchange -----------------------------------------------------------------------
+def _virtual_one_rank_islands(config: OuterConfig, K: int = 2):
+    islands = virtual_islands(K, 1)
+    models = [make_mlp(width=24) for _ in islands.owned]
+    engines = [ShardedDataParallel(m, w, optim=AdamWConfig(lr=1e-2), comm=CommConfig.preset("baseline"),
+                                   grad_clip=None, bucket_numel=300, seed=k) for k, (m, w) in
+               enumerate(zip(models, islands.worlds))]
+    return models, engines, LocalUpdates(engines, islands, config)
+
+
+def _inner_step(models, engines, step: int, S: int = 1) -> None:
+    for k, (model, engine) in enumerate(zip(models, engines)):
+        for l in range(S):
+            x, y = regression_batch(step, S * k + l)
+            with engine.as_rank(l):
+                ((model(x) - y) ** 2).mean().backward()
+    for engine in engines:
+        engine.step(lr=1e-2)
+
+
+@pytest.mark.parametrize("mix", [None, 0.0, 0.5])
+def test_delayed_exchange_merges_the_new_outer_weights_into_each_islands_progress(mix):
+    """`average` (the new outer weights are the islands' mean at the round's end), tau 2, delay 1:
+    mix none adds the new outer weights - the island's round-end weights to its current ones
+    (CoCoD-SGD); 0 replaces them (every island identical); 0.5 takes the halfway point. flush() at
+    a round's end makes the islands identical, as a synchronous step does."""
+    models, engines, local = _virtual_one_rank_islands(OuterConfig("average", local_steps=2, delay=1, delay_mix=mix))
+    flat = LocalUpdates._flat_master
+    ends, anchor, applied = None, local.start[0][: local.numel].clone(), []
+    for step in range(6):
+        _inner_step(models, engines, step)
+        before = [flat(e, 0).clone() for e in engines]
+        applied.append(local.step(1e-2))
+        for engine in engines:
+            engine.zero_grad()
+        after = [flat(e, 0) for e in engines]
+        if step % 2 == 1:  # a round's end: nothing applied yet, the exchange started
+            assert all(torch.equal(a, b) for a, b in zip(before, after)) and local.pending == "reducing"
+            ends = before
+        elif ends is not None:
+            new = local.start[0][: local.numel]
+            torch.testing.assert_close(new, anchor - ((anchor - ends[0]) + (anchor - ends[1])) / 2, rtol=0, atol=1e-6)
+            for b, a, e in zip(before, after, ends):
+                if mix is None:
+                    assert torch.equal(a, b + (new - e))
+                elif mix == 0:
+                    assert torch.equal(a, new)
+                else:
+                    torch.testing.assert_close(a, 0.5 * b + 0.5 * new, rtol=0, atol=1e-7)
+            assert (mix == 0) == torch.equal(after[0], after[1])
+            anchor = new.clone()
+    assert applied == [False, False, True, False, True, False] and local.outer_steps == 2
+    assert local.flush() and local.pending is None and local.outer_steps == 3
+    assert torch.equal(flat(engines[0], 0), flat(engines[1], 0))
+    assert torch.equal(flat(engines[0], 0), local.start[0][: local.numel])
+    assert not local.flush()
+
+
+def test_checkpoint_inside_a_delayed_exchange_resumes_bit_identically(tmp_path):
+    """2 virtual islands of 2 ranks, int4 + EF, tau 3, delay 2: checkpoints right at a round's end
+    (reduce-scatter in flight) and one step later (all-gather in flight); each resumed run ends
+    bit-identical to the run that saved it and sends the bytes it had left, and saving changes
+    neither the run nor its bytes."""
+    config = OuterConfig("sign-momentum", local_steps=3, spec=INT4, delay=2)
+    steps = 8
+
+    def build():
+        islands = virtual_islands(2, 2, gpus_per_node=1)
+        models = [make_mlp(width=24) for _ in islands.owned]
+        engines = [_island_engine(m, w, k) for k, (m, w) in enumerate(zip(models, islands.worlds))]
+        return models, engines, LocalUpdates(engines, islands, config, seed=3)
+
+    def train(models, engines, local, first: int, save_at: int = 0, stage: str = ""):
+        sent_at_save = None
+        for step in range(first, steps):
+            _inner_step(models, engines, step, S=2)
+            local.step(1e-2)
+            for engine in engines:
+                engine.zero_grad()
+            if step + 1 == save_at:
+                assert local.pending == stage
+                sent_at_save = local.stats.totals()  # what the trainer records with the checkpoint
+                local.save_checkpoint(tmp_path / str(save_at), {"step": save_at})
+                assert local.stats.totals() == sent_at_save  # the save itself sends nothing
+        for engine in engines:
+            engine.wait_weights()
+        return [flat_params(m) for m in models] + [t.clone() for t in local.start], local.stats.totals(), sent_at_save
+
+    untouched, sent, _ = train(*build(), 0)
+    for at, stage, stored in ((3, "reducing", "reduced"), (4, "gathering", "gathered")):
+        saved, saved_sent, sent_before = train(*build(), 0, save_at=at, stage=stage)
+        assert all(torch.equal(a, b) for a, b in zip(untouched, saved)) and saved_sent == sent, at
+        models, engines, local = build()
+        extra = local.load_checkpoint(tmp_path / str(at))
+        assert extra["step"] == at and local.pending == stored and local.steps_since_sync == at - 3
+        resumed, resumed_sent, _ = train(models, engines, local, at)
+        assert all(torch.equal(a, b) for a, b in zip(resumed, untouched)), at
+        assert {k: sent_before[k] + resumed_sent[k] for k in sent} == sent, at  # no transfer lost or repeated
+    other = OuterConfig("sign-momentum", local_steps=3, spec=INT4, delay=1)
+    islands = virtual_islands(2, 2, gpus_per_node=1)
+    engines = [_island_engine(make_mlp(width=24), w, k) for k, w in enumerate(islands.worlds)]
+    with pytest.raises(ValueError, match="resume with --outer.delay 2"):
+        LocalUpdates(engines, islands, other, seed=3).load_checkpoint(tmp_path / "4")
