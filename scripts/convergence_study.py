@@ -20,9 +20,11 @@ On the GPU machine (the repository is the working directory; runs/ is ignored by
 `run` starts the unfinished runs of the grid (in priority order, --parallel at a time, each one
 `halfbyte train ... --resume auto`) in runs/convergence/, watches their rates and, if not all of them
 can end before the deadline, stops the last-started ones early so that the others do (a run cut at
-the deadline is lost on a fresh machine; only back-to-back calls keep checkpoints); it starts no run
-that the runs finished in this call say cannot end in time, sends SIGTERM --stop-margin-s before the
-deadline (halfbyte train saves a checkpoint and exits), and the next call resumes what was stopped.
+the deadline is lost on a fresh machine; only back-to-back calls keep checkpoints). No run starts
+while the kept ones run; after them the shed ones resume first (from the checkpoint SIGTERM saved).
+It starts no run that cannot end in time by the runs finished in this call (their time alone, times
+the runs it would share the GPU with), sends SIGTERM --stop-margin-s before the deadline (halfbyte
+train saves a checkpoint and exits), and the next call resumes what was stopped.
 Runs finished in earlier calls are skipped if their directories are in runs/convergence-done/ (the
 calls' runs.tgz unpacked here and carried there: a separate directory, so that carrying it never
 replaces a warm machine's checkpoints). A run directory holds metrics.jsonl, train.log, command.txt
@@ -312,6 +314,7 @@ class Child:
     window: tuple[float, int] | None = None  # (time, step) where its current rate measurement began
     step: int = 0  # the last step seen in its metrics.jsonl
     shed: bool = False  # stopped early so that the runs before it finish in this call
+    shared_s: float = 0.0  # the integral over its life of how many runs shared the GPU (run-seconds)
 
 
 def fits(estimate_s: float | None, remaining_fraction: float, now_s: float, stop_s: float) -> bool:
@@ -319,6 +322,12 @@ def fits(estimate_s: float | None, remaining_fraction: float, now_s: float, stop
     it is predicted to end before the stop. A run cut at the stop resumes only while the machine keeps
     its checkpoints (back-to-back calls); on a fresh machine it would start over."""
     return estimate_s is None or now_s + GATE_SAFETY * estimate_s * remaining_fraction <= stop_s
+
+
+def solo_run_s(wall_s: float, shared_s: float, steps_done: int) -> float:
+    """A full run's time alone on the GPU, from a segment that did steps_done steps in wall_s while
+    shared_s/wall_s runs shared the GPU on average (even sharing, the model keep_count also uses)."""
+    return wall_s * STEPS / steps_done / max(1.0, shared_s / wall_s)
 
 
 def keep_count(remaining_s: list[float], time_left_s: float) -> int:
@@ -352,15 +361,18 @@ class Launcher:
         self.poll_s = poll_s
         self.identity = data_identity(data)
         self.code, self.device, self.host = code_version(), device_name(), socket.gethostname()
-        self.full_run_s: dict[int, float] = {}  # W -> the slowest full-run time implied by runs ended here
-        self.shed = False  # once runs were shed, no new run starts in this call
+        self.solo_run_s: dict[int, float] = {}  # W -> the slowest full run alone implied by runs ended here
+        self.kept: set[str] = set()  # the runs kept at a shed: no run starts while one of them runs
         self.t0 = time.monotonic()
 
     def now(self) -> float:
         return time.monotonic() - self.t0
 
-    def estimate(self, run: Run) -> float | None:
-        return self.full_run_s.get(run.world)
+    def estimate(self, run: Run, sharing: int) -> float | None:
+        """A full run's predicted time when `sharing` runs share the GPU (even sharing; the rates
+        measured once it runs correct a wrong guess by shedding the last-started runs)."""
+        solo = self.solo_run_s.get(run.world)
+        return None if solo is None else solo * sharing
 
     def start(self, run: Run, from_step: int) -> Child:
         run_dir = self.runs_dir / run.name
@@ -396,9 +408,9 @@ class Launcher:
         provenance["segments"][child.segment] |= {"end_utc": utc_now(), "exit_code": code, "wall_s": round(wall, 1),
                                                   "to_step": last_step(run_dir), "stopped": stopped}
         write_json(run_dir / "provenance.json", provenance)
-        if state == "done" and STEPS > child.from_step:
-            full = wall * STEPS / (STEPS - child.from_step)
-            self.full_run_s[child.run.world] = max(self.full_run_s.get(child.run.world, 0.0), full)
+        if state == "done" and STEPS > child.from_step and wall > 0:
+            solo = solo_run_s(wall, child.shared_s, STEPS - child.from_step)
+            self.solo_run_s[child.run.world] = max(self.solo_run_s.get(child.run.world, 0.0), solo)
         if code != 0 and stopped is None:
             state = f"failed (exit {code}): {state}"
         elif stopped:
@@ -422,7 +434,7 @@ class Launcher:
         keep = keep_count(remaining, self.stop_s - now)
         if keep == len(live):
             return
-        self.shed = True
+        self.kept = {c.run.name for c in live[:keep]}
         for c in live[keep:]:
             c.shed = True
             c.proc.send_signal(signal.SIGTERM)
@@ -434,11 +446,18 @@ class Launcher:
     def execute(self, runs: list[Run]) -> dict[str, str]:
         """Run `runs` (none done); returns each one's status at the end of the call."""
         pending, running, outcome, stopping = list(runs), [], {}, False
+        last_poll = self.now()
         while pending or running:
+            now = self.now()
+            for child in running:
+                child.shared_s += (now - last_poll) * len(running)
+            last_poll = now
             ended = [c for c in running if c.proc.poll() is not None]
             for child in ended:
                 running.remove(child)
                 outcome[child.run.name] = self.end(child, stopping)
+                if child.shed and not stopping and status(self.runs_dir / child.run.name) != "done":
+                    pending.insert(0, child.run)  # resumes from its checkpoint once the kept runs end
             now = self.now()
             if not stopping and now >= self.stop_s:
                 stopping = True
@@ -454,10 +473,12 @@ class Launcher:
                         child.proc.wait()
                     continue
             started = 0
-            while not stopping and not self.shed and pending and len(running) < self.parallel:
+            # while runs kept at a shed still run, starting another would slow them past the stop
+            protecting = any(c.run.name in self.kept for c in running)
+            while not stopping and not protecting and pending and len(running) < self.parallel:
                 run = pending.pop(0)
                 from_step = newest_checkpoint_step(self.runs_dir / run.name)
-                if fits(self.estimate(run), (STEPS - from_step) / STEPS, now, self.stop_s):
+                if fits(self.estimate(run, len(running) + 1), (STEPS - from_step) / STEPS, now, self.stop_s):
                     running.append(self.start(run, from_step))
                     started += 1
                 else:
@@ -469,7 +490,7 @@ class Launcher:
                 self.shed_late(running, now)
             time.sleep(self.poll_s)
         for run in pending:
-            outcome.setdefault(run.name, "not started: " + ("runs were shed" if self.shed else "deadline"))
+            outcome.setdefault(run.name, "not started: deadline")
         return outcome
 
 
