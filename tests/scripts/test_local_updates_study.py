@@ -1,0 +1,264 @@
+"""scripts/local_updates_study.py: the grid (issue 20's, in priority order, on the convergence study's
+design), every command as `halfbyte train` reads it, one shrunken command trained for real on CPU,
+`run` with the fake trainer (runs of different lengths, a stop and a resume), and `report` on
+synthetic metrics (paired gaps, the delay's cost, bytes per token)."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "local_updates_study.py"
+FAKE = Path(__file__).with_name("fake_train.py")
+
+
+def _load_study():
+    sys.path.insert(0, str(SCRIPT.parent))  # the script imports convergence_study by name
+    spec = importlib.util.spec_from_file_location("local_updates_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["local_updates_study"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+lu = _load_study()
+cs = lu.cs
+
+
+def study(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
+                          check=False, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def dirs(tmp_path: Path) -> list[str]:
+    return ["--runs-dir", str(tmp_path), "--done-in", str(tmp_path / "done")]
+
+
+def options(argv: list[str]) -> dict[str, str]:
+    rest = argv[argv.index("train") + 1:]
+    assert len(rest) % 2 == 0 and all(k.startswith("--") for k in rest[::2])
+    return dict(zip(rest[::2], rest[1::2]))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A token file with a validation twin just large enough for the design's evaluation set."""
+    from halfbyte.train.data import TokenWriter, val_path_for
+
+    path = tmp_path_factory.mktemp("data") / "tokens.bin"
+    rng = np.random.default_rng(0)
+    for target, count in ((path, 50_000), (val_path_for(path), cs.EVAL_TOKENS + 1)):
+        writer = TokenWriter(target, 4096)
+        writer.write(rng.integers(0, 4096, count))
+        writer.close()
+    return path
+
+
+# ------------------------------------------------------------------------------------------ design
+
+
+def test_grid_is_issue_20s_in_priority_order_at_the_convergence_studys_tokens(tmp_path):
+    runs = lu.grid()
+    assert len(runs) == len({r.name for r in runs}) == 4 * (3 * 2 * 3 * 4 * 2 + 2 + 4)
+    assert [r.name for r in runs[:3]] == ["baseline-w8-seed0", "m2-split-sm-t32-d0-seed0", "m2-split-sm-t32-d1-seed0"]
+    tiers = [r.arm.tier for r in runs]
+    assert tiers == sorted(tiers) and [r.seed for r in runs[:12]] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    names = {a.name for a in lu.ARMS.values()}
+    for M, batch, opt, tau, delay in itertools.product((2, 4, 8), ("split", "full"), ("sm", "nesterov", "average"),
+                                                       (16, 32, 64, 128), (0, 1)):
+        assert f"m{M}-{batch}-{opt}-t{tau}-d{delay}" in names
+    tokens = cs.STEPS * cs.BATCH * cs.SEQ_LEN
+    assert all(a.tokens == tokens for a in lu.ARMS.values())  # every comparison at the same tokens
+    assert lu.ARMS["m8-full-sm-t128-d1"].steps == 128 and lu.ARMS["m8-full-sm-t128-d1"].twin == "m8-full-sm-t128-d0"
+    for arm in ("baseline", "sdp4bit"):  # the convergence study's runs, command for command
+        for seed in range(2):
+            ours = lu.train_argv(lu.Run(lu.ARMS[f"{arm}-w8"], seed), tmp_path / "d.bin", tmp_path, ["t"])
+            assert ours == cs.train_argv(cs.Run(arm, 8, seed), tmp_path / "d.bin", tmp_path, ["t"])
+
+
+def test_halfbyte_train_reads_every_arms_command_as_designed(tmp_path):
+    from halfbyte.train.cli import _islands, _layout
+    from halfbyte.train.config import batch_layout, parse_args
+
+    for arm in lu.ARMS.values():
+        run = lu.Run(arm, 3)
+        argv = lu.train_argv(run, tmp_path / "d.bin", tmp_path, ["python3", "-m", "halfbyte", "train"])
+        opts = options(argv)
+        assert {k: opts[k] for k in arm.design()} == arm.design()
+        cfg = parse_args(argv[argv.index("train") + 1:])
+        m, t, o = cfg.model, cfg.train, cfg.outer
+        assert (m.n_layer, m.d_model, m.n_head, m.ctx, m.dropout) == (cs.N_LAYER, cs.D_MODEL, cs.N_HEAD, cs.SEQ_LEN, 0)
+        assert (t.steps, t.batch_size, t.seq_len) == (arm.steps, arm.batch_size, cs.SEQ_LEN)
+        assert t.eval_tokens == cs.EVAL_TOKENS
+        assert t.steps * t.batch_size == cs.STEPS * cs.BATCH and t.steps % t.eval_interval == 0
+        assert (t.virtual_ranks, t.gpus_per_node) == (8, arm.gpus_per_node)
+        assert (t.seed, t.resume, t.dtype) == (3, "auto", "bf16")
+        assert (cfg.optim.lr, cfg.schedule.min_lr) == (1.5e-3, 1.5e-4)
+        per_node, comm, _ = _layout(cfg, 8, False)
+        assert _islands(cfg, 8, per_node, comm) == arm.islands  # the trainer accepts the layout
+        micro, accum = batch_layout(cfg, 8)
+        assert micro == 16 and micro * accum * 8 == arm.batch_size
+        if not arm.islands:
+            assert not o.enabled and t.preset == arm.preset
+            continue
+        assert t.preset == "baseline" and arm.gpus_per_node * arm.islands == 8  # one node per island
+        assert (o.optimizer, o.local_steps, o.delay) == (lu.OPTIMIZERS[arm.optimizer], arm.tau, arm.delay)
+        assert o.spec.bits == 4 and o.error_feedback and o.delay_mix is None and t.steps % o.local_steps == 0
+        default_lr = {"sm": 1.0, "nesterov": 0.7, "average": 1.0}[arm.optimizer]
+        assert o.lr == (default_lr if arm.outer_lr is None else arm.outer_lr)
+        if arm.batch == "full":
+            assert cfg.schedule.warmup_steps == 64 // arm.islands
+
+
+def test_a_shrunken_study_command_trains_for_real(tmp_path):
+    """m2-split-sm-t16-d1's command with the model, batch and steps shrunk: 2 islands of 4 virtual
+    ranks, int4 sign momentum every 4 steps, the exchange applied a step later, on the CPU."""
+    from halfbyte.train.data import TokenWriter, val_path_for
+
+    tokens = tmp_path / "tiny.bin"
+    rng = np.random.default_rng(1)
+    for target, count in ((tokens, 20_000), (val_path_for(tokens), 2_000)):
+        writer = TokenWriter(target, 4096)
+        writer.write(rng.integers(0, 4096, count))
+        writer.close()
+    run = lu.Run(lu.ARMS["m2-split-sm-t16-d1"], 0)
+    argv = lu.train_argv(run, tokens, tmp_path, [sys.executable, "-m", "halfbyte", "train"])
+    shrink = ["--model.n_layer", "1", "--model.d_model", "32", "--model.n_head", "2", "--model.ctx", "32",
+              "--train.seq_len", "32", "--steps", "8", "--batch-size", "16", "--train.micro_batch_size", "2",
+              "--local-steps", "4", "--schedule.warmup_steps", "1", "--train.eval_tokens", "256",
+              "--train.eval_interval", "4", "--train.checkpoint_interval", "4", "--train.dtype", "fp32",
+              "--train.device", "cpu"]
+    done = subprocess.run(argv + shrink, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = tmp_path / run.name
+    last = cs.read_metrics(out)[-1]
+    assert last["step"] == 8 and "val_loss" in last and last["wire_island_bytes"] > 0
+    assert last["outer_steps"] in (1, 2)  # the round ending at step 8 is in flight unless the trainer flushes
+    config = json.loads((out / "config.json").read_text())["outer"]
+    assert (config["islands"], config["delay"], config["local_steps"], config["spec"]["bits"]) == (2, 1, 4, 4)
+
+
+# ------------------------------------------------------------------------------------------- run
+
+
+def test_delayed_arms_wait_for_a_trainer_that_flushes(tmp_path):
+    loop = tmp_path / "loop.py"
+    loop.write_text("class Ranks:\n    def train_step(self): ...\n")
+    assert not lu.trainer_flushes(loop) and not lu.trainer_flushes(tmp_path / "none.py")
+    loop.write_text("class Ranks:\n    def flush_outer(self) -> None:\n        pass\n")
+    assert lu.trainer_flushes(loop)
+
+
+def test_run_trains_runs_of_their_own_lengths_stops_resumes_and_holds_back_delayed_ones(tmp_path, data):
+    runs = "m8-full-sm-t32-d0-seed0,m2-full-sm-t32-d0-seed0,baseline-w8-seed0"  # the short one first: kept
+    common = [*dirs(tmp_path), "--data", str(data), "--poll-s", "0.05", "--stop-margin-s", "2",
+              "--train-cmd", f"{sys.executable} {FAKE}"]
+    env = {"FAKE_STEP_S": "0.002"}  # 1024 steps: >= 2 s, past the first call's stop at 1.8 s; 128 steps: 0.3 s
+    first = study("run", *common, "--only", runs, "--parallel", "3", "--deadline-s", "3", "--stop-margin-s", "1.2",
+                  env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    short = tmp_path / "m8-full-sm-t32-d0-seed0"  # 128 steps: done before the stop
+    assert lu.status(short, 128) == "done" and cs.read_metrics(short)[-1]["val_loss"]
+    (segment,) = cs.read_provenance(tmp_path / "baseline-w8-seed0")["segments"]
+    assert segment["stopped"] in ("deadline", "shed") and 0 < segment["to_step"] < 1024
+    delayed = "m8-full-sm-t32-d1-seed0"
+    second = study("run", *common, "--only", f"{runs},{delayed}", "--deadline-s", "30", env=env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    lengths = {"baseline-w8-seed0": 1024, "m2-full-sm-t32-d0-seed0": 512, "m8-full-sm-t32-d0-seed0": 128}
+    for name, steps in lengths.items():
+        d = tmp_path / name
+        assert [r["step"] for r in cs.read_metrics(d)] == list(range(1, steps + 1)), name
+        provenance = cs.read_provenance(d)
+        assert provenance["design"] == lu.ARMS[name.removesuffix("-seed0")].design()
+        assert provenance["segments"][-1]["to_step"] == steps and provenance["segments"][-1]["stopped"] is None
+    calls = (tmp_path / "m2-full-sm-t32-d0-seed0" / "fake_calls.jsonl").read_text().splitlines()
+    opts = options(["train", *json.loads(calls[-1])["argv"]])
+    assert (opts["--steps"], opts["--batch-size"], opts["--islands"], opts["--outer.delay"]) == ("512", "256", "2", "0")
+    if not lu.trainer_flushes():
+        assert "held back 1 delayed run(s)" in second.stdout and not (tmp_path / delayed).exists()
+    forced = study("run", *common, "--only", f"{runs},{delayed}", "--deadline-s", "30", "--delayed", env=env)
+    assert forced.returncode == 0 and lu.status(tmp_path / delayed, 128) == "done"
+    assert "1 run(s) to go" in forced.stdout  # the others are done
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+BASE = {0: 2.00, 1: 2.10, 2: 1.90, 3: 2.00}
+GAPS = {"m2-split-sm-t32-d0": [0.01, 0.012, 0.008, 0.011], "m2-split-sm-t32-d1": [0.012, 0.013, 0.009],
+        "m2-full-sm-t32-d0": [0.03, 0.04], "sdp4bit-w8": [0.001, -0.001]}
+ISLAND_BYTES = 1_000_000
+
+
+def _synthetic_run(runs_dir: Path, arm: str, seed: int, final: float, **design) -> None:
+    a = lu.ARMS[arm]
+    run = lu.Run(a, seed)
+    d = runs_dir / run.name
+    d.mkdir(parents=True)
+    curve = [{"step": s, "loss": final, "val_loss": final + 0.5 * (1 - s / a.steps), "wire_intra_bytes": 10 * s,
+              "wire_inter_bytes": 3 * s * (0 if a.islands else 100), "elapsed_s": s / 10}
+             for s in range(a.steps // 4, a.steps + 1, a.steps // 4)]
+    if a.islands:
+        curve[-1] |= {"wire_island_bytes": ISLAND_BYTES, "outer_steps": a.steps // a.tau}
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
+    (d / "command.txt").write_text(f"python3 -m halfbyte train # {run.name}\n")
+    segment = {"start_utc": "2026-12-01T10:00:00+00:00", "from_step": 0, "command": [], "commit": "c0ffee",
+               "code_sha": "1234", "device": "NVIDIA H200", "exit_code": 0}
+    provenance = {"run": run.name, "arm": a.preset if not a.islands else a.name, "world": 8, "seed": seed,
+                  "design": a.design() | design, "data": {"train_sha256": "a" * 64, "val_sha256": "b" * 64},
+                  "segments": [segment]}
+    (d / "provenance.json").write_text(json.dumps(provenance))
+
+
+def test_report_pairs_arms_with_the_baseline_and_delays_with_their_twins(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    for seed, loss in BASE.items():
+        _synthetic_run(runs, "baseline-w8", seed, loss)
+    for arm, gaps in GAPS.items():
+        for seed, gap in enumerate(gaps):
+            _synthetic_run(runs, arm, seed, BASE[seed] + gap)
+    res = study("report", "--runs-dir", str(runs), str(tmp_path / "empty"), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    arms = summary["arms"]
+    sm = arms["m2-split-sm-t32-d0"]
+    pct = [100 * g / BASE[s] for s, g in enumerate(GAPS["m2-split-sm-t32-d0"])]
+    assert sm["vs_baseline"]["pct"]["mean"] == pytest.approx(sum(pct) / 4)
+    assert sm["vs_baseline"]["verdict"]["target_pct"] == 1.0 and sm["vs_baseline"]["verdict"]["direction"] == "worse"
+    tokens = cs.STEPS * cs.BATCH * cs.SEQ_LEN
+    assert sm["island_bytes_per_token"] == pytest.approx(ISLAND_BYTES / tokens)
+    # every-step bf16 DP between 2 islands of 4 ranks, by hand: each of the 8 ranks sends its bf16 weight
+    # shard and its gradient chunk (ceil(N / 8) values) to the 4 ranks of the other island
+    bf16 = 8 * 2 * (4 * math.ceil(cs.gpt_params() / 8) * 2) / (cs.BATCH * cs.SEQ_LEN)
+    assert sm["dp_bf16_bytes_per_token"] == pytest.approx(bf16)
+    assert sm["fewer_than_dp_bf16"] == pytest.approx(bf16 / (ISLAND_BYTES / tokens))
+    assert sm["dp_sdp4bit_bytes_per_token"] < bf16 / 3
+    delayed = arms["m2-split-sm-t32-d1"]["vs_no_delay"]
+    assert delayed["n_seeds"] == 3 and delayed["verdict"]["target_pct"] == 0.3
+    d = [GAPS["m2-split-sm-t32-d1"][s] - GAPS["m2-split-sm-t32-d0"][s] for s in range(3)]
+    assert delayed["nats"]["mean"] == pytest.approx(sum(d) / 3)
+    assert arms["m2-full-sm-t32-d0"]["steps"] == 512 and arms["m2-full-sm-t32-d0"]["vs_baseline"]["n_seeds"] == 2
+    assert arms["sdp4bit-w8"]["vs_baseline"]["verdict"]["target_pct"] == cs.TARGET_PCT
+    assert arms["baseline-w8"]["measured_bytes_per_token_2_islands"] == pytest.approx(300 * 1024 / tokens)
+    assert "m4-split-sm-t32-d0-seed0" in summary["not_started"]
+    for f in ("metrics.jsonl", "command.txt", "provenance.json"):
+        assert (out / "m2-full-sm-t32-d0-seed1" / f).read_bytes() == (runs / "m2-full-sm-t32-d0-seed1" / f).read_bytes()
+    assert (out / "local_updates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    readme = (out / "README.md").read_text()
+    assert "| `m2-split-sm-t32-d1` | 3 |" in readme and "worse than baseline" in readme
+
+    _synthetic_run(tmp_path / "other", "m4-split-sm-t32-d0", 0, 2.0, **{"--lr": "3e-3"})
+    refused = study("report", "--runs-dir", str(runs), str(tmp_path / "other"), "--out", str(out))
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "m4-split-sm-t32-d0-seed0 was run with --lr 3e-3" in refused.stderr
