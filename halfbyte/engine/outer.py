@@ -26,8 +26,8 @@ Outer step (every tau inner steps, identical on every island), for every island-
   5. the new shared weights become the engine's master shards and are all-gathered uncompressed
      into the replicas inside the island (so islands restart bit-identical even under qWD or
      direct weight modes). Inner AdamW state is kept.
-With `delay` d > 0 (Streaming DiLoCo's overlapped exchange, Douillard et al. 2025, arXiv 2501.18512,
-Sec. 2.3): steps 1-2 start at the round's end and the islands keep training from their own weights;
+With `delay` d > 0 (Streaming DiLoCo's overlapped exchange, Douillard et al. 2025, arXiv 2501.18512):
+steps 1-2 start at the round's end and the islands keep training from their own weights;
 the reduce-scatter runs behind the next inner step, the all-gather behind steps 2..d, and after the
 d-th step every island takes the new outer weights x_new (the next round's anchor) merged with its
 progress since the round's end: x <- x + (x_new - x_end) (delay_mix none: CoCoD-SGD's rule, Shen et
