@@ -1,3 +1,5 @@
+import signal
+
 import pytest
 
 
@@ -10,3 +12,12 @@ def token_cache(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _isolated_cache(token_cache, monkeypatch):
     monkeypatch.setenv("HALFBYTE_CACHE", str(token_cache))
+
+
+@pytest.fixture(autouse=True)
+def _keep_signal_handlers():
+    """Training installs its own SIGINT/SIGTERM handlers in this process: give pytest's back."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)

@@ -3,7 +3,6 @@ transformers for an `hf:` model); bad input is one line and exit 2."""
 
 import importlib.util
 import json
-import signal
 
 import pytest
 import torch
@@ -16,14 +15,6 @@ from halfbyte.train.model import build_model
 
 SMALL = ["--model.n_layer=2", "--model.d_model=64", "--model.n_head=2", "--seq_len=32", "--batch-size=4",
          "--eval_tokens=256", "--log_interval=1", "--sample_tokens=0", "--virtual-ranks=2", "--train.device=cpu"]
-
-
-@pytest.fixture(autouse=True)
-def _keep_signal_handlers():
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
 
 
 def _trained_engine(tmp_path):

@@ -3,7 +3,6 @@ outer steps, checkpoints, and the errors. Runs call train_main in this process (
 real workers are spawned), single-threaded so that real and virtual ranks do the same float arithmetic."""
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
@@ -21,15 +20,13 @@ CPU = "--train.device=cpu"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_and_signals(monkeypatch):
-    """One thread here and in spawned workers; keep pytest's signal handlers (training installs its own)."""
+def _one_thread(monkeypatch):
+    """One thread here and in spawned workers (conftest.py restores the signal handlers)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads, handlers = torch.get_num_threads(), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
 
 
 def _train(out: Path, *args: str) -> list[dict]:

@@ -5,7 +5,6 @@ non-finite stops with a message, strict-JSON metrics and no non-finite checkpoin
 the CPU keep these runs in this process (the directory logic is the same for workers)."""
 
 import json
-import signal
 
 import pytest
 
@@ -17,14 +16,6 @@ from halfbyte.train.rundir import PREVIOUS
 SMALL = ["--model.n_layer=2", "--model.d_model=64", "--model.n_head=2", "--seq_len=32", "--batch-size=4",
          "--eval_tokens=256", "--log_interval=1", "--sample_tokens=0", "--virtual-ranks=2",
          "--train.device=cpu", "--eval_interval=0"]
-
-
-@pytest.fixture(autouse=True)
-def _keep_signal_handlers():
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
 
 
 def _run(out, *args) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -26,14 +25,6 @@ SMALL = ["--model.n_layer=1", "--model.d_model=32", "--model.n_head=2", "--seq_l
          "--preset=baseline"]
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.load in this process
 NO_DECAY = ["wte.weight", "ln_f.weight", "blocks.0.ln_attn.weight", "blocks.0.ln_mlp.weight"]
-
-
-@pytest.fixture(autouse=True)
-def _keep_signal_handlers():
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
 
 
 def _decay_of(ckpt: Path) -> dict[str, float]:
