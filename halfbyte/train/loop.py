@@ -460,131 +460,213 @@ def run(plan: RunPlan) -> dict[str, Any]:
     return train(plan, make_ranks(plan), stop)
 
 
+@dataclass
+class Window:
+    """The steps since the last metrics record, for its mean loss and throughput."""
+
+    start: int  # the step it follows
+    loss_sum: float = 0.0
+    loss_steps: int = 0
+    time: float = 0.0  # seconds in its steps
+
+    def add(self, dt: float, loss: float | None) -> None:
+        """One step of `dt` seconds; `loss` None for a skipped step (its loss is not finite: it stays out
+        of the mean)."""
+        if loss is not None:
+            self.loss_sum, self.loss_steps = self.loss_sum + loss, self.loss_steps + 1
+        self.time += dt
+
+    def tokens_per_s(self, step: int, tokens_per_step: int) -> float:
+        return (step - self.start) * tokens_per_step / max(self.time, 1e-9)
+
+
+@dataclass
+class RunState:
+    """The loop's counters. Those a checkpoint carries (step, elapsed, the bytes sent and bf16's, the
+    schedule) are restored on resume (`_start_state`); the others start afresh in every process."""
+
+    schedule: Schedule
+    bf16_step: int  # bytes all ranks would send per step with bf16 communication, on this layout
+    step: int = 0  # steps done
+    elapsed: float = 0.0  # seconds in training steps, the resumed run's included
+    # [intra, inter, inter-island] bytes all ranks sent before this process started
+    wire_offset: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))
+    bf16_offset: int = 0  # bf16's bytes before this process started (the layout may have changed)
+    train_loss: float = math.nan  # the last step's, the mean over the ranks
+    val_loss: float = math.nan  # the last evaluation's
+    stopped: bool = False  # a rank was asked to stop (SIGINT / SIGTERM)
+    skipped_in_a_row: int = 0
+    checkpoint: Path | None = None  # the newest one this process wrote
+    start_step: int = field(init=False)
+    wire: torch.Tensor = field(init=False)  # [intra, inter, inter-island] bytes all ranks sent so far
+    window: Window = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.start_step, self.wire, self.window = self.step, self.wire_offset.clone(), Window(self.step)
+
+    @property
+    def bf16_bytes(self) -> int:
+        """Bytes bf16 communication would have sent by now (on the layouts the run had)."""
+        return self.bf16_offset + self.bf16_step * (self.step - self.start_step)
+
+
 def train(plan: RunPlan, ranks: Ranks, stop: StopRequest) -> dict[str, Any]:
-    cfg, t = plan.cfg, plan.cfg.train
-    out_dir, leader, device = cfg.out_dir, ranks.leader, ranks.device
-    ckpt_root = out_dir / "checkpoints"
-    schedule = Schedule(cfg.optim.lr, cfg.schedule, t.steps)
-
-    step, elapsed, wire_offset, bf16_offset = 0, 0.0, torch.zeros(3, dtype=torch.float64), 0
-    if plan.resume_path:
-        extra = ranks.load(plan.resume_path)
-        step, elapsed = int(extra["step"]), float(extra["elapsed_s"])
-        wire_offset = torch.tensor(extra["wire_bytes"], dtype=torch.float64)
-        bf16_offset = int(extra["wire_bf16_bytes"])  # the layout (hence bf16's bytes) may have changed
-        restart = extra.get("schedule")
-        if restart is not None:
-            schedule = Schedule(cfg.optim.lr, cfg.schedule, t.steps, restart["step"], restart["lr"])
-        if extra["steps"] != t.steps:  # --train.replan: decay from here to the new end
-            schedule = Schedule(cfg.optim.lr, cfg.schedule, extra["steps"], schedule.restart_step,
-                                schedule.restart_lr).extended(step, t.steps)
-    start_step = step
-    tokens_per_step = t.batch_size * t.seq_len
-
-    log = None
+    """Train from step 0 or the resumed checkpoint's step to train.steps, or until a rank is asked to
+    stop, evaluating, logging and checkpointing on the way. Returns the summary."""
+    t = plan.cfg.train
+    run = _start_state(plan, ranks)
     val_tokens = ranks.eval_tokens()  # collective: every rank, before the leader's banner
-    if leader:
-        print(_banner(plan, ranks, start_step, val_tokens), flush=True)
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-        log = RunLogger(out_dir, t.steps, start_step, resumed=bool(plan.resume_path))
-
-    def bf16_at(step: int) -> int:
-        """Bytes bf16 communication would have sent by `step` (on the layouts the run had)."""
-        return bf16_offset + ranks.bf16_step * (step - start_step)
-
-    def save(step: int, wire: torch.Tensor) -> Path | None:
-        if skipped_in_a_row or not ranks.weights_finite():
-            if log is not None:
-                log.note(f"step {step}: no checkpoint written while the gradients or weights are not finite "
-                         "(the newest complete one stays the latest)")
-            return None
-        path = checkpoint.step_dir(ckpt_root, step)
-        restart = (None if schedule.restart_lr is None
-                   else {"step": schedule.restart_step, "lr": schedule.restart_lr})
-        ranks.save(path, {"step": step, "steps": t.steps, "elapsed_s": elapsed, "wire_bytes": wire.tolist(),
-                          "wire_bf16_bytes": bf16_at(step), "schedule": restart, "config": cfg.to_dict()})
-        if leader:
-            checkpoint.rotate(ckpt_root, t.keep_checkpoints)
-            if plan.previous_run:
-                rundir.discard_previous(out_dir)  # --overwrite: the new run is safe now
-                plan.previous_run = None
-        return path
-
-    loss_sum, loss_steps, window_time, window_start = 0.0, 0, 0.0, step
-    val_loss, train_loss, checkpoint_path = float("nan"), float("nan"), None
-    wire = wire_offset.clone()
-    stopped, skipped_in_a_row = False, 0
+    log = _open_log(plan, ranks, run.start_step, val_tokens) if ranks.leader else None
     try:
-        while step < t.steps and not stopped:
+        while run.step < t.steps and not run.stopped:
             t0 = time.perf_counter()
-            lr = schedule.lr(step)
+            lr = run.schedule.lr(run.step)
             step_loss, result = ranks.train_step(lr)
-            step += 1
-            # One small all-reduce per step: mean loss, whether any rank was asked to stop, bytes on the wire.
-            shared = ranks.all_sum(torch.cat([step_loss.reshape(1).cpu(),
-                                              torch.tensor([float(stop.requested)], dtype=torch.float64),
-                                              ranks.wire()]))
-            train_loss = float(shared[0]) / plan.world_size
-            stopped = bool(shared[1] > 0)
-            wire = wire_offset + shared[2:]
-            dt = time.perf_counter() - t0
-            elapsed += dt
-            skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
-            if result.skipped and log is not None:
-                log.note(f"step {step} skipped: gradient norm {result.grad_norm} ({ranks.skipped_steps} "
-                         f"skipped so far, {skipped_in_a_row} in a row)")
-            if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                raise TrainingStopped(
-                    f"{skipped_in_a_row} steps in a row had non-finite gradients (the last at step {step}): "
-                    f"the run stopped; lower --lr (now {cfg.optim.lr}) or check the data. No checkpoint was "
-                    f"written since the skips began: the newest in {ckpt_root}, if any, is from before")
-            if not result.skipped:  # a skipped step's loss is not finite: it stays out of the mean
-                loss_sum, loss_steps = loss_sum + train_loss, loss_steps + 1
-            window_time += dt
+            _end_step(plan, ranks, run, stop, log, step_loss, result, t0)
 
-            final = step == t.steps
-            evaluated = ranks.has_val and not stopped and (final or (t.eval_interval and step % t.eval_interval == 0))
+            final = run.step == t.steps
+            evaluated = ranks.has_val and not run.stopped and (final or _every(t.eval_interval, run.step))
             if evaluated:
-                val_loss = ranks.evaluate()
-            bf16_total = bf16_at(step)
+                run.val_loss = ranks.evaluate()
             if log is not None:
-                tok_s = (step - window_start) * tokens_per_step / max(window_time, 1e-9)
-                log.progress(step, f"loss {train_loss:.3f} | {tok_s:,.0f} tok/s | wire {fmt_bytes(wire.sum())} "
-                                   f"(bf16 {fmt_bytes(bf16_total)})")
-                if final or stopped or evaluated or step == 1 or step % t.log_interval == 0:
-                    record = {"step": step, "loss": round(loss_sum / loss_steps, 5) if loss_steps else None, "lr": lr,
-                              "tokens_per_s": round(tok_s, 1), "grad_norm": round(result.grad_norm, 5),
-                              "wire_intra_bytes": int(wire[0]), "wire_inter_bytes": int(wire[1]),
-                              "wire_bf16_bytes": bf16_total, "skipped_steps": ranks.skipped_steps,
-                              "elapsed_s": round(elapsed, 2)}
-                    if plan.islands:
-                        record |= {"outer_steps": ranks.outer_steps, "wire_island_bytes": int(wire[2])}
-                    if evaluated:
-                        record["val_loss"] = round(val_loss, 5)
-                    log.log(record)
-                    loss_sum, loss_steps, window_time, window_start = 0.0, 0, 0.0, step
-            if t.check_replicas_interval and step % t.check_replicas_interval == 0:
+                log.progress(run.step, _progress(plan, run))
+                if final or run.stopped or evaluated or run.step == 1 or run.step % t.log_interval == 0:
+                    log.log(_record(plan, ranks, run, lr, result, evaluated))
+                    run.window = Window(run.step)
+            if _every(t.check_replicas_interval, run.step):
                 ranks.check_replicas()  # raises, naming the bucket, if a replica diverged
-            if final or stopped or (t.checkpoint_interval and step % t.checkpoint_interval == 0):
-                # read again: an evaluation of this step may have communicated (FSDP2's forward
-                # gathers), and a resumed run must start from every byte sent before its checkpoint
-                checkpoint_path = save(step, wire_offset + ranks.all_sum(ranks.wire())) or checkpoint_path
+            if final or run.stopped or _every(t.checkpoint_interval, run.step):
+                run.checkpoint = _save(plan, ranks, run, log) or run.checkpoint
     finally:
         if log is not None:
             log.close()
-        if leader and plan.previous_run:
-            rundir.restore_previous(out_dir)  # the new run ended before its first checkpoint
+        if ranks.leader and plan.previous_run:
+            rundir.restore_previous(plan.cfg.out_dir)  # the new run ended before its first checkpoint
 
-    summary = {"step": step, "stopped": stopped, "loss": train_loss, "val_loss": val_loss,
-               "wire_bytes": wire.tolist(), "wire_bf16_bytes": bf16_at(step), "elapsed_s": elapsed,
-               "skipped_steps": ranks.skipped_steps, "outer_steps": ranks.outer_steps,
-               "checkpoint": str(checkpoint_path) if checkpoint_path else None,
-               "dtype": str(ranks.dtype).removeprefix("torch.")}
-    sampling = not stopped and plan.tokenizer and t.sample_tokens
+    summary = _summary(ranks, run)
+    sampling = not run.stopped and plan.tokenizer and t.sample_tokens
     model = ranks.sample_model() if sampling else None  # collective: every rank, before the leader's end
-    if leader:
-        _finish(plan, model, summary, out_dir, device)
+    if ranks.leader:
+        _finish(plan, model, summary, plan.cfg.out_dir, ranks.device)
     return summary
+
+
+def _start_state(plan: RunPlan, ranks: Ranks) -> RunState:
+    """The state at step 0, or the one the resumed checkpoint carries (ranks.load restores the
+    engine's state and the data order)."""
+    cfg, t = plan.cfg, plan.cfg.train
+    schedule = Schedule(cfg.optim.lr, cfg.schedule, t.steps)
+    if not plan.resume_path:
+        return RunState(schedule, ranks.bf16_step)
+    extra = ranks.load(plan.resume_path)
+    step = int(extra["step"])
+    restart = extra.get("schedule")
+    if restart is not None:
+        schedule = Schedule(cfg.optim.lr, cfg.schedule, t.steps, restart["step"], restart["lr"])
+    if extra["steps"] != t.steps:  # --train.replan: decay from here to the new end
+        schedule = Schedule(cfg.optim.lr, cfg.schedule, extra["steps"], schedule.restart_step,
+                            schedule.restart_lr).extended(step, t.steps)
+    return RunState(schedule, ranks.bf16_step, step, float(extra["elapsed_s"]),
+                    torch.tensor(extra["wire_bytes"], dtype=torch.float64),
+                    int(extra["wire_bf16_bytes"]))  # the layout (hence bf16's bytes) may have changed
+
+
+def _open_log(plan: RunPlan, ranks: Ranks, start_step: int, val_tokens: int) -> RunLogger:
+    """The leader: the banner, config.json and the run's logger (progress bar, metrics.jsonl)."""
+    cfg = plan.cfg
+    print(_banner(plan, ranks, start_step, val_tokens), flush=True)
+    (cfg.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    return RunLogger(cfg.out_dir, cfg.train.steps, start_step, resumed=bool(plan.resume_path))
+
+
+def _end_step(plan: RunPlan, ranks: Ranks, run: RunState, stop: StopRequest, log: RunLogger | None,
+              step_loss: torch.Tensor, result: StepResult, t0: float) -> None:
+    """Count the step just trained (begun at time.perf_counter() `t0`): its loss, whether to stop,
+    the bytes sent, its time, and skips (a run whose gradients stay non-finite stops: TrainingStopped)."""
+    run.step += 1
+    # One small all-reduce per step: mean loss, whether any rank was asked to stop, bytes on the wire.
+    shared = ranks.all_sum(torch.cat([step_loss.reshape(1).cpu(),
+                                      torch.tensor([float(stop.requested)], dtype=torch.float64),
+                                      ranks.wire()]))
+    run.train_loss = float(shared[0]) / plan.world_size
+    run.stopped = bool(shared[1] > 0)
+    run.wire = run.wire_offset + shared[2:]
+    dt = time.perf_counter() - t0
+    run.elapsed += dt
+    run.skipped_in_a_row = run.skipped_in_a_row + 1 if result.skipped else 0
+    if result.skipped and log is not None:
+        log.note(f"step {run.step} skipped: gradient norm {result.grad_norm} ({ranks.skipped_steps} "
+                 f"skipped so far, {run.skipped_in_a_row} in a row)")
+    if run.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+        raise TrainingStopped(
+            f"{run.skipped_in_a_row} steps in a row had non-finite gradients (the last at step {run.step}): "
+            f"the run stopped; lower --lr (now {plan.cfg.optim.lr}) or check the data. No checkpoint was "
+            f"written since the skips began: the newest in {plan.cfg.out_dir / 'checkpoints'}, if any, is from before")
+    run.window.add(dt, None if result.skipped else run.train_loss)
+
+
+def _every(interval: int, step: int) -> bool:
+    """Whether `step` ends an interval (0: never)."""
+    return bool(interval) and step % interval == 0
+
+
+def _progress(plan: RunPlan, run: RunState) -> str:
+    """The progress bar's line for step run.step."""
+    t = plan.cfg.train
+    tok_s = run.window.tokens_per_s(run.step, t.batch_size * t.seq_len)
+    return (f"loss {run.train_loss:.3f} | {tok_s:,.0f} tok/s | wire {fmt_bytes(run.wire.sum())} "
+            f"(bf16 {fmt_bytes(run.bf16_bytes)})")
+
+
+def _record(plan: RunPlan, ranks: Ranks, run: RunState, lr: float, result: StepResult,
+            evaluated: bool) -> dict[str, Any]:
+    """Step run.step's line of metrics.jsonl (loss and throughput: over the window since the last one)."""
+    t, w = plan.cfg.train, run.window
+    record = {"step": run.step, "loss": round(w.loss_sum / w.loss_steps, 5) if w.loss_steps else None, "lr": lr,
+              "tokens_per_s": round(w.tokens_per_s(run.step, t.batch_size * t.seq_len), 1),
+              "grad_norm": round(result.grad_norm, 5),
+              "wire_intra_bytes": int(run.wire[0]), "wire_inter_bytes": int(run.wire[1]),
+              "wire_bf16_bytes": run.bf16_bytes, "skipped_steps": ranks.skipped_steps,
+              "elapsed_s": round(run.elapsed, 2)}
+    if plan.islands:
+        record |= {"outer_steps": ranks.outer_steps, "wire_island_bytes": int(run.wire[2])}
+    if evaluated:
+        record["val_loss"] = round(run.val_loss, 5)
+    return record
+
+
+def _save(plan: RunPlan, ranks: Ranks, run: RunState, log: RunLogger | None) -> Path | None:
+    """Write step run.step's checkpoint (collective) and rotate the older ones; None, writing nothing,
+    while the gradients or weights are not finite."""
+    cfg, t = plan.cfg, plan.cfg.train
+    ckpt_root = cfg.out_dir / "checkpoints"
+    # read again: an evaluation of this step may have communicated (FSDP2's forward gathers), and a
+    # resumed run must start from every byte sent before its checkpoint
+    wire = run.wire_offset + ranks.all_sum(ranks.wire())
+    if run.skipped_in_a_row or not ranks.weights_finite():
+        if log is not None:
+            log.note(f"step {run.step}: no checkpoint written while the gradients or weights are not finite "
+                     "(the newest complete one stays the latest)")
+        return None
+    path = checkpoint.step_dir(ckpt_root, run.step)
+    restart = (None if run.schedule.restart_lr is None
+               else {"step": run.schedule.restart_step, "lr": run.schedule.restart_lr})
+    ranks.save(path, {"step": run.step, "steps": t.steps, "elapsed_s": run.elapsed, "wire_bytes": wire.tolist(),
+                      "wire_bf16_bytes": run.bf16_bytes, "schedule": restart, "config": cfg.to_dict()})
+    if ranks.leader:
+        checkpoint.rotate(ckpt_root, t.keep_checkpoints)
+        if plan.previous_run:
+            rundir.discard_previous(cfg.out_dir)  # --overwrite: the new run is safe now
+            plan.previous_run = None
+    return path
+
+
+def _summary(ranks: Ranks, run: RunState) -> dict[str, Any]:
+    return {"step": run.step, "stopped": run.stopped, "loss": run.train_loss, "val_loss": run.val_loss,
+            "wire_bytes": run.wire.tolist(), "wire_bf16_bytes": run.bf16_bytes, "elapsed_s": run.elapsed,
+            "skipped_steps": ranks.skipped_steps, "outer_steps": ranks.outer_steps,
+            "checkpoint": str(run.checkpoint) if run.checkpoint else None,
+            "dtype": str(ranks.dtype).removeprefix("torch.")}
 
 
 def _banner(plan: RunPlan, ranks: Ranks, start_step: int, val_tokens: int) -> str:
