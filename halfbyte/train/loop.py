@@ -177,7 +177,7 @@ class Slot:
 class Ranks(abc.ABC):
     """The ranks this process plays and the engine that trains them: all the loop (`train`) drives.
 
-    The loop is engine-neutral; it calls train_step, all_sum, evaluate, eval_tokens, check_replicas,
+    The loop is engine-neutral; it calls train_step, flush_outer, all_sum, evaluate, eval_tokens, check_replicas,
     weights_finite, wire, save, load and sample_model. This class holds what every engine shares: the
     data each rank draws, the micro-batch loop of a step, evaluation and the byte counters. An engine
     implements the hooks below (`_rank`, `_accumulate`, `_update`, `_sent`, `_save`, `_load`, ...):
@@ -261,6 +261,10 @@ class Ranks(abc.ABC):
     @property
     def outer_steps(self) -> int:
         return 0
+
+    def flush_outer(self) -> None:
+        """Apply an outer exchange still in flight (collective; local updates with a delay): called
+        after the last step's update, so a run ends on the outer weights it paid the bytes for."""
 
     @abc.abstractmethod
     def sample_model(self) -> torch.nn.Module | None:
@@ -388,6 +392,10 @@ class HalfbyteRanks(Ranks):
 
     def _accumulate(self, slot: EngineSlot, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if last else slot.engine.no_sync()
+
+    def flush_outer(self) -> None:
+        if self.local is not None:
+            self.local.flush()
 
     def _update(self, lr: float) -> StepResult:
         results = [engine.step(lr=lr) for engine in self.engines]
@@ -522,6 +530,8 @@ def train(plan: RunPlan, ranks: Ranks, stop: StopRequest) -> dict[str, Any]:
             t0 = time.perf_counter()
             lr = run.schedule.lr(run.step)
             step_loss, result = ranks.train_step(lr)
+            if run.step + 1 == t.steps:
+                ranks.flush_outer()  # before the step's byte count: the run's last exchange is in it
             _end_step(plan, ranks, run, stop, log, step_loss, result, t0)
 
             final = run.step == t.steps

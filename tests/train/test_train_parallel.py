@@ -155,3 +155,13 @@ def test_run_that_sent_nothing_still_summarizes(tmp_path, capsys):
                   "--steps=2", "--preset=baseline", "--eval_interval=0")
     assert rows[-1]["wire_island_bytes"] == 0 and rows[-1]["outer_steps"] == 0
     assert "(nothing was sent)" in capsys.readouterr().out
+
+
+def test_a_delayed_outer_exchange_is_applied_at_the_end_of_training(tmp_path):
+    # tau 3, delay 1, 6 steps: round 1's exchange starts at step 3 and lands at step 4; round 2's
+    # starts at step 6, the last, and the trainer flushes it there, bytes included
+    records = _train(tmp_path / "delayed", "--steps=6", "--preset=baseline", "--virtual-ranks=2", CPU,
+                     "--islands=2", "--outer=average", "--local-steps=3", "--outer.delay=1", "--eval_interval=0")
+    assert [r["outer_steps"] for r in records] == [0, 0, 0, 1, 1, 2]
+    island = [r["wire_island_bytes"] for r in records]
+    assert island[3] > 0 and island[5] == 2 * island[3]
