@@ -22,9 +22,10 @@ On the GPU machine (the repository is the working directory; runs/ is ignored by
 can end before the deadline, stops the last-started ones early so that the others do (a run cut at
 the deadline is lost on a fresh machine; only back-to-back calls keep checkpoints). No run starts
 while the kept ones run; after them the shed ones resume first (from the checkpoint SIGTERM saved).
-It starts no run that cannot end in time by the runs finished in this call (their time alone, times
-the runs it would share the GPU with), sends SIGTERM --stop-margin-s before the deadline (halfbyte
-train saves a checkpoint and exits), and the next call resumes what was stopped.
+It starts no run that cannot end in time by the runs finished in this call (their time alone per
+sequence, times the run's steps x batch and the runs it would share the GPU with), sends SIGTERM
+--stop-margin-s before the deadline (halfbyte train saves a checkpoint and exits), and the next call
+resumes what was stopped. The launcher is study_common.Launcher, shared with local_updates_study.py.
 Runs finished in earlier calls are skipped if their directories are in runs/convergence-done/ (the
 calls' runs.tgz unpacked here and carried there: a separate directory, so that carrying it never
 replaces a warm machine's checkpoints). A run directory holds metrics.jsonl, train.log, command.txt
@@ -44,25 +45,22 @@ provenance.json}, summary.json (paired statistics per arm vs baseline at W=8 and
 from __future__ import annotations
 
 import argparse
-import datetime
-import hashlib
 import json
-import os
 import shlex
-import signal
-import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # halfbyte from this checkout, also where it is not installed (the GPU machine)
-
-# scripts/ is on sys.path when a script runs, so its shared module imports by name
-from study_common import corpus_dirs  # noqa: E402
+# halfbyte from this checkout, also where it is not installed (the GPU machine)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# scripts/ is on sys.path when a script runs, so its shared module imports by name; the run machinery
+# (run state, provenance, the Launcher) is there, shared with local_updates_study.py
+from study_common import (  # noqa: E402
+    ROOT, Launcher, Record, StudyError, check_data_and_code, corpus_dirs, dispatch, pick, print_commands,
+    read_metrics, read_provenance, rel, report_runs, run_status, study_parser, write_json,
+)
 
 MODEL_TAG = "21m"
 RESULTS = ROOT / "benchmarks" / "results" / f"convergence-{MODEL_TAG}"
@@ -104,17 +102,12 @@ ARMS = {
 LAYOUT = {8: 4, 32: 8}  # virtual ranks W -> GPUs per emulated node (W=8: 2 x 4, W=32: 4 x 8)
 SEEDS = 4
 TARGET_PCT = 0.3
-CHECKPOINT_MARKER = "COMPLETE"  # halfbyte.engine.checkpoint.MARKER: a checkpoint directory is complete
-GATE_SAFETY = 1.1  # a run starts (or is kept) only if 1.1 x its predicted time ends before the stop
-MIN_RATE_STEPS = 48  # steps a run's rate is measured over before it predicts the run's end
-
-
-class StudyError(Exception):
-    """A user mistake or a refused input: one line on stderr, exit code 2."""
 
 
 @dataclass(frozen=True)
 class Run:
+    """One run of the grid; what study_common's Launcher asks of it (a StudyRun) is here too."""
+
     arm: str
     world: int
     seed: int
@@ -126,6 +119,22 @@ class Run:
     @property
     def gpus_per_node(self) -> int:
         return LAYOUT[self.world]
+
+    steps, batch_size, design = STEPS, BATCH, DESIGN  # every run's
+
+    def argv(self, data: Path, runs_dir: Path, train_cmd: list[str]) -> list[str]:
+        """The exact command of the run. Only --seed, --virtual-ranks / --virtual-gpus-per-node /
+        micro-batch, --preset and the names differ between runs."""
+        design = [x for kv in DESIGN.items() for x in kv]
+        return [*train_cmd, *design, *OUTPUT_ARGS, "--data", rel(data), "--seed", str(self.seed),
+                "--virtual-ranks", str(self.world), "--virtual-gpus-per-node", str(self.gpus_per_node),
+                "--train.micro_batch_size", str(BATCH // self.world), "--preset", self.arm,
+                "--train.name", self.name, "--out", rel(runs_dir / self.name), "--resume", "auto"]
+
+    def provenance(self, data: dict[str, Any]) -> dict[str, Any]:
+        return {"run": self.name, "arm": self.arm, "world": self.world, "gpus_per_node": self.gpus_per_node,
+                "nodes": self.world // self.gpus_per_node, "seed": self.seed, "design": DESIGN, "data": data,
+                "output_args": list(OUTPUT_ARGS)}
 
 
 def grid(seeds: int = SEEDS) -> list[Run]:
@@ -142,139 +151,7 @@ def gpt_params(n_layer: int = N_LAYER, d_model: int = D_MODEL, vocab: int = VOCA
     return 12 * n_layer * d_model ** 2 + vocab * d_model + (2 * n_layer + 1) * d_model
 
 
-def rel(path: Path) -> str:
-    """A path as the commands write it: relative to the repository root (their working directory)."""
-    path = path.resolve()
-    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-
-
-def train_argv(run: Run, data: Path, runs_dir: Path, train_cmd: list[str]) -> list[str]:
-    """The exact command of one run. Only --seed, --virtual-ranks / --virtual-gpus-per-node /
-    micro-batch, --preset and the names differ between runs."""
-    design = [x for kv in DESIGN.items() for x in kv]
-    return [*train_cmd, *design, *OUTPUT_ARGS, "--data", rel(data), "--seed", str(run.seed),
-            "--virtual-ranks", str(run.world), "--virtual-gpus-per-node", str(run.gpus_per_node),
-            "--train.micro_batch_size", str(BATCH // run.world), "--preset", run.arm,
-            "--train.name", run.name, "--out", rel(runs_dir / run.name), "--resume", "auto"]
-
-
-# ------------------------------------------------------------------------------------ run state
-
-
-def final_val_loss(records: list[dict]) -> float | None:
-    """The validation loss at the last step (after the LR schedule's end), or None if not reached."""
-    last = [r for r in records if r.get("step") == STEPS and "val_loss" in r]
-    return float(last[-1]["val_loss"]) if last else None
-
-
-def newest_checkpoint_step(run_dir: Path) -> int:
-    """The step of the newest complete checkpoint (what `--resume auto` continues from), else 0."""
-    steps = [int(p.name.removeprefix("step_")) for p in (run_dir / "checkpoints").glob("step_*")
-             if p.is_dir() and (p / CHECKPOINT_MARKER).is_file() and p.name.removeprefix("step_").isdigit()]
-    return max(steps, default=0)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    """A run's metrics.jsonl records; a last line still being written (or torn by a kill) is left out."""
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.is_file() else []
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            if i < len(lines) - 1:
-                raise StudyError(f"{rel(path)} line {i + 1} is not JSON; the run's metrics are damaged") from None
-    return records
-
-
-def status(run_dir: Path) -> str:
-    """done | partial (step N, resumable from M) | pending."""
-    records = read_metrics(run_dir)
-    if final_val_loss(records) is not None:
-        return "done"
-    if records:
-        return f"partial (step {records[-1]['step']}, resumes from {newest_checkpoint_step(run_dir)})"
-    return "pending"
-
-
-def read_provenance(run_dir: Path) -> dict | None:
-    path = run_dir / "provenance.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Write atomically: a call cut short never leaves half a file for the next one to read."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------------- provenance
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def data_identity(data: Path) -> dict[str, Any]:
-    """Size, sha256 and token count of the training and validation files, and how they were made
-    (prepare-data's sidecar); hashed once per file version (cached beside it by size and mtime)."""
-    from halfbyte.train.data import open_tokens, val_path_for
-    from halfbyte.train.prepare_cli import sidecar_path
-
-    val = val_path_for(data)
-    for path in (data, val):
-        if not path.is_file():
-            raise StudyError(f"data file {rel(path)} does not exist; run `python3 scripts/convergence_study.py "
-                             f"prepare --data {rel(data)}` first")
-    stamp = [[p.stat().st_size, p.stat().st_mtime_ns] for p in (data, val)]
-    cache = data.with_name(data.name + ".identity.json")
-    if cache.is_file() and (cached := json.loads(cache.read_text())).get("stamp") == stamp:
-        return cached["identity"]
-    sidecar = sidecar_path(data)
-    identity = {"train_file": data.name, "train_bytes": data.stat().st_size, "train_sha256": _sha256(data),
-                "train_tokens": len(open_tokens(data)), "val_bytes": val.stat().st_size,
-                "val_sha256": _sha256(val), "val_tokens": len(open_tokens(val)),
-                "prepared": json.loads(sidecar.read_text()) if sidecar.is_file() else None}
-    write_json(cache, {"stamp": stamp, "identity": identity})
-    return identity
-
-
-def code_version() -> dict[str, Any]:
-    """The git commit where .git exists (the GPU machine's copy of the tree has none) and, always, a
-    sha256 over halfbyte/**/*.py (path and content): the code that trained, committed or not."""
-    digest = hashlib.sha256()
-    for path in sorted((ROOT / "halfbyte").rglob("*.py")):
-        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
-    commit = dirty = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "halfbyte"], cwd=ROOT,
-                                    capture_output=True, text=True, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return {"commit": commit, "halfbyte_dirty": dirty, "code_sha": digest.hexdigest()[:16]}
-
-
-def device_name() -> str:
-    """The GPU's name from nvidia-smi, or `cpu` (what the runs of a segment ran on)."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20)
-        names = out.stdout.strip().splitlines()
-        return names[0].strip() if out.returncode == 0 and names else "cpu"
-    except (OSError, subprocess.TimeoutExpired):
-        return "cpu"
-
-
-def utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+# ------------------------------------------------------------------------------------ provenance
 
 
 def recorded_design(provenance: dict) -> dict[str, str]:
@@ -282,18 +159,19 @@ def recorded_design(provenance: dict) -> dict[str, str]:
     return {**DESIGN_ADDED_LATER, **provenance["design"]}
 
 
-def check_recorded(run: Run, recorded: dict | None, data: dict[str, Any], run_dir: Path) -> None:
-    """Refuse to continue a run that was started with another design or data (it could not be paired)."""
+def check_recorded(run: Any, recorded: dict | None, data: dict[str, Any], run_dir: Path) -> None:
+    """Refuse to continue (or count as done) a run that was started with another design (than
+    run.design) or data: it could not be paired."""
     if (run_dir / "metrics.jsonl").is_file() and recorded is None:
         raise StudyError(f"{rel(run_dir)} holds a run without provenance.json (not made by this script); "
                          "move it away or choose another --runs-dir")
     if recorded is None:
         return
-    design = recorded_design(recorded)
-    if design != DESIGN:
-        key = next(k for k in sorted(set(DESIGN) | set(design)) if DESIGN.get(k) != design.get(k))
+    design, ours = recorded_design(recorded), run.design
+    if design != ours:
+        key = next(k for k in sorted(set(ours) | set(design)) if ours.get(k) != design.get(k))
         raise StudyError(f"{rel(run_dir)} was started with {key} {design.get(key)}, this design has "
-                         f"{DESIGN.get(key)}; move it away or choose another --runs-dir")
+                         f"{ours.get(key)}; move it away or choose another --runs-dir")
     for key in ("train_sha256", "val_sha256"):
         if recorded["data"][key] != data[key]:
             raise StudyError(f"{rel(run_dir)} was trained on other data ({key} {recorded['data'][key][:12]}, "
@@ -303,217 +181,19 @@ def check_recorded(run: Run, recorded: dict | None, data: dict[str, Any], run_di
 # ----------------------------------------------------------------------------------------- run
 
 
-@dataclass
-class Child:
-    run: Run
-    proc: subprocess.Popen
-    started_s: float
-    from_step: int
-    log: IO[str]
-    segment: int  # index into the run's provenance segments
-    window: tuple[float, int] | None = None  # (time, step) where its current rate measurement began
-    step: int = 0  # the last step seen in its metrics.jsonl
-    shed: bool = False  # stopped early so that the runs before it finish in this call
-    shared_s: float = 0.0  # the integral over its life of how many runs shared the GPU (run-seconds)
-
-
-def fits(estimate_s: float | None, remaining_fraction: float, now_s: float, stop_s: float) -> bool:
-    """Whether a run should start now: yes without an estimate (the first wave of a call), else only if
-    it is predicted to end before the stop. A run cut at the stop resumes only while the machine keeps
-    its checkpoints (back-to-back calls); on a fresh machine it would start over."""
-    return estimate_s is None or now_s + GATE_SAFETY * estimate_s * remaining_fraction <= stop_s
-
-
-def solo_run_s(wall_s: float, shared_s: float, steps_done: int) -> float:
-    """A full run's time alone on the GPU, from a segment that did steps_done steps in wall_s while
-    shared_s/wall_s runs shared the GPU on average (even sharing, the model keep_count also uses)."""
-    return wall_s * STEPS / steps_done / max(1.0, shared_s / wall_s)
-
-
-def keep_count(remaining_s: list[float], time_left_s: float) -> int:
-    """How many of k runs sharing the GPU (priority order; remaining_s[i]: run i's time to its end at
-    the current sharing) to keep so that every kept run ends within time_left_s, if the GPU's work is
-    shared evenly (keeping k' of k makes each k/k' times faster). All k when not even the first could
-    end in time alone: shedding would buy nothing in this call, and a back-to-back call resumes them."""
-    k = len(remaining_s)
-    for keep in range(k, 0, -1):
-        if all(GATE_SAFETY * r * keep / k <= time_left_s for r in remaining_s[:keep]):
-            return keep
-    return k
-
-
-def last_step(run_dir: Path) -> int:
-    """The last step in a run's metrics.jsonl, else 0."""
-    records = read_metrics(run_dir)
-    return int(records[-1]["step"]) if records else 0
-
-
-class Launcher:
-    """Runs a list of runs as subprocesses, --parallel at a time, until done or the deadline. Once every
-    run has advanced MIN_RATE_STEPS steps under the current sharing, their rates predict their ends; if
-    some would end after the stop, the last-started ones are stopped (`shed`, resumable) so that the
-    others finish: on a fresh machine a run cut at the stop is lost, a finished one is not."""
-
-    def __init__(self, runs_dir: Path, data: Path, train_cmd: list[str], parallel: int, deadline_s: float,
-                 stop_margin_s: float, poll_s: float) -> None:
-        self.runs_dir, self.data, self.train_cmd = runs_dir, data, train_cmd
-        self.parallel, self.deadline_s, self.stop_s = parallel, deadline_s, deadline_s - stop_margin_s
-        self.poll_s = poll_s
-        self.identity = data_identity(data)
-        self.code, self.device, self.host = code_version(), device_name(), socket.gethostname()
-        self.solo_run_s: dict[int, float] = {}  # W -> the slowest full run alone implied by runs ended here
-        self.kept: set[str] = set()  # the runs kept at a shed: no run starts while one of them runs
-        self.t0 = time.monotonic()
-
-    def now(self) -> float:
-        return time.monotonic() - self.t0
-
-    def estimate(self, run: Run, sharing: int) -> float | None:
-        """A full run's predicted time when `sharing` runs share the GPU (even sharing; the rates
-        measured once it runs correct a wrong guess by shedding the last-started runs)."""
-        solo = self.solo_run_s.get(run.world)
-        return None if solo is None else solo * sharing
-
-    def start(self, run: Run, from_step: int) -> Child:
-        run_dir = self.runs_dir / run.name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        argv = train_argv(run, self.data, self.runs_dir, self.train_cmd)
-        provenance = read_provenance(run_dir) or {
-            "run": run.name, "arm": run.arm, "world": run.world, "gpus_per_node": run.gpus_per_node,
-            "nodes": run.world // run.gpus_per_node, "seed": run.seed, "design": DESIGN, "data": self.identity,
-            "output_args": list(OUTPUT_ARGS), "segments": []}
-        provenance["segments"].append({"start_utc": utc_now(), "from_step": from_step, "command": argv,
-                                       **self.code, "host": self.host, "device": self.device})
-        write_json(run_dir / "provenance.json", provenance)
-        commands = {json.dumps(s["command"]) for s in provenance["segments"]}
-        (run_dir / "command.txt").write_text("".join(shlex.join(json.loads(c)) + "\n" for c in sorted(commands)))
-        log = open(run_dir / "train.log", "a")
-        log.write(f"=== {utc_now()} segment {len(provenance['segments'])}, from step {from_step}: "
-                  f"{shlex.join(argv)}\n")
-        log.flush()
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        print(f"{self.now():6.0f} s  start {run.name} (from step {from_step})", flush=True)
-        return Child(run, proc, self.now(), from_step, log, len(provenance["segments"]) - 1, step=from_step)
-
-    def end(self, child: Child, stopping: bool) -> str:
-        """Record how a segment ended; returns the run's status (`failed (exit N): ...` for a run that
-        exited non-zero unasked)."""
-        child.log.close()
-        run_dir = self.runs_dir / child.run.name
-        wall = self.now() - child.started_s
-        state, code = status(run_dir), child.proc.returncode
-        stopped = None if state == "done" else "shed" if child.shed else "deadline" if stopping else None
-        provenance = read_provenance(run_dir)
-        provenance["segments"][child.segment] |= {"end_utc": utc_now(), "exit_code": code, "wall_s": round(wall, 1),
-                                                  "to_step": last_step(run_dir), "stopped": stopped}
-        write_json(run_dir / "provenance.json", provenance)
-        if state == "done" and STEPS > child.from_step and wall > 0:
-            solo = solo_run_s(wall, child.shared_s, STEPS - child.from_step)
-            self.solo_run_s[child.run.world] = max(self.solo_run_s.get(child.run.world, 0.0), solo)
-        if code != 0 and stopped is None:
-            state = f"failed (exit {code}): {state}"
-        elif stopped:
-            state += f", stopped ({stopped})"
-        print(f"{self.now():6.0f} s  {child.run.name}: exit {code}, {state}, {wall:.0f} s this call", flush=True)
-        if state.startswith("failed"):
-            tail = (run_dir / "train.log").read_text(errors="replace").splitlines()[-6:]
-            print(f"--- {child.run.name}: end of its train.log:", *tail, sep="\n", flush=True)
-        return state
-
-    def shed_late(self, running: list[Child], now: float) -> None:
-        """Measure each live run's rate since its window opened; shed runs if not all can end in time."""
-        live = [c for c in running if not c.shed]
-        for c in live:
-            c.step = last_step(self.runs_dir / c.run.name)
-            if c.window is None and c.step > c.from_step:
-                c.window = (now, c.step)
-        if not live or any(c.window is None or c.step - c.window[1] < MIN_RATE_STEPS for c in live):
-            return
-        remaining = [(STEPS - c.step) * (now - c.window[0]) / (c.step - c.window[1]) for c in live]
-        keep = keep_count(remaining, self.stop_s - now)
-        if keep == len(live):
-            return
-        self.kept = {c.run.name for c in live[:keep]}
-        for c in live[keep:]:
-            c.shed = True
-            c.proc.send_signal(signal.SIGTERM)
-        for c in live[:keep]:
-            c.window = None  # faster now: measure again
-        print(f"{now:6.0f} s  {len(live)} runs would end {max(remaining):.0f} s from now, after the stop at "
-              f"{self.stop_s:.0f} s: shed {', '.join(c.run.name for c in live[keep:])}", flush=True)
-
-    def execute(self, runs: list[Run]) -> dict[str, str]:
-        """Run `runs` (none done); returns each one's status at the end of the call."""
-        pending, running, outcome, stopping = list(runs), [], {}, False
-        last_poll = self.now()
-        while pending or running:
-            now = self.now()
-            for child in running:
-                child.shared_s += (now - last_poll) * len(running)
-            last_poll = now
-            ended = [c for c in running if c.proc.poll() is not None]
-            for child in ended:
-                running.remove(child)
-                outcome[child.run.name] = self.end(child, stopping)
-                if child.shed and not stopping and status(self.runs_dir / child.run.name) != "done":
-                    pending.insert(0, child.run)  # resumes from its checkpoint once the kept runs end
-            now = self.now()
-            if not stopping and now >= self.stop_s:
-                stopping = True
-                for child in running:
-                    child.proc.send_signal(signal.SIGTERM)  # halfbyte train saves a checkpoint and exits
-                print(f"{now:6.0f} s  stop: SIGTERM to {len(running)} run(s); {len(pending)} not started", flush=True)
-            if stopping:
-                if not running:
-                    break
-                if now >= self.deadline_s:
-                    for child in running:
-                        child.proc.kill()  # its last periodic checkpoint stays
-                        child.proc.wait()
-                    continue
-            started = 0
-            # while runs kept at a shed still run, starting another would slow them past the stop
-            protecting = any(c.run.name in self.kept for c in running)
-            while not stopping and not protecting and pending and len(running) < self.parallel:
-                run = pending.pop(0)
-                from_step = newest_checkpoint_step(self.runs_dir / run.name)
-                if fits(self.estimate(run, len(running) + 1), (STEPS - from_step) / STEPS, now, self.stop_s):
-                    running.append(self.start(run, from_step))
-                    started += 1
-                else:
-                    outcome[run.name] = "not started: predicted to end after the stop"
-            if ended or started:
-                for child in running:
-                    child.window = None  # the sharing changed: rates are measured again
-            if not stopping:
-                self.shed_late(running, now)
-            time.sleep(self.poll_s)
-        for run in pending:
-            outcome.setdefault(run.name, "not started: deadline")
-        return outcome
-
-
-def run_status(run: Run, args: argparse.Namespace) -> str:
-    """The run's status in --runs-dir, or `done (earlier call)` when --done-in holds it finished."""
-    if status(Path(args.done_in) / run.name) == "done":
-        return "done (earlier call)"
-    return status(Path(args.runs_dir) / run.name)
-
-
 def select(args: argparse.Namespace) -> list[Run]:
-    runs = grid(args.seeds)
-    if args.only:
-        names = args.only.split(",")
-        by_name = {r.name: r for r in runs}
-        unknown = [n for n in names if n not in by_name]
-        if unknown:
-            raise StudyError(f"--only: unknown run(s) {', '.join(unknown)}; `plan` lists them")
-        runs = [by_name[n] for n in names]
-    return runs
+    return pick(grid(args.seeds), args.only)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    return run_call(args, select(args), [Path(d) for d in args.done_in])
+
+
+def run_call(args: argparse.Namespace, runs: list, done_dirs: list[Path],
+             hold: Callable[[Any], str | None] = lambda run: None) -> int:
+    """`run` for runs of this design (both studies'): start those not done in --runs-dir or done_dirs
+    with study_common's Launcher until done or --deadline-s; `hold(run)`, when it names a reason, holds
+    a run back. Refuses runs recorded with another design or data (StudyError)."""
     if args.parallel < 1 or args.deadline_s <= args.stop_margin_s:
         raise StudyError(f"need --parallel >= 1 and --deadline-s > --stop-margin-s ({args.stop_margin_s:g}), got "
                          f"--parallel {args.parallel} --deadline-s {args.deadline_s:g}")
@@ -523,14 +203,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     if launcher.identity["val_tokens"] - 1 < EVAL_TOKENS:
         raise StudyError(f"{rel(data)}'s validation file has {launcher.identity['val_tokens']:,} tokens, fewer than "
                          f"the evaluation set of {EVAL_TOKENS:,}; prepare it with a larger --val-fraction")
-    todo = []
-    for run in select(args):
-        for where in (runs_dir, Path(args.done_in)):
+    todo, held = [], {}
+    for run in runs:
+        for where in (runs_dir, *done_dirs):
             check_recorded(run, read_provenance(where / run.name), launcher.identity, where / run.name)
-        if not run_status(run, args).startswith("done"):
+        if run_status(run, runs_dir, done_dirs).startswith("done"):
+            continue
+        if why := hold(run):
+            held.setdefault(why, []).append(run)
+        else:
             todo.append(run)
+    for why, those in held.items():
+        print(f"held back {len(those)} run(s) (first: {those[0].name}): {why}", flush=True)
     if not todo:
-        print("nothing to run: every selected run is done", flush=True)
+        print("nothing to run: every selected run is done" + (" or held back" if held else ""), flush=True)
         return 0
     print(f"{len(todo)} run(s) to go, {args.parallel} at a time, deadline {args.deadline_s:.0f} s; "
           f"code {launcher.code['code_sha']} (commit {launcher.code['commit']}), {launcher.device}", flush=True)
@@ -582,28 +268,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"{'run':<22} {'arm':<9} {'W':>3} {'layout':>6} {'seed':>4}  status")
     for run in runs:
         layout = f"{run.world // run.gpus_per_node}x{run.gpus_per_node}"
-        print(f"{run.name:<22} {run.arm:<9} {run.world:>3} {layout:>6} {run.seed:>4}  {run_status(run, args)}")
-    print("\n# data (cached):")
-    print(shlex.join(["python3", "scripts/convergence_study.py", "prepare", "--data", rel(data)]))
-    print("# each run (what `run` starts):")
-    for run in runs:
-        print(shlex.join(train_argv(run, data, runs_dir, ["python3", "-m", "halfbyte", "train"])))
+        state = run_status(run, runs_dir, [Path(d) for d in args.done_in])
+        print(f"{run.name:<22} {run.arm:<9} {run.world:>3} {layout:>6} {run.seed:>4}  {state}")
+    print_commands("scripts/convergence_study.py", runs, data, runs_dir)
     return 0
 
 
 # ---------------------------------------------------------------------------------------- report
-
-
-@dataclass
-class Record:
-    run: Run
-    dir: Path
-    provenance: dict
-    metrics: list[dict]
-
-    @property
-    def final(self) -> float | None:
-        return final_val_loss(self.metrics)
 
 
 def collect(runs_dir: Path) -> list[Record]:
@@ -620,23 +291,14 @@ def check_pairable(records: list[Record], same_commit: bool) -> None:
     """One design, one data set (and with same_commit one code version) for every run, or StudyError
     naming the first difference."""
     first = records[0]
+    da = recorded_design(first.provenance)
     for r in records[1:]:
-        a, b = first.provenance, r.provenance
-        da, db = recorded_design(a), recorded_design(b)
+        db = recorded_design(r.provenance)
         for key in sorted(set(da) | set(db)):
             if da.get(key) != db.get(key):
                 raise StudyError(f"runs differ in their design: {key} {da.get(key)} in {first.run.name}, "
                                  f"{db.get(key)} in {r.run.name}; report only runs of one design")
-        for key in ("train_sha256", "val_sha256"):
-            if a["data"][key] != b["data"][key]:
-                raise StudyError(f"runs differ in their data: {key} {a['data'][key][:12]} in {first.run.name}, "
-                                 f"{b['data'][key][:12]} in {r.run.name}; report only runs of one data set")
-    if same_commit:
-        versions = {(s["code_sha"], s["commit"]): r.run.name for r in records for s in r.provenance["segments"]}
-        if len(versions) > 1:
-            (v1, n1), (v2, n2) = list(versions.items())[:2]
-            raise StudyError(f"--same-commit: runs were made with different code (code_sha {v1[0]}, commit "
-                             f"{v1[1]} in {n1}; code_sha {v2[0]}, commit {v2[1]} in {n2})")
+    check_data_and_code(records, same_commit)
 
 
 def compare(records: list[Record], target_pct: float) -> dict[str, Any]:
@@ -746,33 +408,20 @@ the study is designed and how to read it. Per run: `<arm>-w<W>-seed<k>/metrics.j
 def cmd_report(args: argparse.Namespace) -> int:
     records = collect(Path(args.runs_dir))
     check_pairable(records, args.same_commit)
-    finished = [r for r in records if r.final is not None]
-    if not finished:
-        raise StudyError(f"no run under {args.runs_dir} has reached step {STEPS}; nothing to report yet")
-    comparisons = compare(records, args.target_pct)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for r in finished:
-        (out / r.run.name).mkdir(exist_ok=True)
-        for name in ("metrics.jsonl", "command.txt", "provenance.json"):
-            (out / r.run.name / name).write_bytes((r.dir / name).read_bytes())
     planned = {run.name for run in grid(args.seeds)}
-    done = {r.run.name for r in finished}
-    first = finished[0].provenance
+    finished, versions, progress = report_runs(records, Path(args.out), planned)
+    comparisons = compare(records, args.target_pct)
+    out, first = Path(args.out), finished[0].provenance
     summary = {
         "study": "issue 19: paired multi-seed convergence, virtual ranks on one GPU",
         "model": {"params": gpt_params(), "n_layer": N_LAYER, "d_model": D_MODEL, "n_head": N_HEAD, "vocab": VOCAB},
         "tokens_per_run": STEPS * BATCH * SEQ_LEN, "design": recorded_design(first), "data": first["data"],
         "target_pct": args.target_pct, "confidence": 0.95,
-        "code_versions": sorted({f"{s['code_sha']} (commit {s['commit']})" for r in finished
-                                 for s in r.provenance["segments"]}),
-        "devices": sorted({s["device"] for r in finished for s in r.provenance["segments"]}),
-        "comparisons": comparisons,
+        **versions, "comparisons": comparisons,
         "runs": [{"name": r.run.name, "arm": r.run.arm, "world": r.run.world, "seed": r.run.seed,
                   "final_val_loss": r.final, "segments": len(r.provenance["segments"]),
                   "train_s": r.metrics[-1].get("elapsed_s")} for r in finished],
-        "unfinished": sorted({r.run.name for r in records} - done),
-        "not_started": sorted(planned - {r.run.name for r in records}),
+        **progress,
     }
     write_json(out / "summary.json", summary)
     plot(records, comparisons, out / "convergence.png",
@@ -781,7 +430,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     table = results_table(comparisons)
     unfinished = sorted(summary["unfinished"] + summary["not_started"])
     (out / "README.md").write_text(README.format(
-        params=gpt_params() / 1e6, finished=len(finished), planned=len(planned | done), table=table,
+        params=gpt_params() / 1e6, finished=len(finished), table=table,
+        planned=len(planned | {r.run.name for r in finished}),
         unfinished=f"; still to run: {', '.join(unfinished)}" if unfinished else ""))
     print(table)
     print(f"\n{len(finished)} finished run(s) -> {rel(out)}/ (summary.json, convergence.png, README.md)")
@@ -791,52 +441,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ main
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit code 2
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="convergence_study.py", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="verb", required=True, parser_class=_Parser)
-    p = sub.add_parser("prepare", help="tokenize the installed packages' Python files (cached)")
-    p.add_argument("--data", default=rel(DATA), help="token file to write (default: %(default)s)")
-    p.add_argument("--inputs", nargs="+", help="directories of *.py files (default: the installed corpus packages)")
-    for verb in ("plan", "run"):
-        p = sub.add_parser(verb, help={"plan": "print the grid, each run's status and its command",
-                                       "run": "run unfinished runs until done or --deadline-s"}[verb])
-        p.add_argument("--runs-dir", default=rel(RUNS_DIR), help="one directory per run (default: %(default)s)")
-        p.add_argument("--done-in", default=rel(DONE_DIR), help="earlier calls' run directories: runs finished "
-                       "there are skipped (default: %(default)s)")
-        p.add_argument("--data", default=rel(DATA), help="token file from `prepare` (default: %(default)s)")
-        p.add_argument("--seeds", type=int, default=SEEDS, help="seeds 0..N-1 per arm (default: %(default)s)")
-        p.add_argument("--only", help="comma-separated run names (default: the whole grid, in its order)")
-        if verb == "run":
-            p.add_argument("--deadline-s", type=float, required=True, help="every run has exited by then")
-            p.add_argument("--parallel", type=int, default=8, help="runs side by side (default: %(default)s)")
-            p.add_argument("--stop-margin-s", type=float, default=40.0,
-                           help="SIGTERM this long before the deadline (default: %(default)s)")
-            p.add_argument("--train-cmd", default=shlex.join([sys.executable, "-m", "halfbyte", "train"]),
-                           help="the trainer, followed by the run's options (default: %(default)s)")
-            p.add_argument("--poll-s", type=float, default=1.0, help=argparse.SUPPRESS)
-    p = sub.add_parser("report", help="paired statistics, figure and per-run files under benchmarks/results/")
-    p.add_argument("--runs-dir", default=rel(DONE_DIR), help="the calls' run directories, unpacked "
-                   "(default: %(default)s)")
-    p.add_argument("--out", default=rel(RESULTS), help="results directory (default: %(default)s)")
-    p.add_argument("--seeds", type=int, default=SEEDS, help="seeds planned per arm (default: %(default)s)")
-    p.add_argument("--target-pct", type=float, default=TARGET_PCT, help="resolution target, %% of baseline "
-                   "(default: %(default)s)")
-    p.add_argument("--same-commit", action="store_true", help="refuse runs made with different code")
-    args = parser.parse_args(argv)
-    if getattr(args, "seeds", 1) < 1:
-        parser.error(f"--seeds must be >= 1, got {args.seeds}")
-    try:
-        return {"prepare": cmd_prepare, "plan": cmd_plan, "run": cmd_run, "report": cmd_report}[args.verb](args)
-    except StudyError as e:
-        print(f"convergence_study.py {args.verb}: error: {e}", file=sys.stderr)
-        return 2
+    parser, verbs = study_parser("convergence_study.py", __doc__, "tokenize the installed packages' Python files "
+                                 "(cached)", DATA, RUNS_DIR, [DONE_DIR], RESULTS, SEEDS)
+    verbs["report"].add_argument("--runs-dir", default=rel(DONE_DIR), help="the calls' run directories, unpacked "
+                                 "(default: %(default)s)")
+    verbs["report"].add_argument("--target-pct", type=float, default=TARGET_PCT, help="resolution target, %% of "
+                                 "baseline (default: %(default)s)")
+    return dispatch(parser, argv, {"prepare": cmd_prepare, "plan": cmd_plan, "run": cmd_run, "report": cmd_report})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Issue 20: local updates that hold the loss. A paired multi-seed study of islands with local steps
 against every-step data parallel, on the convergence study's machinery (scripts/convergence_study.py:
 the same 21.0M GPT, data, tokens, evaluation set, seeds and W=8 virtual ranks; the same launcher
-discipline, provenance and paired statistics from halfbyte.bench.paired_stats).
+(study_common.Launcher), provenance and paired statistics from halfbyte.bench.paired_stats).
 
 Design (docs/local_updates.md, "The study" says why). Every run trains 67.1M tokens on W=8 virtual
 ranks from `--seed k` (initialization, data order and rounding seeds: for a seed k every arm starts
@@ -31,11 +31,19 @@ On the GPU machine (the repository is the working directory; runs/ is ignored by
     python3 scripts/local_updates_study.py run --deadline-s 540 --parallel 8
     tar czf $OUT/runs.tgz --exclude=checkpoints --exclude=tensorboard -C runs/local-updates .
 
-`run` behaves as convergence_study.py's (resumable runs, --parallel at a time, shedding so that the
-started runs end by --deadline-s, SIGTERM --stop-margin-s before it); runs finished in earlier calls
-are skipped when runs/local-updates-done or runs/convergence-done holds them. Delayed arms (d > 0)
-are not started while the trainer does not apply the exchange in flight before its final evaluation
-(halfbyte.train.loop's Ranks.flush_outer): their final loss would be that of islands apart.
+`run` is convergence_study.py's (convergence_study.run_call on study_common.Launcher, the one launcher
+of both studies: resumable runs, --parallel at a time, shedding the last-started runs so that the
+others end by --deadline-s, the shed ones resuming first once the kept ones end, SIGTERM
+--stop-margin-s before it), with each run's own steps: it is done at its last step, its rate is
+measured over 3/64 of its steps, and its predicted time is its steps x batch times the time per
+sequence alone of the runs finished in the call (a DiLoCo-style run of 1024/M steps carries M times
+the batch: the same tokens, short in steps but not in time). Shedding goes by start order (= priority
+order) only, whatever the lengths: a run of fewer steps started last is shed like any other, and the
+check that picks how many to keep uses each run's measured time to its end, not its steps. Runs
+finished in earlier calls are skipped when runs/local-updates-done or runs/convergence-done holds
+them. Delayed arms (d > 0) are not started while the trainer does not apply the exchange in flight
+before its final evaluation (halfbyte.train.loop's Ranks.flush_outer): their final loss would be
+that of islands apart.
 
 Here, after each call (`mkdir -p runs/local-updates-done; tar xzf runs.tgz -C runs/local-updates-done`):
 
@@ -55,19 +63,18 @@ import argparse
 import ast
 import itertools
 import json
-import os
-import shlex
-import signal
-import socket
-import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# scripts/ is on sys.path when a script runs, so the convergence study imports by name
+# scripts/ is on sys.path when a script runs, so the convergence study (its design) and the machinery
+# both studies run on (study_common: run state, provenance, the Launcher) import by name
 import convergence_study as cs
+from study_common import (
+    Record, StudyError, check_data_and_code, dispatch, pick, print_commands, read_metrics, rel, report_runs,
+    run_status, study_parser, write_json,
+)
 
 ROOT = cs.ROOT
 RESULTS = ROOT / "benchmarks" / "results" / f"local-updates-{cs.MODEL_TAG}"
@@ -151,24 +158,53 @@ class Arm:
 
 @dataclass(frozen=True)
 class Run:
+    """One arm at one seed; what study_common's Launcher asks of a run (a StudyRun) comes from its arm."""
+
     arm: Arm
     seed: int
+    world = WORLD
 
     @property
     def name(self) -> str:
         return f"{self.arm.name}-seed{self.seed}"
 
     @property
+    def design(self) -> dict[str, str]:
+        return self.arm.design()
+
+    @property
     def steps(self) -> int:
         return self.arm.steps
 
     @property
-    def world(self) -> int:
-        return WORLD
+    def batch_size(self) -> int:
+        return self.arm.batch_size
 
     @property
     def gpus_per_node(self) -> int:
         return self.arm.gpus_per_node
+
+    def argv(self, data: Path, runs_dir: Path, train_cmd: list[str]) -> list[str]:
+        """The exact command of the run. Every-step DP: the convergence study's run's (the same run)."""
+        a = self.arm
+        if not a.islands:
+            return cs.Run(a.preset, WORLD, self.seed).argv(data, runs_dir, train_cmd)
+        outer = ["--islands", str(a.islands), "--outer", OPTIMIZERS[a.optimizer], "--local-steps", str(a.tau),
+                 "--outer-bits", str(OUTER_BITS), "--outer.delay", str(a.delay)]
+        if a.outer_lr is not None:
+            outer += ["--outer-lr", str(a.outer_lr)]
+        return [*train_cmd, *(x for kv in a.design().items() for x in kv), *a.output_args(), "--data", rel(data),
+                "--seed", str(self.seed), "--virtual-ranks", str(WORLD), "--virtual-gpus-per-node",
+                str(a.gpus_per_node), "--train.micro_batch_size", str(cs.BATCH // WORLD), "--preset", a.preset,
+                *outer, "--train.name", self.name, "--out", rel(runs_dir / self.name), "--resume", "auto"]
+
+    def provenance(self, data: dict[str, Any]) -> dict[str, Any]:
+        a = self.arm
+        return {"run": self.name, "arm": a.preset if not a.islands else a.name, "world": WORLD,
+                "gpus_per_node": a.gpus_per_node, "nodes": WORLD // a.gpus_per_node, "seed": self.seed,
+                "design": a.design(), "data": data, "output_args": a.output_args(), "study": "local-updates",
+                "islands": a.islands, "batch": a.batch, "optimizer": OPTIMIZERS.get(a.optimizer), "tau": a.tau,
+                "delay": a.delay, "outer_lr": a.outer_lr, "outer_bits": OUTER_BITS if a.islands else None}
 
 
 def local_arm(tier: int, M: int, batch: str, opt: str, tau: int, delay: int, lr: float | None = None) -> Arm:
@@ -205,21 +241,6 @@ def grid(seeds: int = cs.SEEDS, max_tier: int | None = None) -> list[Run]:
             for s in range(seeds) for a in ARMS.values() if a.tier == t]
 
 
-def train_argv(run: Run, data: Path, runs_dir: Path, train_cmd: list[str]) -> list[str]:
-    """The exact command of one run. Every-step DP: convergence_study.train_argv's (the same run)."""
-    a = run.arm
-    if not a.islands:
-        return cs.train_argv(cs.Run(a.preset, WORLD, run.seed), data, runs_dir, train_cmd)
-    outer = ["--islands", str(a.islands), "--outer", OPTIMIZERS[a.optimizer], "--local-steps", str(a.tau),
-             "--outer-bits", str(OUTER_BITS), "--outer.delay", str(a.delay)]
-    if a.outer_lr is not None:
-        outer += ["--outer-lr", str(a.outer_lr)]
-    return [*train_cmd, *(x for kv in a.design().items() for x in kv), *a.output_args(), "--data", cs.rel(data),
-            "--seed", str(run.seed), "--virtual-ranks", str(WORLD), "--virtual-gpus-per-node", str(a.gpus_per_node),
-            "--train.micro_batch_size", str(cs.BATCH // WORLD), "--preset", a.preset, *outer,
-            "--train.name", run.name, "--out", cs.rel(runs_dir / run.name), "--resume", "auto"]
-
-
 def trainer_flushes(path: Path = ROOT / "halfbyte" / "train" / "loop.py") -> bool:
     """Whether `halfbyte train` applies an outer exchange in flight before its final evaluation: its
     loop defines Ranks.flush_outer (read from the source: importing the trainer takes seconds)."""
@@ -230,240 +251,21 @@ def trainer_flushes(path: Path = ROOT / "halfbyte" / "train" / "loop.py") -> boo
                for node in ast.parse(path.read_text()).body)
 
 
-# ------------------------------------------------------------------------------------ run state
-
-
-def final_val_loss(records: list[dict], steps: int) -> float | None:
-    last = [r for r in records if r.get("step") == steps and "val_loss" in r]
-    return float(last[-1]["val_loss"]) if last else None
-
-
-def status(run_dir: Path, steps: int) -> str:
-    """done | partial (step N, resumes from M) | pending (convergence_study.status at `steps`)."""
-    records = cs.read_metrics(run_dir)
-    if final_val_loss(records, steps) is not None:
-        return "done"
-    if records:
-        return f"partial (step {records[-1]['step']}, resumes from {cs.newest_checkpoint_step(run_dir)})"
-    return "pending"
-
-
-def done_in(run: Run, done_dirs: list[Path]) -> Path | None:
-    return next((d / run.name for d in done_dirs if status(d / run.name, run.steps) == "done"), None)
-
-
-def run_status(run: Run, args: argparse.Namespace) -> str:
-    if done_in(run, [Path(d) for d in args.done_in]) is not None:
-        return "done (earlier call)"
-    return status(Path(args.runs_dir) / run.name, run.steps)
-
-
-def check_recorded(run: Run, recorded: dict | None, data: dict[str, Any], run_dir: Path) -> None:
-    """Refuse to continue (or count) a run started with another design or data."""
-    if (run_dir / "metrics.jsonl").is_file() and recorded is None:
-        raise cs.StudyError(f"{cs.rel(run_dir)} holds a run without provenance.json (not made by a study script); "
-                            "move it away or choose another --runs-dir")
-    if recorded is None:
-        return
-    design, had = run.arm.design(), cs.recorded_design(recorded)
-    if had != design:
-        key = next(k for k in sorted(set(design) | set(had)) if design.get(k) != had.get(k))
-        raise cs.StudyError(f"{cs.rel(run_dir)} was started with {key} {had.get(key)}, this design has "
-                            f"{design.get(key)}; move it away or choose another --runs-dir")
-    for key in ("train_sha256", "val_sha256"):
-        if recorded["data"][key] != data[key]:
-            raise cs.StudyError(f"{cs.rel(run_dir)} was trained on other data ({key} {recorded['data'][key][:12]}, "
-                                f"now {data[key][:12]}); move it away or choose another --runs-dir")
-
-
 # ----------------------------------------------------------------------------------------- run
 
 
-class Launcher:
-    """convergence_study.Launcher's discipline (as of commit 39a496b) with this study's commands and
-    provenance and each run's own number of steps (DiLoCo-style arms take 1024/M): runs as
-    subprocesses, --parallel at a time; once every run has advanced enough steps under the current
-    sharing, their rates predict their ends, and if some would end after the stop the last-started
-    ones are stopped (`shed`, resumable) so that the others finish. Built on the convergence study's
-    helpers (Child, fits, keep_count, provenance and status functions); its Launcher itself cannot be
-    reused while it reads the steps, the design and the command from module globals."""
-
-    def __init__(self, runs_dir: Path, data: Path, train_cmd: list[str], parallel: int, deadline_s: float,
-                 stop_margin_s: float, poll_s: float) -> None:
-        self.runs_dir, self.data, self.train_cmd = runs_dir, data, train_cmd
-        self.parallel, self.deadline_s, self.stop_s = parallel, deadline_s, deadline_s - stop_margin_s
-        self.poll_s = poll_s
-        self.identity = cs.data_identity(data)
-        self.code, self.device, self.host = cs.code_version(), cs.device_name(), socket.gethostname()
-        self.full_run_s: dict[int, float] = {}  # steps -> the slowest full-run time implied by runs ended here
-        self.shed = False  # once runs were shed, no new run starts in this call
-        self.t0 = time.monotonic()
-
-    def now(self) -> float:
-        return time.monotonic() - self.t0
-
-    def estimate(self, run: Run) -> float | None:
-        return self.full_run_s.get(run.steps)
-
-    def start(self, run: Run, from_step: int) -> cs.Child:
-        run_dir = self.runs_dir / run.name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        argv = train_argv(run, self.data, self.runs_dir, self.train_cmd)
-        a = run.arm
-        provenance = cs.read_provenance(run_dir) or {
-            "run": run.name, "arm": a.preset if not a.islands else a.name, "world": WORLD,
-            "gpus_per_node": a.gpus_per_node, "nodes": WORLD // a.gpus_per_node, "seed": run.seed,
-            "design": a.design(), "data": self.identity, "output_args": a.output_args(),
-            "study": "local-updates", "islands": a.islands, "batch": a.batch, "optimizer": OPTIMIZERS.get(a.optimizer),
-            "tau": a.tau, "delay": a.delay, "outer_lr": a.outer_lr, "outer_bits": OUTER_BITS if a.islands else None,
-            "segments": []}
-        provenance["segments"].append({"start_utc": cs.utc_now(), "from_step": from_step, "command": argv,
-                                       **self.code, "host": self.host, "device": self.device})
-        cs.write_json(run_dir / "provenance.json", provenance)
-        commands = {json.dumps(s["command"]) for s in provenance["segments"]}
-        (run_dir / "command.txt").write_text("".join(shlex.join(json.loads(c)) + "\n" for c in sorted(commands)))
-        log = open(run_dir / "train.log", "a")  # noqa: SIM115 (the child's log, closed in end())
-        log.write(f"=== {cs.utc_now()} segment {len(provenance['segments'])}, from step {from_step}: "
-                  f"{shlex.join(argv)}\n")
-        log.flush()
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        print(f"{self.now():6.0f} s  start {run.name} (from step {from_step})", flush=True)
-        return cs.Child(run, proc, self.now(), from_step, log, len(provenance["segments"]) - 1, step=from_step)
-
-    def end(self, child: cs.Child, stopping: bool) -> str:
-        child.log.close()
-        run, run_dir = child.run, self.runs_dir / child.run.name
-        wall = self.now() - child.started_s
-        state, code = status(run_dir, run.steps), child.proc.returncode
-        stopped = None if state == "done" else "shed" if child.shed else "deadline" if stopping else None
-        provenance = cs.read_provenance(run_dir)
-        provenance["segments"][child.segment] |= {"end_utc": cs.utc_now(), "exit_code": code, "wall_s": round(wall, 1),
-                                                  "to_step": cs.last_step(run_dir), "stopped": stopped}
-        cs.write_json(run_dir / "provenance.json", provenance)
-        if state == "done" and run.steps > child.from_step:
-            full = wall * run.steps / (run.steps - child.from_step)
-            self.full_run_s[run.steps] = max(self.full_run_s.get(run.steps, 0.0), full)
-        if code != 0 and stopped is None:
-            state = f"failed (exit {code}): {state}"
-        elif stopped:
-            state += f", stopped ({stopped})"
-        print(f"{self.now():6.0f} s  {run.name}: exit {code}, {state}, {wall:.0f} s this call", flush=True)
-        if state.startswith("failed"):
-            tail = (run_dir / "train.log").read_text(errors="replace").splitlines()[-6:]
-            print(f"--- {run.name}: end of its train.log:", *tail, sep="\n", flush=True)
-        return state
-
-    def shed_late(self, running: list[cs.Child], now: float) -> None:
-        live = [c for c in running if not c.shed]
-        for c in live:
-            c.step = cs.last_step(self.runs_dir / c.run.name)
-            if c.window is None and c.step > c.from_step:
-                c.window = (now, c.step)
-        if not live or any(c.window is None or c.step - c.window[1] < cs.MIN_RATE_STEPS * c.run.steps / cs.STEPS
-                           for c in live):
-            return
-        remaining = [(c.run.steps - c.step) * (now - c.window[0]) / (c.step - c.window[1]) for c in live]
-        keep = cs.keep_count(remaining, self.stop_s - now)
-        if keep == len(live):
-            return
-        self.shed = True
-        for c in live[keep:]:
-            c.shed = True
-            c.proc.send_signal(signal.SIGTERM)
-        for c in live[:keep]:
-            c.window = None
-        print(f"{now:6.0f} s  {len(live)} runs would end {max(remaining):.0f} s from now, after the stop at "
-              f"{self.stop_s:.0f} s: shed {', '.join(c.run.name for c in live[keep:])}", flush=True)
-
-    def execute(self, runs: list[Run]) -> dict[str, str]:
-        """convergence_study.Launcher.execute with each run's own steps in the start gate."""
-        pending, running, outcome, stopping = list(runs), [], {}, False
-        while pending or running:
-            ended = [c for c in running if c.proc.poll() is not None]
-            for child in ended:
-                running.remove(child)
-                outcome[child.run.name] = self.end(child, stopping)
-            now = self.now()
-            if not stopping and now >= self.stop_s:
-                stopping = True
-                for child in running:
-                    child.proc.send_signal(signal.SIGTERM)
-                print(f"{now:6.0f} s  stop: SIGTERM to {len(running)} run(s); {len(pending)} not started", flush=True)
-            if stopping:
-                if not running:
-                    break
-                if now >= self.deadline_s:
-                    for child in running:
-                        child.proc.kill()
-                        child.proc.wait()
-                    continue
-            started = 0
-            while not stopping and not self.shed and pending and len(running) < self.parallel:
-                run = pending.pop(0)
-                from_step = cs.newest_checkpoint_step(self.runs_dir / run.name)
-                if cs.fits(self.estimate(run), (run.steps - from_step) / run.steps, now, self.stop_s):
-                    running.append(self.start(run, from_step))
-                    started += 1
-                else:
-                    outcome[run.name] = "not started: predicted to end after the stop"
-            if ended or started:
-                for child in running:
-                    child.window = None
-            if not stopping:
-                self.shed_late(running, now)
-            time.sleep(self.poll_s)
-        for run in pending:
-            outcome.setdefault(run.name, "not started: " + ("runs were shed" if self.shed else "deadline"))
-        return outcome
-
-
 def select(args: argparse.Namespace) -> list[Run]:
-    runs = grid(args.seeds, args.tier)
-    if args.only:
-        by_name = {r.name: r for r in grid(args.seeds)}
-        names = args.only.split(",")
-        unknown = [n for n in names if n not in by_name]
-        if unknown:
-            raise cs.StudyError(f"--only: unknown run(s) {', '.join(unknown)}; `plan` lists them")
-        runs = [by_name[n] for n in names]
-    return runs
+    return pick(grid(args.seeds, args.tier), args.only, grid(args.seeds))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.parallel < 1 or args.deadline_s <= args.stop_margin_s:
-        raise cs.StudyError(f"need --parallel >= 1 and --deadline-s > --stop-margin-s ({args.stop_margin_s:g}), got "
-                            f"--parallel {args.parallel} --deadline-s {args.deadline_s:g}")
-    runs_dir, data = Path(args.runs_dir), Path(args.data)
+    """convergence_study.run_call (study_common's Launcher) on this grid; delayed arms are held back
+    unless the trainer flushes the exchange in flight (or --delayed)."""
     flushes = args.delayed or trainer_flushes()
-    launcher = Launcher(runs_dir, data, shlex.split(args.train_cmd), args.parallel, args.deadline_s,
-                        args.stop_margin_s, args.poll_s)
-    if launcher.identity["val_tokens"] - 1 < cs.EVAL_TOKENS:
-        raise cs.StudyError(f"{cs.rel(data)}'s validation file has {launcher.identity['val_tokens']:,} tokens, fewer "
-                            f"than the evaluation set of {cs.EVAL_TOKENS:,}; prepare it with a larger --val-fraction")
-    todo, held = [], []
-    for run in select(args):
-        for where in (runs_dir, *map(Path, args.done_in)):
-            check_recorded(run, cs.read_provenance(where / run.name), launcher.identity, where / run.name)
-        if run_status(run, args).startswith("done"):
-            continue
-        (todo if flushes or not run.arm.delay else held).append(run)
-    if held:
-        print(f"held back {len(held)} delayed run(s) (first: {held[0].name}): halfbyte train does not apply the outer "
-              "exchange in flight before its final evaluation (no halfbyte.train.loop.Ranks.flush_outer)", flush=True)
-    if not todo:
-        print("nothing to run: every selected run is done" + (" or held back" if held else ""), flush=True)
-        return 0
-    print(f"{len(todo)} run(s) to go, {args.parallel} at a time, deadline {args.deadline_s:.0f} s; code "
-          f"{launcher.code['code_sha']} (commit {launcher.code['commit']}), {launcher.device}", flush=True)
-    outcome = launcher.execute(todo)
-    counts: dict[str, int] = {}
-    for state in outcome.values():
-        key = state.split(":")[0].split(" (")[0]
-        counts[key] = counts.get(key, 0) + 1
-    failed = [name for name, state in outcome.items() if state.startswith("failed")]
-    print(f"this call: {counts}; failed: {', '.join(failed) or 'none'}", flush=True)
-    return 1 if failed else 0
+    why = ("delayed (d > 0): halfbyte train does not apply the outer exchange in flight before its final "
+           "evaluation (no halfbyte.train.loop.Ranks.flush_outer)")
+    return cs.run_call(args, select(args), [Path(d) for d in args.done_in],
+                       hold=lambda run: None if flushes or not run.arm.delay else why)
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -479,12 +281,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for run in runs:
         a = run.arm
         print(f"{run.name:<34} {a.tier:>4} {a.islands or '-':>2} {a.batch if a.islands else '-':>5} {a.steps:>5} "
-              f"{run.seed:>4}  {run_status(run, args)}")
-    print("\n# data (cached):")
-    print(shlex.join(["python3", "scripts/local_updates_study.py", "prepare", "--data", cs.rel(data)]))
-    print("# each run (what `run` starts):")
-    for run in runs:
-        print(shlex.join(train_argv(run, data, runs_dir, ["python3", "-m", "halfbyte", "train"])))
+              f"{run.seed:>4}  {run_status(run, runs_dir, [Path(d) for d in args.done_in])}")
+    print_commands("scripts/local_updates_study.py", runs, data, runs_dir)
     return 0
 
 
@@ -509,18 +307,6 @@ def dp_island_bytes_per_step(preset: str, islands: int, params: int | None = Non
     return WORLD * (weights["inter"] + grads["inter"])
 
 
-@dataclass
-class Record:
-    run: Run
-    dir: Path
-    provenance: dict
-    metrics: list[dict] = field(default_factory=list)
-
-    @property
-    def final(self) -> float | None:
-        return final_val_loss(self.metrics, self.run.steps)
-
-
 def collect(runs_dirs: list[Path], seeds: int) -> list[Record]:
     """This study's runs under the directories (the first one found of each name); others are left out."""
     known = {r.name: r for r in grid(max(seeds, 16))}
@@ -529,10 +315,10 @@ def collect(runs_dirs: list[Path], seeds: int) -> list[Record]:
         for path in sorted(d.glob("*/provenance.json")):
             p = json.loads(path.read_text())
             if p["run"] in known and p["run"] not in records:
-                records[p["run"]] = Record(known[p["run"]], path.parent, p, cs.read_metrics(path.parent))
+                records[p["run"]] = Record(known[p["run"]], path.parent, p, read_metrics(path.parent))
     if not records:
-        where = ", ".join(cs.rel(d) for d in runs_dirs)
-        raise cs.StudyError(f"no study runs under {where}; unpack the calls' runs.tgz there")
+        where = ", ".join(rel(d) for d in runs_dirs)
+        raise StudyError(f"no study runs under {where}; unpack the calls' runs.tgz there")
     return list(records.values())
 
 
@@ -542,20 +328,9 @@ def check_pairable(records: list[Record], same_commit: bool) -> None:
         design, had = r.run.arm.design(), cs.recorded_design(r.provenance)
         if had != design:
             key = next(k for k in sorted(set(design) | set(had)) if design.get(k) != had.get(k))
-            raise cs.StudyError(f"{r.run.name} was run with {key} {had.get(key)}, its arm's design has "
+            raise StudyError(f"{r.run.name} was run with {key} {had.get(key)}, its arm's design has "
                                 f"{design.get(key)}; report only runs of this study's design")
-    first = records[0]
-    for r in records[1:]:
-        for key in ("train_sha256", "val_sha256"):
-            if first.provenance["data"][key] != r.provenance["data"][key]:
-                raise cs.StudyError(f"runs differ in their data: {key} {first.provenance['data'][key][:12]} in "
-                                    f"{first.run.name}, {r.provenance['data'][key][:12]} in {r.run.name}")
-    if same_commit:
-        versions = {(s["code_sha"], s["commit"]): r.run.name for r in records for s in r.provenance["segments"]}
-        if len(versions) > 1:
-            (v1, n1), (v2, n2) = list(versions.items())[:2]
-            raise cs.StudyError(f"--same-commit: runs were made with different code (code_sha {v1[0]}, commit "
-                                f"{v1[1]} in {n1}; code_sha {v2[0]}, commit {v2[1]} in {n2})")
+    check_data_and_code(records, same_commit)
 
 
 def _gap(arm: dict[int, float], base: dict[int, float], target: float) -> dict[str, Any]:
@@ -709,39 +484,26 @@ as M nodes), from halfbyte's byte accounting (for M=2 also measured: {measured})
 def cmd_report(args: argparse.Namespace) -> int:
     records = collect([Path(d) for d in args.runs_dir], args.seeds)
     check_pairable(records, args.same_commit)
-    finished = [r for r in records if r.final is not None]
-    if not finished:
-        raise cs.StudyError("no study run has reached its last step; nothing to report yet")
+    out, planned = Path(args.out), {run.name for run in grid(args.seeds)}
+    finished, versions, progress = report_runs(records, out, planned)
     comparisons = compare(records)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for r in finished:
-        (out / r.run.name).mkdir(exist_ok=True)
-        for name in ("metrics.jsonl", "command.txt", "provenance.json"):
-            (out / r.run.name / name).write_bytes((r.dir / name).read_bytes())
-    planned = {run.name for run in grid(args.seeds)}
-    done = {r.run.name for r in finished}
     first = finished[0].provenance
-    devices = sorted({s["device"] for r in finished for s in r.provenance["segments"]})
     summary = {
         "study": "issue 20: local updates vs every-step DP, paired seeds, virtual ranks",
         "model": {"params": cs.gpt_params(), "n_layer": cs.N_LAYER, "d_model": cs.D_MODEL, "n_head": cs.N_HEAD,
                   "vocab": cs.VOCAB},
         "tokens_per_run": cs.STEPS * cs.BATCH * cs.SEQ_LEN, "world": WORLD, "design": cs.DESIGN, "data": first["data"],
         "targets_pct": {"vs_baseline": TARGET_PCT, "delay": DELAY_TARGET_PCT}, "confidence": 0.95,
-        "code_versions": sorted({f"{s['code_sha']} (commit {s['commit']})" for r in finished
-                                 for s in r.provenance["segments"]}),
-        "devices": devices, "arms": comparisons,
+        **versions, "arms": comparisons,
         "runs": [{"name": r.run.name, "arm": r.run.arm.name, "seed": r.run.seed, "final_val_loss": r.final,
                   "segments": len(r.provenance["segments"]), "train_s": r.metrics[-1].get("elapsed_s"),
-                  "dir": cs.rel(r.dir)} for r in finished],
-        "unfinished": sorted({r.run.name for r in records} - done),
-        "not_started": sorted(planned - {r.run.name for r in records}),
+                  "dir": rel(r.dir)} for r in finished],
+        **progress,
     }
-    cs.write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     plot(comparisons, out / "local_updates.png",
          f"GPT {cs.gpt_params() / 1e6:.1f}M, {summary['tokens_per_run'] / 1e6:.1f}M tokens, {WORLD} virtual ranks on "
-         f"{', '.join(devices)}")
+         f"{', '.join(versions['devices'])}")
     table = results_table(comparisons)
     base = comparisons.get("baseline-w8", {})
     measured = (f"{base['measured_bytes_per_token_2_islands']:,.0f} B/token for bf16 vs "
@@ -749,11 +511,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     still = sorted(summary["unfinished"])
     (out / "README.md").write_text(README.format(
         params=cs.gpt_params() / 1e6, tokens=summary["tokens_per_run"] / 1e6, world=WORLD, eval_tokens=cs.EVAL_TOKENS,
-        measured=measured, finished=len(finished), planned=len(planned | done), table=table,
+        measured=measured, finished=len(finished), planned=len(planned | {r.run.name for r in finished}), table=table,
         unfinished=(f"; unfinished: {', '.join(still)}" if still else "")
         + f"; {len(summary['not_started'])} not started"))
     print(table)
-    print(f"\n{len(finished)} finished run(s) -> {cs.rel(out)}/ (summary.json, local_updates.png, README.md)")
+    print(f"\n{len(finished)} finished run(s) -> {rel(out)}/ (summary.json, local_updates.png, README.md)")
     return 0
 
 
@@ -761,46 +523,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = cs._Parser(prog="local_updates_study.py", description=__doc__,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="verb", required=True, parser_class=cs._Parser)
-    p = sub.add_parser("prepare", help="convergence_study.py prepare: the corpus (cached)")
-    p.add_argument("--data", default=cs.rel(cs.DATA), help="token file to write (default: %(default)s)")
-    p.add_argument("--inputs", nargs="+", help="directories of *.py files (default: the installed corpus packages)")
+    parser, verbs = study_parser("local_updates_study.py", __doc__, "convergence_study.py prepare: the corpus (cached)",
+                                 cs.DATA, RUNS_DIR, list(DONE_DIRS), RESULTS, cs.SEEDS)
     for verb in ("plan", "run"):
-        p = sub.add_parser(verb, help={"plan": "print the grid, each run's status and its command",
-                                       "run": "run unfinished runs until done or --deadline-s"}[verb])
-        p.add_argument("--runs-dir", default=cs.rel(RUNS_DIR), help="one directory per run (default: %(default)s)")
-        p.add_argument("--done-in", nargs="+", default=[cs.rel(d) for d in DONE_DIRS],
-                       help="earlier calls' run directories: runs finished there are skipped (default: %(default)s)")
-        p.add_argument("--data", default=cs.rel(cs.DATA), help="token file from `prepare` (default: %(default)s)")
-        p.add_argument("--seeds", type=int, default=cs.SEEDS, help="seeds 0..N-1 per arm (default: %(default)s)")
-        p.add_argument("--tier", type=int, help="only tiers up to this one (default: all)")
-        p.add_argument("--only", help="comma-separated run names (default: the grid, in priority order)")
-        if verb == "run":
-            p.add_argument("--deadline-s", type=float, required=True, help="every run has exited by then")
-            p.add_argument("--parallel", type=int, default=8, help="runs side by side (default: %(default)s)")
-            p.add_argument("--stop-margin-s", type=float, default=40.0,
-                           help="SIGTERM this long before the deadline (default: %(default)s)")
-            p.add_argument("--train-cmd", default=shlex.join([sys.executable, "-m", "halfbyte", "train"]),
-                           help="the trainer, followed by the run's options (default: %(default)s)")
-            p.add_argument("--delayed", action="store_true", help="start delayed arms even if the trainer does not "
-                           "flush the exchange in flight before its final evaluation")
-            p.add_argument("--poll-s", type=float, default=1.0, help=argparse.SUPPRESS)
-    p = sub.add_parser("report", help="paired statistics, figure and per-run files under benchmarks/results/")
-    p.add_argument("--runs-dir", nargs="+", default=[cs.rel(d) for d in DONE_DIRS],
-                   help="the calls' run directories, unpacked (default: %(default)s)")
-    p.add_argument("--out", default=cs.rel(RESULTS), help="results directory (default: %(default)s)")
-    p.add_argument("--seeds", type=int, default=cs.SEEDS, help="seeds planned per arm (default: %(default)s)")
-    p.add_argument("--same-commit", action="store_true", help="refuse runs made with different code")
-    args = parser.parse_args(argv)
-    if getattr(args, "seeds", 1) < 1:
-        parser.error(f"--seeds must be >= 1, got {args.seeds}")
-    try:
-        return {"prepare": cs.cmd_prepare, "plan": cmd_plan, "run": cmd_run, "report": cmd_report}[args.verb](args)
-    except cs.StudyError as e:
-        print(f"local_updates_study.py {args.verb}: error: {e}", file=sys.stderr)
-        return 2
+        verbs[verb].add_argument("--tier", type=int, help="only tiers up to this one (default: all)")
+    verbs["run"].add_argument("--delayed", action="store_true", help="start delayed arms even if the trainer does "
+                              "not flush the exchange in flight before its final evaluation")
+    verbs["report"].add_argument("--runs-dir", nargs="+", default=[rel(d) for d in DONE_DIRS],
+                                 help="the calls' run directories, unpacked (default: %(default)s)")
+    return dispatch(parser, argv, {"prepare": cs.cmd_prepare, "plan": cmd_plan, "run": cmd_run, "report": cmd_report})
 
 
 if __name__ == "__main__":

@@ -1,11 +1,34 @@
-"""What the study scripts (local_updates_study.py, gpu_study.py, convergence_study.py) share: reading
-metrics, the validation-loss figure, and where the Python-source corpus comes from."""
+"""What the study scripts (convergence_study.py, local_updates_study.py, gpu_study.py) share: where
+the Python-source corpus comes from, reading metrics, the validation-loss figure, and the machinery
+that runs a paired study's runs on one GPU across short device calls (run state, provenance, the
+Launcher, the pieces of `run`, `plan` and `report` that know no design).
+
+The machinery asks a run (a StudyRun: convergence_study.Run, local_updates_study.Run) for what differs
+between runs: its name, its steps, its world size and batch, its command and its provenance record; it
+reads no design of its own."""
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import hashlib
 import json
+import os
+import shlex
+import signal
 import site
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any, Protocol
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT_MARKER = "COMPLETE"  # halfbyte.engine.checkpoint.MARKER: a checkpoint directory is complete
+GATE_SAFETY = 1.1  # a run starts (or is kept) only if 1.1 x its predicted time ends before the stop
+MIN_RATE_SHARE = 3 / 64  # of its steps a run's rate is measured over before it predicts its end (48 of 1024)
 
 # Large installed packages whose Python files make the GPU studies' corpus (nothing is redistributed:
 # it is rebuilt on the machine that trains).
@@ -52,3 +75,498 @@ def plot_val_loss(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+class StudyError(Exception):
+    """A user mistake or a refused input: one line on stderr, exit code 2."""
+
+
+class StudyRun(Protocol):
+    """What the machinery needs of one run of a study."""
+
+    @property
+    def name(self) -> str: ...  # its directory under --runs-dir
+
+    @property
+    def steps(self) -> int: ...  # its last step: done once metrics.jsonl has a validation loss there
+
+    @property
+    def world(self) -> int: ...  # virtual ranks; the time per sequence alone is estimated per world size
+
+    @property
+    def batch_size(self) -> int: ...  # sequences per step (steps x batch_size: the run's work)
+
+    def argv(self, data: Path, runs_dir: Path, train_cmd: list[str]) -> list[str]: ...  # its exact command
+
+    def provenance(self, data: dict[str, Any]) -> dict[str, Any]: ...  # provenance.json before any segment
+
+
+def rel(path: Path) -> str:
+    """A path as the commands write it: relative to the repository root (their working directory)."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write atomically: a call cut short never leaves half a file for the next one to read."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------ run state
+
+
+def final_val_loss(records: list[dict], steps: int) -> float | None:
+    """The validation loss at the run's last step (after the LR schedule's end), or None if not reached."""
+    last = [r for r in records if r.get("step") == steps and "val_loss" in r]
+    return float(last[-1]["val_loss"]) if last else None
+
+
+def newest_checkpoint_step(run_dir: Path) -> int:
+    """The step of the newest complete checkpoint (what `--resume auto` continues from), else 0."""
+    steps = [int(p.name.removeprefix("step_")) for p in (run_dir / "checkpoints").glob("step_*")
+             if p.is_dir() and (p / CHECKPOINT_MARKER).is_file() and p.name.removeprefix("step_").isdigit()]
+    return max(steps, default=0)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl records; a last line still being written (or torn by a kill) is left out."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise StudyError(f"{rel(path)} line {i + 1} is not JSON; the run's metrics are damaged") from None
+    return records
+
+
+def last_step(run_dir: Path) -> int:
+    """The last step in a run's metrics.jsonl, else 0."""
+    records = read_metrics(run_dir)
+    return int(records[-1]["step"]) if records else 0
+
+
+def status(run_dir: Path, steps: int) -> str:
+    """done | partial (step N, resumes from M) | pending, for a run of `steps` steps."""
+    records = read_metrics(run_dir)
+    if final_val_loss(records, steps) is not None:
+        return "done"
+    if records:
+        return f"partial (step {records[-1]['step']}, resumes from {newest_checkpoint_step(run_dir)})"
+    return "pending"
+
+
+def run_status(run: StudyRun, runs_dir: Path, done_dirs: list[Path]) -> str:
+    """The run's status in runs_dir, or `done (earlier call)` when one of done_dirs holds it finished."""
+    if any(status(d / run.name, run.steps) == "done" for d in done_dirs):
+        return "done (earlier call)"
+    return status(runs_dir / run.name, run.steps)
+
+
+def read_provenance(run_dir: Path) -> dict | None:
+    path = run_dir / "provenance.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def pick(runs: list, only: str | None, known: list | None = None) -> list:
+    """`runs`, or with --only the named runs of `known` (default: runs), in the order named."""
+    if not only:
+        return runs
+    by_name = {r.name: r for r in (runs if known is None else known)}
+    names = only.split(",")
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise StudyError(f"--only: unknown run(s) {', '.join(unknown)}; `plan` lists them")
+    return [by_name[n] for n in names]
+
+
+# --------------------------------------------------------------------------------- provenance
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_identity(data: Path) -> dict[str, Any]:
+    """Size, sha256 and token count of the training and validation files, and how they were made
+    (prepare-data's sidecar); hashed once per file version (cached beside it by size and mtime)."""
+    from halfbyte.train.data import open_tokens, val_path_for
+    from halfbyte.train.prepare_cli import sidecar_path
+
+    val = val_path_for(data)
+    for path in (data, val):
+        if not path.is_file():
+            raise StudyError(f"data file {rel(path)} does not exist; run `python3 scripts/convergence_study.py "
+                             f"prepare --data {rel(data)}` first")
+    stamp = [[p.stat().st_size, p.stat().st_mtime_ns] for p in (data, val)]
+    cache = data.with_name(data.name + ".identity.json")
+    if cache.is_file() and (cached := json.loads(cache.read_text())).get("stamp") == stamp:
+        return cached["identity"]
+    sidecar = sidecar_path(data)
+    identity = {"train_file": data.name, "train_bytes": data.stat().st_size, "train_sha256": _sha256(data),
+                "train_tokens": len(open_tokens(data)), "val_bytes": val.stat().st_size,
+                "val_sha256": _sha256(val), "val_tokens": len(open_tokens(val)),
+                "prepared": json.loads(sidecar.read_text()) if sidecar.is_file() else None}
+    write_json(cache, {"stamp": stamp, "identity": identity})
+    return identity
+
+
+def code_version() -> dict[str, Any]:
+    """The git commit where .git exists (the GPU machine's copy of the tree has none) and, always, a
+    sha256 over halfbyte/**/*.py (path and content): the code that trained, committed or not."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "halfbyte").rglob("*.py")):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    commit = dirty = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "halfbyte"], cwd=ROOT,
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return {"commit": commit, "halfbyte_dirty": dirty, "code_sha": digest.hexdigest()[:16]}
+
+
+def device_name() -> str:
+    """The GPU's name from nvidia-smi, or `cpu` (what the runs of a segment ran on)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20)
+        names = out.stdout.strip().splitlines()
+        return names[0].strip() if out.returncode == 0 and names else "cpu"
+    except (OSError, subprocess.TimeoutExpired):
+        return "cpu"
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------------------- run
+
+
+@dataclass
+class Child:
+    run: StudyRun
+    proc: subprocess.Popen
+    started_s: float
+    from_step: int
+    log: IO[str]
+    segment: int  # index into the run's provenance segments
+    window: tuple[float, int] | None = None  # (time, step) where its current rate measurement began
+    step: int = 0  # the last step seen in its metrics.jsonl
+    shed: bool = False  # stopped early so that the runs before it finish in this call
+    shared_s: float = 0.0  # the integral over its life of how many runs shared the GPU (run-seconds)
+
+
+def fits(estimate_s: float | None, remaining_fraction: float, now_s: float, stop_s: float) -> bool:
+    """Whether a run should start now: yes without an estimate (the first wave of a call), else only if
+    it is predicted to end before the stop. A run cut at the stop resumes only while the machine keeps
+    its checkpoints (back-to-back calls); on a fresh machine it would start over."""
+    return estimate_s is None or now_s + GATE_SAFETY * estimate_s * remaining_fraction <= stop_s
+
+
+def solo_s(wall_s: float, shared_s: float, work: int) -> float:
+    """The time alone on the GPU per unit of work (a sequence: a step of a batch of one) from a segment
+    that did `work` units in wall_s while shared_s/wall_s runs shared the GPU on average (even sharing,
+    the model keep_count also uses)."""
+    return wall_s / work / max(1.0, shared_s / wall_s)
+
+
+def keep_count(remaining_s: list[float], time_left_s: float) -> int:
+    """How many of k runs sharing the GPU (priority order; remaining_s[i]: run i's time to its end at
+    the current sharing) to keep so that every kept run ends within time_left_s, if the GPU's work is
+    shared evenly (keeping k' of k makes each k/k' times faster). All k when not even the first could
+    end in time alone: shedding would buy nothing in this call, and a back-to-back call resumes them.
+    Each kept run is taken to share the GPU with all the others to its end: a run that ends first
+    speeds up the rest, so the check errs on the safe side when the remaining times differ."""
+    k = len(remaining_s)
+    for keep in range(k, 0, -1):
+        if all(GATE_SAFETY * r * keep / k <= time_left_s for r in remaining_s[:keep]):
+            return keep
+    return k
+
+
+class Launcher:
+    """Runs a list of runs as subprocesses, --parallel at a time, until done or the deadline; everything
+    that differs between runs (steps, batch, command, provenance) comes from the run (StudyRun).
+
+    Once every run has advanced MIN_RATE_SHARE of its own steps under the current sharing, their rates
+    predict their ends (time, from each run's own remaining steps); if some would end after the stop,
+    the last-started ones are stopped (`shed`, resumable) so that the others finish: on a fresh machine
+    a run cut at the stop is lost, a finished one is not. The shed order is the start order and only
+    that: the runs start in the study's priority order, so the last-started go first, whatever their
+    lengths (a run of fewer steps started last is shed before a longer one started earlier). While a
+    run kept at a shed runs, nothing starts; then the shed ones resume first, from their SIGTERM
+    checkpoint. A run starts only if it is predicted to end before the stop: its work (steps x batch)
+    times the slowest time per sequence alone of the runs of its world size finished in this call,
+    times the runs it would share the GPU with (no estimate yet: it starts)."""
+
+    def __init__(self, runs_dir: Path, data: Path, train_cmd: list[str], parallel: int, deadline_s: float,
+                 stop_margin_s: float, poll_s: float) -> None:
+        self.runs_dir, self.data, self.train_cmd = runs_dir, data, train_cmd
+        self.parallel, self.deadline_s, self.stop_s = parallel, deadline_s, deadline_s - stop_margin_s
+        self.poll_s = poll_s
+        self.identity = data_identity(data)
+        self.code, self.device, self.host = code_version(), device_name(), socket.gethostname()
+        self.solo_seq_s: dict[int, float] = {}  # W -> the slowest time per sequence alone of runs ended here
+        self.kept: set[str] = set()  # the runs kept at a shed: no run starts while one of them runs
+        self.t0 = time.monotonic()
+
+    def now(self) -> float:
+        return time.monotonic() - self.t0
+
+    def estimate(self, run: StudyRun, sharing: int) -> float | None:
+        """A full run's predicted time when `sharing` runs share the GPU (even sharing; the rates
+        measured once it runs correct a wrong guess by shedding the last-started runs)."""
+        solo = self.solo_seq_s.get(run.world)
+        return None if solo is None else solo * run.steps * run.batch_size * sharing
+
+    def start(self, run: StudyRun, from_step: int) -> Child:
+        run_dir = self.runs_dir / run.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        argv = run.argv(self.data, self.runs_dir, self.train_cmd)
+        provenance = read_provenance(run_dir) or {**run.provenance(self.identity), "segments": []}
+        provenance["segments"].append({"start_utc": utc_now(), "from_step": from_step, "command": argv,
+                                       **self.code, "host": self.host, "device": self.device})
+        write_json(run_dir / "provenance.json", provenance)
+        commands = {json.dumps(s["command"]) for s in provenance["segments"]}
+        (run_dir / "command.txt").write_text("".join(shlex.join(json.loads(c)) + "\n" for c in sorted(commands)))
+        log = open(run_dir / "train.log", "a")  # noqa: SIM115 (the child's log, closed in end())
+        log.write(f"=== {utc_now()} segment {len(provenance['segments'])}, from step {from_step}: "
+                  f"{shlex.join(argv)}\n")
+        log.flush()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        print(f"{self.now():6.0f} s  start {run.name} (from step {from_step})", flush=True)
+        return Child(run, proc, self.now(), from_step, log, len(provenance["segments"]) - 1, step=from_step)
+
+    def end(self, child: Child, stopping: bool) -> str:
+        """Record how a segment ended; returns the run's status (`failed (exit N): ...` for a run that
+        exited non-zero unasked)."""
+        child.log.close()
+        run, run_dir = child.run, self.runs_dir / child.run.name
+        wall = self.now() - child.started_s
+        state, code = status(run_dir, run.steps), child.proc.returncode
+        stopped = None if state == "done" else "shed" if child.shed else "deadline" if stopping else None
+        provenance = read_provenance(run_dir)
+        provenance["segments"][child.segment] |= {"end_utc": utc_now(), "exit_code": code, "wall_s": round(wall, 1),
+                                                  "to_step": last_step(run_dir), "stopped": stopped}
+        write_json(run_dir / "provenance.json", provenance)
+        if state == "done" and run.steps > child.from_step and wall > 0:
+            solo = solo_s(wall, child.shared_s, (run.steps - child.from_step) * run.batch_size)
+            self.solo_seq_s[run.world] = max(self.solo_seq_s.get(run.world, 0.0), solo)
+        if code != 0 and stopped is None:
+            state = f"failed (exit {code}): {state}"
+        elif stopped:
+            state += f", stopped ({stopped})"
+        print(f"{self.now():6.0f} s  {run.name}: exit {code}, {state}, {wall:.0f} s this call", flush=True)
+        if state.startswith("failed"):
+            tail = (run_dir / "train.log").read_text(errors="replace").splitlines()[-6:]
+            print(f"--- {run.name}: end of its train.log:", *tail, sep="\n", flush=True)
+        return state
+
+    def shed_late(self, running: list[Child], now: float) -> None:
+        """Measure each live run's rate since its window opened; shed runs if not all can end in time."""
+        live = [c for c in running if not c.shed]
+        for c in live:
+            c.step = last_step(self.runs_dir / c.run.name)
+            if c.window is None and c.step > c.from_step:
+                c.window = (now, c.step)
+        if not live or any(c.window is None or c.step - c.window[1] < MIN_RATE_SHARE * c.run.steps for c in live):
+            return
+        remaining = [(c.run.steps - c.step) * (now - c.window[0]) / (c.step - c.window[1]) for c in live]
+        keep = keep_count(remaining, self.stop_s - now)
+        if keep == len(live):
+            return
+        self.kept = {c.run.name for c in live[:keep]}
+        for c in live[keep:]:
+            c.shed = True
+            c.proc.send_signal(signal.SIGTERM)
+        for c in live[:keep]:
+            c.window = None  # faster now: measure again
+        print(f"{now:6.0f} s  {len(live)} runs would end {max(remaining):.0f} s from now, after the stop at "
+              f"{self.stop_s:.0f} s: shed {', '.join(c.run.name for c in live[keep:])}", flush=True)
+
+    def execute(self, runs: list[StudyRun]) -> dict[str, str]:
+        """Run `runs` (none done); returns each one's status at the end of the call."""
+        pending, running, outcome, stopping = list(runs), [], {}, False
+        last_poll = self.now()
+        while pending or running:
+            now = self.now()
+            for child in running:
+                child.shared_s += (now - last_poll) * len(running)
+            last_poll = now
+            ended = [c for c in running if c.proc.poll() is not None]
+            for child in ended:
+                running.remove(child)
+                outcome[child.run.name] = self.end(child, stopping)
+                if child.shed and not stopping and status(self.runs_dir / child.run.name, child.run.steps) != "done":
+                    pending.insert(0, child.run)  # resumes from its checkpoint once the kept runs end
+            now = self.now()
+            if not stopping and now >= self.stop_s:
+                stopping = True
+                for child in running:
+                    child.proc.send_signal(signal.SIGTERM)  # halfbyte train saves a checkpoint and exits
+                print(f"{now:6.0f} s  stop: SIGTERM to {len(running)} run(s); {len(pending)} not started", flush=True)
+            if stopping:
+                if not running:
+                    break
+                if now >= self.deadline_s:
+                    for child in running:
+                        child.proc.kill()  # its last periodic checkpoint stays
+                        child.proc.wait()
+                    continue
+            started = 0
+            # while runs kept at a shed still run, starting another would slow them past the stop
+            protecting = any(c.run.name in self.kept for c in running)
+            while not stopping and not protecting and pending and len(running) < self.parallel:
+                run = pending.pop(0)
+                from_step = newest_checkpoint_step(self.runs_dir / run.name)
+                if fits(self.estimate(run, len(running) + 1), (run.steps - from_step) / run.steps, now, self.stop_s):
+                    running.append(self.start(run, from_step))
+                    started += 1
+                else:
+                    outcome[run.name] = "not started: predicted to end after the stop"
+            if ended or started:
+                for child in running:
+                    child.window = None  # the sharing changed: rates are measured again
+            if not stopping:
+                self.shed_late(running, now)
+            time.sleep(self.poll_s)
+        for run in pending:
+            outcome.setdefault(run.name, "not started: deadline")
+        return outcome
+
+
+def print_commands(script: str, runs: list[StudyRun], data: Path, runs_dir: Path) -> None:
+    """`plan`'s last part: the data's command, then every run's."""
+    print("\n# data (cached):")
+    print(shlex.join(["python3", script, "prepare", "--data", rel(data)]))
+    print("# each run (what `run` starts):")
+    for run in runs:
+        print(shlex.join(run.argv(data, runs_dir, ["python3", "-m", "halfbyte", "train"])))
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+@dataclass
+class Record:
+    """A run found by `report`: its directory, provenance and metrics."""
+
+    run: StudyRun
+    dir: Path
+    provenance: dict
+    metrics: list[dict]
+
+    @property
+    def final(self) -> float | None:
+        return final_val_loss(self.metrics, self.run.steps)
+
+
+def check_data_and_code(records: list[Record], same_commit: bool) -> None:
+    """One data set (and with same_commit one code version) for every run, or StudyError naming the
+    first difference."""
+    first = records[0]
+    for r in records[1:]:
+        a, b = first.provenance["data"], r.provenance["data"]
+        for key in ("train_sha256", "val_sha256"):
+            if a[key] != b[key]:
+                raise StudyError(f"runs differ in their data: {key} {a[key][:12]} in {first.run.name}, "
+                                 f"{b[key][:12]} in {r.run.name}; report only runs of one data set")
+    if same_commit:
+        versions = {(s["code_sha"], s["commit"]): r.run.name for r in records for s in r.provenance["segments"]}
+        if len(versions) > 1:
+            (v1, n1), (v2, n2) = list(versions.items())[:2]
+            raise StudyError(f"--same-commit: runs were made with different code (code_sha {v1[0]}, commit "
+                             f"{v1[1]} in {n1}; code_sha {v2[0]}, commit {v2[1]} in {n2})")
+
+
+def report_runs(records: list[Record], out: Path, planned: set[str]) -> tuple[list[Record], dict, dict]:
+    """`report`'s part on the runs themselves: the finished ones (StudyError if none), their
+    metrics.jsonl, command.txt and provenance.json copied to out/<run>/, and two sets of summary.json
+    fields: the code versions and devices they recorded; the runs unfinished and those of `planned`
+    not started."""
+    finished = [r for r in records if r.final is not None]
+    if not finished:
+        raise StudyError("no run has reached its last step; nothing to report yet")
+    out.mkdir(parents=True, exist_ok=True)
+    for r in finished:
+        (out / r.run.name).mkdir(exist_ok=True)
+        for name in ("metrics.jsonl", "command.txt", "provenance.json"):
+            (out / r.run.name / name).write_bytes((r.dir / name).read_bytes())
+    segments = [s for r in finished for s in r.provenance["segments"]]
+    versions = {"code_versions": sorted({f"{s['code_sha']} (commit {s['commit']})" for s in segments}),
+                "devices": sorted({s["device"] for s in segments})}
+    names = {r.run.name for r in records}
+    progress = {"unfinished": sorted(names - {r.run.name for r in finished}), "not_started": sorted(planned - names)}
+    return finished, versions, progress
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit code 2
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def study_parser(prog: str, doc: str, prepare_help: str, data: Path, runs_dir: Path, done_dirs: list[Path],
+                 results: Path, seeds: int) -> tuple[Parser, dict[str, argparse.ArgumentParser]]:
+    """The verbs both studies have (prepare, plan, run, report) with the options they share; returns
+    the parser and the verbs' parsers, for each study's own options (report's --runs-dir among them)."""
+    parser = Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="verb", required=True, parser_class=Parser)
+    verbs = {"prepare": sub.add_parser("prepare", help=prepare_help)}
+    verbs["prepare"].add_argument("--data", default=rel(data), help="token file to write (default: %(default)s)")
+    verbs["prepare"].add_argument("--inputs", nargs="+",
+                                  help="directories of *.py files (default: the installed corpus packages)")
+    for verb in ("plan", "run"):
+        p = verbs[verb] = sub.add_parser(verb, help={"plan": "print the grid, each run's status and its command",
+                                                     "run": "run unfinished runs until done or --deadline-s"}[verb])
+        p.add_argument("--runs-dir", default=rel(runs_dir), help="one directory per run (default: %(default)s)")
+        p.add_argument("--done-in", nargs="+", default=[rel(d) for d in done_dirs],
+                       help="earlier calls' run directories: runs finished there are skipped (default: %(default)s)")
+        p.add_argument("--data", default=rel(data), help="token file from `prepare` (default: %(default)s)")
+        p.add_argument("--seeds", type=int, default=seeds, help="seeds 0..N-1 per arm (default: %(default)s)")
+        p.add_argument("--only", help="comma-separated run names (default: the grid, in its order)")
+    p = verbs["run"]
+    p.add_argument("--deadline-s", type=float, required=True, help="every run has exited by then")
+    p.add_argument("--parallel", type=int, default=8, help="runs side by side (default: %(default)s)")
+    p.add_argument("--stop-margin-s", type=float, default=40.0,
+                   help="SIGTERM this long before the deadline (default: %(default)s)")
+    p.add_argument("--train-cmd", default=shlex.join([sys.executable, "-m", "halfbyte", "train"]),
+                   help="the trainer, followed by the run's options (default: %(default)s)")
+    p.add_argument("--poll-s", type=float, default=1.0, help=argparse.SUPPRESS)
+    p = verbs["report"] = sub.add_parser("report", help="paired statistics, figure and per-run files under "
+                                         "benchmarks/results/")
+    p.add_argument("--out", default=rel(results), help="results directory (default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=seeds, help="seeds planned per arm (default: %(default)s)")
+    p.add_argument("--same-commit", action="store_true", help="refuse runs made with different code")
+    return parser, verbs
+
+
+def dispatch(parser: Parser, argv: list[str] | None, commands: dict[str, Any]) -> int:
+    """Parse argv and run its verb; a StudyError is one line on stderr and exit code 2."""
+    args = parser.parse_args(argv)
+    if getattr(args, "seeds", 1) < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    try:
+        return commands[args.verb](args)
+    except StudyError as e:
+        print(f"{parser.prog} {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `plan | head`: the reader has what it wanted; no traceback at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -4,73 +4,28 @@ SIGTERM and --resume auto: stop at the deadline, resume in the next call, refuse
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "convergence_study.py"
-FAKE = Path(__file__).with_name("fake_train.py")
+# scripts/ is on sys.path (conftest.py), as when a script runs
+import convergence_study as cs
+import study_common as sc
 
-
-def _load_study():
-    sys.path.insert(0, str(SCRIPT.parent))  # the script imports study_common by name
-    spec = importlib.util.spec_from_file_location("convergence_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["convergence_study"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-cs = _load_study()
-
-
-def study(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
-
-
-def dirs(tmp_path: Path) -> list[str]:
-    """--runs-dir and --done-in inside the test's directory (never the checkout's runs/)."""
-    return ["--runs-dir", str(tmp_path), "--done-in", str(tmp_path / "done")]
-
-
-def options(argv: list[str]) -> dict[str, str]:
-    """--key value pairs of a train command (after `... -m halfbyte train`)."""
-    rest = argv[argv.index("train") + 1:]
-    assert len(rest) % 2 == 0 and all(k.startswith("--") for k in rest[::2])
-    return dict(zip(rest[::2], rest[1::2]))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """A token file with a validation twin just large enough for the design's evaluation set."""
-    from halfbyte.train.data import TokenWriter, val_path_for
-
-    path = tmp_path_factory.mktemp("data") / "tokens.bin"
-    rng = np.random.default_rng(0)
-    for target, count in ((path, 50_000), (val_path_for(path), cs.EVAL_TOKENS + 1)):
-        writer = TokenWriter(target, 4096)
-        writer.write(rng.integers(0, 4096, count))
-        writer.close()
-    return path
+SCRIPT = Path(cs.__file__)  # what the `study` fixture runs
 
 
 # ------------------------------------------------------------------------------------------ design
 
 
-def test_grid_pairs_arms_by_seed_and_matches_the_design(tmp_path):
+def test_grid_pairs_arms_by_seed_and_matches_the_design(tmp_path, options):
     runs = cs.grid()
     assert len(runs) == len({r.name for r in runs}) == 4 * 4 + 2 * 4 + 2 * 4
     assert [r.name for r in runs[:4]] == ["baseline-w8-seed0", "sdp4bit-w8-seed0", "qw4-w8-seed0", "zeropp-w8-seed0"]
-    argvs = {r: options(cs.train_argv(r, tmp_path / "d.bin", tmp_path, ["python3", "-m", "halfbyte", "train"]))
+    argvs = {r: options(r.argv(tmp_path / "d.bin", tmp_path, ["python3", "-m", "halfbyte", "train"]))
              for r in runs}
     per_run = {"--preset", "--train.name", "--out", "--seed", "--virtual-ranks", "--virtual-gpus-per-node",
                "--train.micro_batch_size"}
@@ -87,14 +42,14 @@ def test_grid_pairs_arms_by_seed_and_matches_the_design(tmp_path):
     assert all(sum(1 for r in runs if (r.arm, r.world) == (a, w)) == 4 for a, w in {(r.arm, r.world) for r in runs})
     assert int(shared["--train.eval_tokens"]) >= 2_000_000
     assert int(shared["--steps"]) % int(shared["--train.eval_interval"]) == 0  # evaluations fall on the last step
-    assert cs.CHECKPOINT_MARKER == __import__("halfbyte.engine.checkpoint", fromlist=["MARKER"]).MARKER
+    assert sc.CHECKPOINT_MARKER == __import__("halfbyte.engine.checkpoint", fromlist=["MARKER"]).MARKER
 
 
 def test_halfbyte_train_reads_every_command_as_designed(tmp_path):
     from halfbyte.train.config import batch_layout, parse_args
 
     for run in cs.grid():
-        cfg = parse_args(cs.train_argv(run, tmp_path / "d.bin", tmp_path, []))
+        cfg = parse_args(run.argv(tmp_path / "d.bin", tmp_path, []))
         m, t = cfg.model, cfg.train
         assert (m.n_layer, m.d_model, m.n_head, m.ctx, m.dropout) == (cs.N_LAYER, cs.D_MODEL, cs.N_HEAD, cs.SEQ_LEN, 0)
         assert (t.steps, t.batch_size, t.seq_len, t.eval_tokens) == (cs.STEPS, cs.BATCH, cs.SEQ_LEN, cs.EVAL_TOKENS)
@@ -114,27 +69,27 @@ def test_parameter_count_is_the_models():
 
 
 def test_fits_gates_runs_that_would_end_after_the_stop():
-    assert cs.fits(None, 1.0, 500.0, 100.0)  # no estimate yet: the first wave starts
-    assert cs.fits(100.0, 1.0, 0.0, 110.5) and not cs.fits(100.0, 1.0, 0.0, 109.5)  # 1.1 x 100 s
-    assert cs.fits(100.0, 0.25, 80.0, 108.0)  # a resumed run needs only its remaining quarter
+    assert sc.fits(None, 1.0, 500.0, 100.0)  # no estimate yet: the first wave starts
+    assert sc.fits(100.0, 1.0, 0.0, 110.5) and not sc.fits(100.0, 1.0, 0.0, 109.5)  # 1.1 x 100 s
+    assert sc.fits(100.0, 0.25, 80.0, 108.0)  # a resumed run needs only its remaining quarter
 
 
 def test_keep_count_sheds_the_last_runs_only_when_that_lets_the_others_end():
     # 4 runs sharing the GPU, each 100 s from its end; 60 s left: keeping 2 makes them 50 s (x 1.1 = 55 s)
-    assert cs.keep_count([100.0] * 4, 60.0) == 2
-    assert cs.keep_count([100.0] * 4, 111.0) == 4
-    assert cs.keep_count([100.0, 100.0, 300.0], 80.0) == 2  # the first two then need 1.1 x 66.7 s
-    assert cs.keep_count([100.0] * 4, 20.0) == 4  # not even one alone (27.5 s) ends: keep all for a resume
+    assert sc.keep_count([100.0] * 4, 60.0) == 2
+    assert sc.keep_count([100.0] * 4, 111.0) == 4
+    assert sc.keep_count([100.0, 100.0, 300.0], 80.0) == 2  # the first two then need 1.1 x 66.7 s
+    assert sc.keep_count([100.0] * 4, 20.0) == 4  # not even one alone (27.5 s) ends: keep all for a resume
 
 
 # ------------------------------------------------------------------------------------- plan / run
 
 
-def test_plan_lists_the_grid_with_status_and_commands(tmp_path, data):
+def test_plan_lists_the_grid_with_status_and_commands(tmp_path, data, study, dirs):
     (tmp_path / "qw4-w8-seed1").mkdir()
     (tmp_path / "qw4-w8-seed1" / "metrics.jsonl").write_text('{"step": 16, "loss": 3.0}\n')
     _synthetic_run(tmp_path / "done", "zeropp", 8, 3, 2.5)  # finished in an earlier call
-    res = study("plan", *dirs(tmp_path), "--data", str(data))
+    res = study("plan", *dirs, "--data", str(data))
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     table = [line.split()[0] for line in lines if line.split() and line.split()[0] in {r.name for r in cs.grid()}]
@@ -146,20 +101,20 @@ def test_plan_lists_the_grid_with_status_and_commands(tmp_path, data):
     assert "20.98M parameters" in lines[0] and "67.1M tokens" in lines[0]
 
 
-def test_run_stops_at_the_deadline_resumes_and_records_provenance(tmp_path, data):
+def test_run_stops_at_the_deadline_resumes_and_records_provenance(tmp_path, data, study, dirs, fake_train):
     runs = "baseline-w8-seed0,sdp4bit-w8-seed0,qw4-w8-seed0"
-    common = [*dirs(tmp_path), "--data", str(data), "--only", runs, "--poll-s", "0.05",
-              "--stop-margin-s", "2", "--train-cmd", f"{sys.executable} {FAKE}"]
+    common = [*dirs, "--data", str(data), "--only", runs, "--poll-s", "0.05",
+              "--stop-margin-s", "2", "--train-cmd", fake_train]
     env = {"FAKE_STEP_S": "0.004"}  # 1024 steps: >= 4 s per run
     first = study("run", *common, "--parallel", "2", "--deadline-s", "3", "--stop-margin-s", "1.5", env=env)
     assert first.returncode == 0, first.stdout + first.stderr
     stopped = {}
     for name in ("baseline-w8-seed0", "sdp4bit-w8-seed0"):
         d = tmp_path / name
-        steps = [r["step"] for r in cs.read_metrics(d)]
+        steps = [r["step"] for r in sc.read_metrics(d)]
         assert 0 < steps[-1] < cs.STEPS and steps == list(range(1, steps[-1] + 1))
-        assert cs.newest_checkpoint_step(d) == steps[-1]  # SIGTERM saved a checkpoint at the stop
-        (segment,) = cs.read_provenance(d)["segments"]
+        assert sc.newest_checkpoint_step(d) == steps[-1]  # SIGTERM saved a checkpoint at the stop
+        (segment,) = sc.read_provenance(d)["segments"]
         assert segment["stopped"] == "deadline" and segment["exit_code"] == 0 and segment["from_step"] == 0
         assert segment["to_step"] == steps[-1] and segment["code_sha"] and segment["start_utc"]
         assert "--resume auto" in (d / "command.txt").read_text()
@@ -171,20 +126,20 @@ def test_run_stops_at_the_deadline_resumes_and_records_provenance(tmp_path, data
     assert second.returncode == 0, second.stdout + second.stderr
     for name in runs.split(","):
         d = tmp_path / name
-        records = cs.read_metrics(d)
+        records = sc.read_metrics(d)
         assert [r["step"] for r in records] == list(range(1, cs.STEPS + 1))  # continuous, no duplicates
-        assert cs.status(d) == "done" and cs.final_val_loss(records) == records[-1]["val_loss"]
+        assert sc.status(d, cs.STEPS) == "done" and sc.final_val_loss(records, cs.STEPS) == records[-1]["val_loss"]
         calls = [json.loads(line)["resumed_from"] for line in (d / "fake_calls.jsonl").read_text().splitlines()]
-        segments = cs.read_provenance(d)["segments"]
+        segments = sc.read_provenance(d)["segments"]
         if name in stopped:
             assert calls == [0, stopped[name]]
             assert [s["from_step"] for s in segments] == [0, stopped[name]]
         else:
             assert calls == [0] and len(segments) == 1
         assert segments[-1]["to_step"] == cs.STEPS and segments[-1]["stopped"] is None
-        provenance = cs.read_provenance(d)
+        provenance = sc.read_provenance(d)
         assert provenance["design"] == cs.DESIGN and provenance["data"]["val_tokens"] == cs.EVAL_TOKENS + 1
-        assert provenance["data"]["train_sha256"] == cs._sha256(data)
+        assert provenance["data"]["train_sha256"] == sc._sha256(data)
 
     third = study("run", *common, "--deadline-s", "40", env=env)
     assert third.returncode == 0 and "nothing to run" in third.stdout
@@ -205,7 +160,7 @@ def test_run_stops_at_the_deadline_resumes_and_records_provenance(tmp_path, data
     (done / "zeropp-w8-seed0" / "provenance.json").write_text(json.dumps(carried))
     other = study("run", *only_zeropp, "--deadline-s", "40", env=env)
     assert other.returncode == 2 and "was trained on other data (val_sha256 000000000000" in other.stderr
-    assert len(cs.read_provenance(tmp_path / "qw4-w8-seed0")["segments"]) == 1
+    assert len(sc.read_provenance(tmp_path / "qw4-w8-seed0")["segments"]) == 1
 
     # a run recorded with another design cannot be continued (nor silently paired)
     path = tmp_path / "qw4-w8-seed0" / "provenance.json"
@@ -217,59 +172,64 @@ def test_run_stops_at_the_deadline_resumes_and_records_provenance(tmp_path, data
     assert "qw4-w8-seed0 was started with --steps 512" in refused.stderr and "Traceback" not in refused.stderr
 
 
-def test_run_sheds_runs_that_would_make_all_miss_the_stop(tmp_path, data):
+def test_run_sheds_runs_that_would_make_all_miss_the_stop(tmp_path, data, study, dirs, fake_train):
     # fakes that share a "GPU": a step takes 2 ms x the number of live fakes, 1024 steps. Three side
     # by side need ~6 s, past the stop at 5.9 s; two need ~4 s: the third is shed, the first two end.
     shared = tmp_path / "gpu"
     shared.mkdir()
     runs = "baseline-w8-seed0,sdp4bit-w8-seed0,qw4-w8-seed0"
-    res = study("run", *dirs(tmp_path), "--data", str(data), "--only", runs, "--parallel", "3",
+    res = study("run", *dirs, "--data", str(data), "--only", runs, "--parallel", "3",
                 "--poll-s", "0.05", "--deadline-s", "8.5", "--stop-margin-s", "2.6",
-                "--train-cmd", f"{sys.executable} {FAKE}", env={"FAKE_STEP_S": "0.002", "FAKE_SHARED": str(shared)})
+                "--train-cmd", fake_train, env={"FAKE_STEP_S": "0.002", "FAKE_SHARED": str(shared)})
     assert res.returncode == 0, res.stdout + res.stderr
     assert "shed qw4-w8-seed0" in res.stdout
-    assert [cs.status(tmp_path / n) for n in runs.split(",")[:2]] == ["done", "done"]
-    segments = cs.read_provenance(tmp_path / "qw4-w8-seed0")["segments"]
+    assert [sc.status(tmp_path / n, cs.STEPS) for n in runs.split(",")[:2]] == ["done", "done"]
+    segments = sc.read_provenance(tmp_path / "qw4-w8-seed0")["segments"]
     assert segments[0]["stopped"] == "shed" and 0 < segments[0]["to_step"] < cs.STEPS
-    assert cs.newest_checkpoint_step(tmp_path / "qw4-w8-seed0") >= segments[0]["to_step"]  # resumable
+    assert sc.newest_checkpoint_step(tmp_path / "qw4-w8-seed0") >= segments[0]["to_step"]  # resumable
     # once the kept runs ended it may resume in this call, from where it was shed (here ~1.5 s of
     # its work alone against ~1.8 s left: timing decides, the order may not)
     assert len(segments) <= 2 and all(s["from_step"] == segments[0]["to_step"] for s in segments[1:])
 
 
-def test_a_finished_segment_predicts_a_run_alone_and_shared():
-    # 512 of 1024 steps in 100 s while two runs shared the GPU throughout: 100 s for a full run alone
-    assert cs.solo_run_s(100.0, 200.0, 512) == pytest.approx(100.0)
-    assert cs.solo_run_s(50.0, 20.0, 1024) == pytest.approx(50.0)  # alone (sharing below 1 reads as 1)
-    launcher = object.__new__(cs.Launcher)
-    launcher.solo_run_s = {8: 100.0}
+def test_a_finished_segment_predicts_a_run_alone_and_shared_by_its_own_work():
+    # 512 of 1024 steps of 128 sequences in 100 s while two runs shared the GPU throughout: 100 s
+    # for a full run alone
+    per_sequence = sc.solo_s(100.0, 200.0, 512 * cs.BATCH)
+    assert per_sequence * cs.STEPS * cs.BATCH == pytest.approx(100.0)
+    assert sc.solo_s(50.0, 20.0, 1024) == pytest.approx(50.0 / 1024)  # alone (sharing below 1 reads as 1)
+    launcher = object.__new__(sc.Launcher)
+    launcher.solo_seq_s = {8: per_sequence}
     w8, w32 = (next(r for r in cs.grid() if r.world == w) for w in (8, 32))
     assert launcher.estimate(w8, 3) == pytest.approx(300.0) and launcher.estimate(w32, 1) is None
+    # a run's estimate is its own work: a quarter of the steps, a quarter of the time
+    short = SimpleNamespace(world=8, steps=256, batch_size=cs.BATCH)
+    assert launcher.estimate(short, 1) == pytest.approx(25.0)
 
 
-def test_run_reports_a_failed_run_and_refuses_bad_input(tmp_path, data):
-    common = [*dirs(tmp_path), "--data", str(data), "--poll-s", "0.05", "--stop-margin-s", "2",
-              "--train-cmd", f"{sys.executable} {FAKE}"]
+def test_run_reports_a_failed_run_and_refuses_bad_input(tmp_path, data, study, dirs, fake_train):
+    common = [*dirs, "--data", str(data), "--poll-s", "0.05", "--stop-margin-s", "2",
+              "--train-cmd", fake_train]
     res = study("run", *common, "--only", "zeropp-w8-seed2", "--deadline-s", "30", env={"FAKE_FAIL_PRESET": "zeropp"})
     assert res.returncode == 1 and "failed: zeropp-w8-seed2" in res.stdout and "simulated failure" in res.stdout
-    assert cs.read_provenance(tmp_path / "zeropp-w8-seed2")["segments"][0]["exit_code"] == 1
+    assert sc.read_provenance(tmp_path / "zeropp-w8-seed2")["segments"][0]["exit_code"] == 1
     for args, message in ((["--only", "nope-w8-seed0", "--deadline-s", "9"], "--only: unknown run(s) nope-w8-seed0"),
                           (["--deadline-s", "10", "--stop-margin-s", "20"], "--deadline-s > --stop-margin-s")):
         bad = study("run", *common, *args)
         assert bad.returncode == 2 and message in bad.stderr and bad.stderr.count("\n") == 1
-    missing = study("run", *dirs(tmp_path), "--data", str(tmp_path / "none.bin"), "--deadline-s", "90")
+    missing = study("run", *dirs, "--data", str(tmp_path / "none.bin"), "--deadline-s", "90")
     assert missing.returncode == 2 and "does not exist" in missing.stderr and missing.stderr.count("\n") == 1
 
 
 def test_metrics_being_written_are_read_without_their_torn_last_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')
-    assert cs.last_step(tmp_path) == 2 and cs.status(tmp_path).startswith("partial (step 2,")
+    assert sc.last_step(tmp_path) == 2 and sc.status(tmp_path, cs.STEPS).startswith("partial (step 2,")
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"st\n{"step": 3}\n')
-    with pytest.raises(cs.StudyError, match="line 2 is not JSON"):
-        cs.read_metrics(tmp_path)
+    with pytest.raises(sc.StudyError, match="line 2 is not JSON"):
+        sc.read_metrics(tmp_path)
 
 
-def test_prepare_tokenizes_once_then_uses_the_cache(tmp_path):
+def test_prepare_tokenizes_once_then_uses_the_cache(tmp_path, study):
     src = tmp_path / "src"
     src.mkdir()
     for i in range(3):
@@ -322,7 +282,7 @@ def _synthetic_study(runs_dir: Path) -> None:
     _synthetic_run(runs_dir, "sdp4bit", 32, 2, None)  # cut short: listed, not paired
 
 
-def test_report_pairs_by_seed_and_writes_results(tmp_path):
+def test_report_pairs_by_seed_and_writes_results(tmp_path, study):
     runs, out = tmp_path / "runs", tmp_path / "out"
     _synthetic_study(runs)
     res = study("report", "--runs-dir", str(runs), "--out", str(out))
@@ -359,7 +319,7 @@ def test_report_pairs_by_seed_and_writes_results(tmp_path):
     ({"data": {"train_sha256": "f" * 64, "val_sha256": "b" * 64}}, [], "runs differ in their data: train_sha256"),
     ({"code_sha": "9999"}, ["--same-commit"], "--same-commit: runs were made with different code"),
 ])
-def test_report_refuses_runs_it_cannot_pair(tmp_path, override, flags, message):
+def test_report_refuses_runs_it_cannot_pair(tmp_path, override, flags, message, study):
     runs = tmp_path / "runs"
     for seed in (0, 1):
         _synthetic_run(runs, "baseline", 8, seed, 2.0 + seed)
@@ -371,7 +331,7 @@ def test_report_refuses_runs_it_cannot_pair(tmp_path, override, flags, message):
         assert study("report", "--runs-dir", str(runs), "--out", str(tmp_path / "out")).returncode == 0
 
 
-def test_a_design_recorded_before_weight_decay_on_existed_reads_as_all(tmp_path):
+def test_a_design_recorded_before_weight_decay_on_existed_reads_as_all(tmp_path, study):
     """Runs recorded before --train.weight_decay_on trained with weight decay on every parameter: they
     pair with runs that record "all" (report) and continue under this design (run); "matrices" is refused."""
     old = {k: v for k, v in cs.DESIGN.items() if k != "--train.weight_decay_on"}
@@ -392,5 +352,5 @@ def test_a_design_recorded_before_weight_decay_on_existed_reads_as_all(tmp_path)
     data = {"train_sha256": "a" * 64, "val_sha256": "b" * 64}
     run = cs.Run("baseline", 8, 0)
     cs.check_recorded(run, {"design": old, "data": data}, data, tmp_path)  # continues
-    with pytest.raises(cs.StudyError, match="was started with --train.weight_decay_on matrices, this design has all"):
+    with pytest.raises(sc.StudyError, match="was started with --train.weight_decay_on matrices, this design has all"):
         cs.check_recorded(run, {"design": matrices, "data": data}, data, tmp_path)

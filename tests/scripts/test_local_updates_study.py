@@ -5,7 +5,6 @@ synthetic metrics (paired gaps, the delay's cost, bytes per token)."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
@@ -17,51 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "local_updates_study.py"
-FAKE = Path(__file__).with_name("fake_train.py")
+# scripts/ is on sys.path (conftest.py), as when a script runs
+import convergence_study as cs
+import local_updates_study as lu
+import study_common as sc
 
-
-def _load_study():
-    sys.path.insert(0, str(SCRIPT.parent))  # the script imports convergence_study by name
-    spec = importlib.util.spec_from_file_location("local_updates_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["local_updates_study"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-lu = _load_study()
-cs = lu.cs
-
-
-def study(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
-                          check=False, env={**os.environ, **(env or {})}, timeout=timeout)
-
-
-def dirs(tmp_path: Path) -> list[str]:
-    return ["--runs-dir", str(tmp_path), "--done-in", str(tmp_path / "done")]
-
-
-def options(argv: list[str]) -> dict[str, str]:
-    rest = argv[argv.index("train") + 1:]
-    assert len(rest) % 2 == 0 and all(k.startswith("--") for k in rest[::2])
-    return dict(zip(rest[::2], rest[1::2]))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """A token file with a validation twin just large enough for the design's evaluation set."""
-    from halfbyte.train.data import TokenWriter, val_path_for
-
-    path = tmp_path_factory.mktemp("data") / "tokens.bin"
-    rng = np.random.default_rng(0)
-    for target, count in ((path, 50_000), (val_path_for(path), cs.EVAL_TOKENS + 1)):
-        writer = TokenWriter(target, 4096)
-        writer.write(rng.integers(0, 4096, count))
-        writer.close()
-    return path
+ROOT = sc.ROOT
+SCRIPT = Path(lu.__file__)  # what the `study` fixture runs
 
 
 # ------------------------------------------------------------------------------------------ design
@@ -82,17 +43,17 @@ def test_grid_is_issue_20s_in_priority_order_at_the_convergence_studys_tokens(tm
     assert lu.ARMS["m8-full-sm-t128-d1"].steps == 128 and lu.ARMS["m8-full-sm-t128-d1"].twin == "m8-full-sm-t128-d0"
     for arm in ("baseline", "sdp4bit"):  # the convergence study's runs, command for command
         for seed in range(2):
-            ours = lu.train_argv(lu.Run(lu.ARMS[f"{arm}-w8"], seed), tmp_path / "d.bin", tmp_path, ["t"])
-            assert ours == cs.train_argv(cs.Run(arm, 8, seed), tmp_path / "d.bin", tmp_path, ["t"])
+            ours = lu.Run(lu.ARMS[f"{arm}-w8"], seed).argv(tmp_path / "d.bin", tmp_path, ["t"])
+            assert ours == cs.Run(arm, 8, seed).argv(tmp_path / "d.bin", tmp_path, ["t"])
 
 
-def test_halfbyte_train_reads_every_arms_command_as_designed(tmp_path):
+def test_halfbyte_train_reads_every_arms_command_as_designed(tmp_path, options):
     from halfbyte.train.cli import _islands, _layout
     from halfbyte.train.config import batch_layout, parse_args
 
     for arm in lu.ARMS.values():
         run = lu.Run(arm, 3)
-        argv = lu.train_argv(run, tmp_path / "d.bin", tmp_path, ["python3", "-m", "halfbyte", "train"])
+        argv = run.argv(tmp_path / "d.bin", tmp_path, ["python3", "-m", "halfbyte", "train"])
         opts = options(argv)
         assert {k: opts[k] for k in arm.design()} == arm.design()
         cfg = parse_args(argv[argv.index("train") + 1:])
@@ -132,7 +93,7 @@ def test_a_shrunken_study_command_trains_for_real(tmp_path):
         writer.write(rng.integers(0, 4096, count))
         writer.close()
     run = lu.Run(lu.ARMS["m2-split-sm-t16-d1"], 0)
-    argv = lu.train_argv(run, tokens, tmp_path, [sys.executable, "-m", "halfbyte", "train"])
+    argv = run.argv(tokens, tmp_path, [sys.executable, "-m", "halfbyte", "train"])
     shrink = ["--model.n_layer", "1", "--model.d_model", "32", "--model.n_head", "2", "--model.ctx", "32",
               "--train.seq_len", "32", "--steps", "8", "--batch-size", "16", "--train.micro_batch_size", "2",
               "--local-steps", "4", "--schedule.warmup_steps", "1", "--train.eval_tokens", "256",
@@ -142,7 +103,7 @@ def test_a_shrunken_study_command_trains_for_real(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     out = tmp_path / run.name
-    last = cs.read_metrics(out)[-1]
+    last = sc.read_metrics(out)[-1]
     assert last["step"] == 8 and "val_loss" in last and last["wire_island_bytes"] > 0
     assert last["outer_steps"] in (1, 2)  # the round ending at step 8 is in flight unless the trainer flushes
     config = json.loads((out / "config.json").read_text())["outer"]
@@ -160,17 +121,31 @@ def test_delayed_arms_wait_for_a_trainer_that_flushes(tmp_path):
     assert lu.trainer_flushes(loop)
 
 
-def test_run_trains_runs_of_their_own_lengths_stops_resumes_and_holds_back_delayed_ones(tmp_path, data):
+def test_the_launcher_estimates_a_run_by_its_own_work():
+    """study_common.Launcher (the convergence study's) predicts a run from its steps x batch: a
+    DiLoCo-style run of 1024/M steps of M x the batch takes as long as 1024 steps of one batch."""
+    launcher = object.__new__(sc.Launcher)
+    launcher.solo_seq_s = {8: 1e-3}  # s per sequence alone, at W=8
+    split, full = (lu.Run(lu.ARMS[a], 0) for a in ("m2-split-sm-t32-d0", "m8-full-sm-t32-d0"))
+    assert (split.steps, split.batch_size, full.steps, full.batch_size) == (1024, 128, 128, 1024)
+    assert launcher.estimate(full, 2) == pytest.approx(launcher.estimate(split, 2))
+    assert launcher.estimate(split, 2) == pytest.approx(2 * 1e-3 * 1024 * 128)
+    provenance = full.provenance({"train_sha256": "a"})
+    assert provenance["design"]["--steps"] == "128" and provenance["islands"] == 8 and "segments" not in provenance
+
+
+def test_run_trains_runs_of_their_own_lengths_stops_resumes_and_holds_back_delayed_ones(tmp_path, data, study, dirs,
+                                                                                          options, fake_train):
     runs = "m8-full-sm-t32-d0-seed0,m2-full-sm-t32-d0-seed0,baseline-w8-seed0"  # the short one first: kept
-    common = [*dirs(tmp_path), "--data", str(data), "--poll-s", "0.05", "--stop-margin-s", "2",
-              "--train-cmd", f"{sys.executable} {FAKE}"]
+    common = [*dirs, "--data", str(data), "--poll-s", "0.05", "--stop-margin-s", "2",
+              "--train-cmd", fake_train]
     env = {"FAKE_STEP_S": "0.002"}  # 1024 steps: >= 2 s, past the first call's stop at 1.8 s; 128 steps: 0.3 s
     first = study("run", *common, "--only", runs, "--parallel", "3", "--deadline-s", "3", "--stop-margin-s", "1.2",
                   env=env)
     assert first.returncode == 0, first.stdout + first.stderr
     short = tmp_path / "m8-full-sm-t32-d0-seed0"  # 128 steps: done before the stop
-    assert lu.status(short, 128) == "done" and cs.read_metrics(short)[-1]["val_loss"]
-    (segment,) = cs.read_provenance(tmp_path / "baseline-w8-seed0")["segments"]
+    assert sc.status(short, 128) == "done" and sc.read_metrics(short)[-1]["val_loss"]
+    (segment,) = sc.read_provenance(tmp_path / "baseline-w8-seed0")["segments"]
     assert segment["stopped"] in ("deadline", "shed") and 0 < segment["to_step"] < 1024
     delayed = "m8-full-sm-t32-d1-seed0"
     second = study("run", *common, "--only", f"{runs},{delayed}", "--deadline-s", "30", env=env)
@@ -178,18 +153,18 @@ def test_run_trains_runs_of_their_own_lengths_stops_resumes_and_holds_back_delay
     lengths = {"baseline-w8-seed0": 1024, "m2-full-sm-t32-d0-seed0": 512, "m8-full-sm-t32-d0-seed0": 128}
     for name, steps in lengths.items():
         d = tmp_path / name
-        assert [r["step"] for r in cs.read_metrics(d)] == list(range(1, steps + 1)), name
-        provenance = cs.read_provenance(d)
+        assert [r["step"] for r in sc.read_metrics(d)] == list(range(1, steps + 1)), name
+        provenance = sc.read_provenance(d)
         assert provenance["design"] == lu.ARMS[name.removesuffix("-seed0")].design()
         assert provenance["segments"][-1]["to_step"] == steps and provenance["segments"][-1]["stopped"] is None
     calls = (tmp_path / "m2-full-sm-t32-d0-seed0" / "fake_calls.jsonl").read_text().splitlines()
     opts = options(["train", *json.loads(calls[-1])["argv"]])
     assert (opts["--steps"], opts["--batch-size"], opts["--islands"], opts["--outer.delay"]) == ("512", "256", "2", "0")
-    if not lu.trainer_flushes():
-        assert "held back 1 delayed run(s)" in second.stdout and not (tmp_path / delayed).exists()
-    forced = study("run", *common, "--only", f"{runs},{delayed}", "--deadline-s", "30", "--delayed", env=env)
-    assert forced.returncode == 0 and lu.status(tmp_path / delayed, 128) == "done"
-    assert "1 run(s) to go" in forced.stdout  # the others are done
+    if not lu.trainer_flushes():  # held back, unless --delayed
+        assert f"held back 1 run(s) (first: {delayed}): delayed" in second.stdout and not (tmp_path / delayed).exists()
+        forced = study("run", *common, "--only", f"{runs},{delayed}", "--deadline-s", "30", "--delayed", env=env)
+        assert forced.returncode == 0 and "1 run(s) to go" in forced.stdout  # the others are done
+    assert sc.status(tmp_path / delayed, 128) == "done"
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -221,7 +196,7 @@ def _synthetic_run(runs_dir: Path, arm: str, seed: int, final: float, **design) 
     (d / "provenance.json").write_text(json.dumps(provenance))
 
 
-def test_report_pairs_arms_with_the_baseline_and_delays_with_their_twins(tmp_path):
+def test_report_pairs_arms_with_the_baseline_and_delays_with_their_twins(tmp_path, study):
     runs, out = tmp_path / "runs", tmp_path / "out"
     for seed, loss in BASE.items():
         _synthetic_run(runs, "baseline-w8", seed, loss)
