@@ -51,7 +51,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # halfbyte from this checkout, also where it is not installed (the GPU machine)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -189,11 +189,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_call(args, select(args), [Path(d) for d in args.done_in])
 
 
-def run_call(args: argparse.Namespace, runs: list, done_dirs: list[Path],
-             hold: Callable[[Any], str | None] = lambda run: None) -> int:
+def run_call(args: argparse.Namespace, runs: list, done_dirs: list[Path]) -> int:
     """`run` for runs of this design (both studies'): start those not done in --runs-dir or done_dirs
-    with study_common's Launcher until done or --deadline-s; `hold(run)`, when it names a reason, holds
-    a run back. Refuses runs recorded with another design or data (StudyError)."""
+    with study_common's Launcher until done or --deadline-s. Refuses runs recorded with another design
+    or data (StudyError)."""
     if args.parallel < 1 or args.deadline_s <= args.stop_margin_s:
         raise StudyError(f"need --parallel >= 1 and --deadline-s > --stop-margin-s ({args.stop_margin_s:g}), got "
                          f"--parallel {args.parallel} --deadline-s {args.deadline_s:g}")
@@ -203,20 +202,15 @@ def run_call(args: argparse.Namespace, runs: list, done_dirs: list[Path],
     if launcher.identity["val_tokens"] - 1 < EVAL_TOKENS:
         raise StudyError(f"{rel(data)}'s validation file has {launcher.identity['val_tokens']:,} tokens, fewer than "
                          f"the evaluation set of {EVAL_TOKENS:,}; prepare it with a larger --val-fraction")
-    todo, held = [], {}
+    todo = []
     for run in runs:
         for where in (runs_dir, *done_dirs):
             check_recorded(run, read_provenance(where / run.name), launcher.identity, where / run.name)
         if run_status(run, runs_dir, done_dirs).startswith("done"):
             continue
-        if why := hold(run):
-            held.setdefault(why, []).append(run)
-        else:
-            todo.append(run)
-    for why, those in held.items():
-        print(f"held back {len(those)} run(s) (first: {those[0].name}): {why}", flush=True)
+        todo.append(run)
     if not todo:
-        print("nothing to run: every selected run is done" + (" or held back" if held else ""), flush=True)
+        print("nothing to run: every selected run is done", flush=True)
         return 0
     print(f"{len(todo)} run(s) to go, {args.parallel} at a time, deadline {args.deadline_s:.0f} s; "
           f"code {launcher.code['code_sha']} (commit {launcher.code['commit']}), {launcher.device}", flush=True)

@@ -41,9 +41,8 @@ the batch: the same tokens, short in steps but not in time). Shedding goes by st
 order) only, whatever the lengths: a run of fewer steps started last is shed like any other, and the
 check that picks how many to keep uses each run's measured time to its end, not its steps. Runs
 finished in earlier calls are skipped when runs/local-updates-done or runs/convergence-done holds
-them. Delayed arms (d > 0) are not started while the trainer does not apply the exchange in flight
-before its final evaluation (halfbyte.train.loop's Ranks.flush_outer): their final loss would be
-that of islands apart.
+them. Delayed arms (d > 0) end on the outer weights: the trainer applies an exchange still in
+flight after the last step (halfbyte.train.loop's Ranks.flush_outer).
 
 Here, after each call (`mkdir -p runs/local-updates-done; tar xzf runs.tgz -C runs/local-updates-done`):
 
@@ -60,7 +59,6 @@ inter-island bytes per token) and README.md.
 from __future__ import annotations
 
 import argparse
-import ast
 import itertools
 import json
 import sys
@@ -241,16 +239,6 @@ def grid(seeds: int = cs.SEEDS, max_tier: int | None = None) -> list[Run]:
             for s in range(seeds) for a in ARMS.values() if a.tier == t]
 
 
-def trainer_flushes(path: Path = ROOT / "halfbyte" / "train" / "loop.py") -> bool:
-    """Whether `halfbyte train` applies an outer exchange in flight before its final evaluation: its
-    loop defines Ranks.flush_outer (read from the source: importing the trainer takes seconds)."""
-    if not path.is_file():
-        return False
-    return any(isinstance(node, ast.ClassDef) and node.name == "Ranks"
-               and any(isinstance(f, ast.FunctionDef) and f.name == "flush_outer" for f in node.body)
-               for node in ast.parse(path.read_text()).body)
-
-
 # ----------------------------------------------------------------------------------------- run
 
 
@@ -259,13 +247,8 @@ def select(args: argparse.Namespace) -> list[Run]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """convergence_study.run_call (study_common's Launcher) on this grid; delayed arms are held back
-    unless the trainer flushes the exchange in flight (or --delayed)."""
-    flushes = args.delayed or trainer_flushes()
-    why = ("delayed (d > 0): halfbyte train does not apply the outer exchange in flight before its final "
-           "evaluation (no halfbyte.train.loop.Ranks.flush_outer)")
-    return cs.run_call(args, select(args), [Path(d) for d in args.done_in],
-                       hold=lambda run: None if flushes or not run.arm.delay else why)
+    """convergence_study.run_call (study_common's Launcher) on this grid."""
+    return cs.run_call(args, select(args), [Path(d) for d in args.done_in])
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -274,9 +257,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     runs_dir, data = Path(args.runs_dir), Path(args.data)
     runs = select(args)
-    held = "" if trainer_flushes() else "; delayed runs held back (the trainer does not flush)"
     print(f"GPT {cs.gpt_params() / 1e6:.2f}M parameters; every run {cs.STEPS * cs.BATCH * cs.SEQ_LEN / 1e6:.1f}M "
-          f"tokens on {WORLD} virtual ranks; eval {cs.EVAL_TOKENS:,} tokens; {len(runs)} runs{held}\n")
+          f"tokens on {WORLD} virtual ranks; eval {cs.EVAL_TOKENS:,} tokens; {len(runs)} runs\n")
     print(f"{'run':<34} {'tier':>4} {'M':>2} {'batch':>5} {'steps':>5} {'seed':>4}  status")
     for run in runs:
         a = run.arm
@@ -527,8 +509,6 @@ def main(argv: list[str] | None = None) -> int:
                                  cs.DATA, RUNS_DIR, list(DONE_DIRS), RESULTS, cs.SEEDS)
     for verb in ("plan", "run"):
         verbs[verb].add_argument("--tier", type=int, help="only tiers up to this one (default: all)")
-    verbs["run"].add_argument("--delayed", action="store_true", help="start delayed arms even if the trainer does "
-                              "not flush the exchange in flight before its final evaluation")
     verbs["report"].add_argument("--runs-dir", nargs="+", default=[rel(d) for d in DONE_DIRS],
                                  help="the calls' run directories, unpacked (default: %(default)s)")
     return dispatch(parser, argv, {"prepare": cs.cmd_prepare, "plan": cmd_plan, "run": cmd_run, "report": cmd_report})

@@ -113,14 +113,6 @@ def test_a_shrunken_study_command_trains_for_real(tmp_path):
 # ------------------------------------------------------------------------------------------- run
 
 
-def test_delayed_arms_wait_for_a_trainer_that_flushes(tmp_path):
-    loop = tmp_path / "loop.py"
-    loop.write_text("class Ranks:\n    def train_step(self): ...\n")
-    assert not lu.trainer_flushes(loop) and not lu.trainer_flushes(tmp_path / "none.py")
-    loop.write_text("class Ranks:\n    def flush_outer(self) -> None:\n        pass\n")
-    assert lu.trainer_flushes(loop)
-
-
 def test_the_launcher_estimates_a_run_by_its_own_work():
     """study_common.Launcher (the convergence study's) predicts a run from its steps x batch: a
     DiLoCo-style run of 1024/M steps of M x the batch takes as long as 1024 steps of one batch."""
@@ -134,7 +126,7 @@ def test_the_launcher_estimates_a_run_by_its_own_work():
     assert provenance["design"]["--steps"] == "128" and provenance["islands"] == 8 and "segments" not in provenance
 
 
-def test_run_trains_runs_of_their_own_lengths_stops_resumes_and_holds_back_delayed_ones(tmp_path, data, study, dirs,
+def test_run_trains_runs_of_their_own_lengths_stops_and_resumes(tmp_path, data, study, dirs,
                                                                                           options, fake_train):
     runs = "m8-full-sm-t32-d0-seed0,m2-full-sm-t32-d0-seed0,baseline-w8-seed0"  # the short one first: kept
     common = [*dirs, "--data", str(data), "--poll-s", "0.05", "--stop-margin-s", "2",
@@ -160,10 +152,6 @@ def test_run_trains_runs_of_their_own_lengths_stops_resumes_and_holds_back_delay
     calls = (tmp_path / "m2-full-sm-t32-d0-seed0" / "fake_calls.jsonl").read_text().splitlines()
     opts = options(["train", *json.loads(calls[-1])["argv"]])
     assert (opts["--steps"], opts["--batch-size"], opts["--islands"], opts["--outer.delay"]) == ("512", "256", "2", "0")
-    if not lu.trainer_flushes():  # held back, unless --delayed
-        assert f"held back 1 run(s) (first: {delayed}): delayed" in second.stdout and not (tmp_path / delayed).exists()
-        forced = study("run", *common, "--only", f"{runs},{delayed}", "--deadline-s", "30", "--delayed", env=env)
-        assert forced.returncode == 0 and "1 run(s) to go" in forced.stdout  # the others are done
     assert sc.status(tmp_path / delayed, 128) == "done"
 
 
