@@ -71,6 +71,8 @@ DEFAULT_PG_TIMEOUT_S = 300.0
 #: to list what followed it. A rank blocked in a collective with a dead peer fails within milliseconds.
 SETTLE_S = 2.0
 SETTLE_AFTER_CAUSE_S = 0.5
+#: Starts on a fresh port when the chosen one was taken before rank 0 could listen on it.
+PORT_ATTEMPTS = 3
 #: Output kept per rank for the report (stdout and stderr together), and lines of it shown.
 TAIL_BYTES = 16384
 TAIL_LINES = 20
@@ -376,9 +378,29 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 12
     """
     if nprocs < 1:
         raise ValueError(f"nprocs must be >= 1, got {nprocs}")
-    ctx = mp.get_context("spawn")
-    port = free_port()
     pg_timeout = pg_timeout_s if pg_timeout_s is not None else min(timeout_s, DEFAULT_PG_TIMEOUT_S)
+    for attempt in range(PORT_ATTEMPTS):
+        outcome, tee = _spawn_once(fn, nprocs, args, free_port(), timeout_s, env, backend, pg_timeout)
+        # free_port's port can be taken by another process before rank 0 listens on it; no rank has
+        # run fn then (they all wait in the rendezvous), so the run can start again on another port
+        if not _port_was_taken(outcome) or attempt == PORT_ATTEMPTS - 1:
+            break
+        print("note: the rendezvous port was taken by another process before rank 0 listened on it "
+              "(the EADDRINUSE above); starting the ranks again on another port", file=sys.stderr, flush=True)
+    if len(outcome.values) < nprocs:
+        raise WorkerError(outcome.report(nprocs, timeout_s, tee))
+    return [outcome.values[r] for r in range(nprocs)]
+
+
+def _port_was_taken(outcome: _Outcome) -> bool:
+    return not outcome.values and any(e.traceback is not None and "EADDRINUSE" in e.traceback
+                                      for e in outcome.endings.values())
+
+
+def _spawn_once(fn: Callable[..., Any], nprocs: int, args: tuple, port: int, timeout_s: float,
+                env: dict[str, str] | None, backend: str | None, pg_timeout: float) -> tuple[_Outcome, _OutputTee]:
+    """One start of the ranks on `port`: their outcome, and the tee that holds their last lines."""
+    ctx = mp.get_context("spawn")
     tee = _OutputTee(nprocs)
     procs: list[Any] = []
     receivers: list[connection.Connection] = []
@@ -402,9 +424,7 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 12
         for receiver in receivers:
             receiver.close()
         tee.close()
-    if len(outcome.values) < nprocs:
-        raise WorkerError(outcome.report(nprocs, timeout_s, tee))
-    return [outcome.values[r] for r in range(nprocs)]
+    return outcome, tee
 
 
 def _wait(procs: list, receivers: list[connection.Connection], deadline: float) -> _Outcome:

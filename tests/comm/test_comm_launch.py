@@ -9,6 +9,7 @@ import fcntl
 import os
 import pty
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -55,6 +56,25 @@ def test_results_in_rank_order_with_env_and_output_on_the_launchers_streams(capf
     for rank in range(2):
         assert f"out of rank {rank}" in out and f"err of rank {rank}" in err
         assert f"err of rank {rank}" not in out and f"out of rank {rank}" not in err
+
+
+@pytest.mark.timeout(90)
+def test_a_port_taken_before_the_workers_listen_is_replaced(monkeypatch):
+    # free_port's port can be taken by another process before rank 0 listens on it (seen with tests
+    # in parallel on a GPU host: EADDRINUSE); nothing has run then, so spawn tries another port
+    import halfbyte.comm.launch as launch
+
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = [taken.getsockname()[1]]
+    real_free_port = launch.free_port
+    monkeypatch.setattr(launch, "free_port", lambda: ports.pop() if ports else real_free_port())
+    try:
+        assert spawn(_report, 2, 10, env={"HALFBYTE_X": "y"}, timeout_s=60)[0][4] == 21.0
+    finally:
+        taken.close()
+    assert not ports  # the taken port was tried first
 
 
 @pytest.mark.timeout(60)
