@@ -173,16 +173,18 @@ def _worker(rank: int, nprocs: int, port: int, env: dict[str, str], backend: str
     # Ranks share the host's cores: one rank must not spin threads on all of them.
     if "OMP_NUM_THREADS" not in env:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
-    failed = False
+    failed = in_rendezvous = False
     try:
         if backend is not None:
+            in_rendezvous = True
             init_process_group_from_env(backend, timeout_s=pg_timeout_s)
+            in_rendezvous = False
         # Plain pickle (not torch's shared-memory reducers): the child may exit before the parent
         # reads, and a result is small.
         outcome: tuple = (True, pickle.dumps(fn(*args)))
     except BaseException as e:  # report everything, KeyboardInterrupt included, then exit non-zero
         failed = True
-        outcome = (False, traceback.format_exc(), time.time(), _is_link_failure(e))
+        outcome = (False, traceback.format_exc(), time.time(), _is_link_failure(e), in_rendezvous)
     try:
         report.send_bytes(pickle.dumps(outcome))  # before the process group goes: peers fail after this
     finally:
@@ -315,6 +317,7 @@ class _Ending:
     traceback: str | None = None  # None: it died without reporting
     exitcode: int | None = None
     link_failure: bool = False
+    in_rendezvous: bool = False  # it failed while spawn initialized its process group, before fn
 
     def how(self) -> str:
         """How a rank that reported nothing ended."""
@@ -380,20 +383,22 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 12
         raise ValueError(f"nprocs must be >= 1, got {nprocs}")
     pg_timeout = pg_timeout_s if pg_timeout_s is not None else min(timeout_s, DEFAULT_PG_TIMEOUT_S)
     for attempt in range(PORT_ATTEMPTS):
-        outcome, tee = _spawn_once(fn, nprocs, args, free_port(), timeout_s, env, backend, pg_timeout)
-        # free_port's port can be taken by another process before rank 0 listens on it; no rank has
-        # run fn then (they all wait in the rendezvous), so the run can start again on another port
+        port = free_port()
+        outcome, tee = _spawn_once(fn, nprocs, args, port, timeout_s, env, backend, pg_timeout)
+        # free_port's port can be taken by another process before rank 0 listens on it; the ranks
+        # were all still in spawn's rendezvous, none has run fn, so they can start again elsewhere
         if not _port_was_taken(outcome) or attempt == PORT_ATTEMPTS - 1:
             break
-        print("note: the rendezvous port was taken by another process before rank 0 listened on it "
-              "(the EADDRINUSE above); starting the ranks again on another port", file=sys.stderr, flush=True)
+        print(f"note: port {port} was taken by another process before rank 0 could listen on it (EADDRINUSE); "
+              "starting the ranks again on another port", file=sys.stderr, flush=True)
     if len(outcome.values) < nprocs:
         raise WorkerError(outcome.report(nprocs, timeout_s, tee))
     return [outcome.values[r] for r in range(nprocs)]
 
 
 def _port_was_taken(outcome: _Outcome) -> bool:
-    return not outcome.values and any(e.traceback is not None and "EADDRINUSE" in e.traceback
+    """Whether a rank failed to listen on the port in spawn's own rendezvous (so no rank ran fn)."""
+    return not outcome.values and any(e.in_rendezvous and "EADDRINUSE" in (e.traceback or "")
                                       for e in outcome.endings.values())
 
 
@@ -452,8 +457,9 @@ def _wait(procs: list, receivers: list[connection.Connection], deadline: float) 
                 outcome.values[r] = pickle.loads(message[1])
                 continue
             if message is not None:
-                _, text, at, link_failure = message
-                outcome.endings[r] = _Ending(r, at, traceback=text, link_failure=link_failure)
+                _, text, at, link_failure, in_rendezvous = message
+                outcome.endings[r] = _Ending(r, at, traceback=text, link_failure=link_failure,
+                                             in_rendezvous=in_rendezvous)
             elif ended:
                 procs[r].join(timeout=1.0)  # the sentinel fires a moment before the exit code is there
                 outcome.endings[r] = _Ending(r, time.time(), exitcode=procs[r].exitcode)

@@ -77,6 +77,20 @@ def test_a_port_taken_before_the_workers_listen_is_replaced(monkeypatch):
     assert not ports  # the taken port was tried first
 
 
+def _address_in_use_inside_fn(log: str) -> None:
+    with open(log, "a") as f:
+        f.write(f"{dist.get_rank()}\n")
+    raise OSError("EADDRINUSE: address already in use (a server of the function's own)")
+
+
+@pytest.mark.timeout(60)
+def test_an_address_in_use_inside_fn_is_not_a_reason_to_run_it_again(tmp_path):
+    log = tmp_path / "calls"
+    with pytest.raises(WorkerError, match="EADDRINUSE"):
+        spawn(_address_in_use_inside_fn, 2, str(log), timeout_s=50)
+    assert sorted(log.read_text().split()) == ["0", "1"]  # fn ran once on each rank
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("mode, message", [("raise", r"rank 1 of 2 failed:(.|\n)*boom from the worker"),
                                            ("die", "rank 1 of 2 died with exit code 7 before reporting a result")])
