@@ -181,6 +181,9 @@ def pick(runs: list, only: str | None, known: list | None = None) -> list:
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise StudyError(f"--only: unknown run(s) {', '.join(unknown)}; `plan` lists them")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise StudyError(f"--only names {', '.join(twice)} more than once (each run trains into one directory)")
     return [by_name[n] for n in names]
 
 
@@ -296,6 +299,13 @@ def keep_count(remaining_s: list[float], time_left_s: float) -> int:
     return k
 
 
+def requeue(resumed: list, pending: list, priority: dict[str, int]) -> list:
+    """Shed runs that ended go back ahead of the runs not started, in priority order among
+    themselves (whatever order they ended in): shedding goes by start order, so the earlier run must
+    start earlier again."""
+    return sorted(resumed, key=lambda r: priority[r.name]) + pending
+
+
 class Launcher:
     """Runs a list of runs as subprocesses, --parallel at a time, until done or the deadline; everything
     that differs between runs (steps, batch, command, provenance) comes from the run (StudyRun).
@@ -380,6 +390,8 @@ class Launcher:
         live = [c for c in running if not c.shed]
         for c in live:
             c.step = last_step(self.runs_dir / c.run.name)
+            if c.window is not None and c.step < c.window[1]:
+                c.window = None  # the window opened on records the resumed trainer has since trimmed
             if c.window is None and c.step > c.from_step:
                 c.window = (now, c.step)
         if not live or any(c.window is None or c.step - c.window[1] < MIN_RATE_SHARE * c.run.steps for c in live):
@@ -400,6 +412,7 @@ class Launcher:
     def execute(self, runs: list[StudyRun]) -> dict[str, str]:
         """Run `runs` (none done); returns each one's status at the end of the call."""
         pending, running, outcome, stopping = list(runs), [], {}, False
+        priority = {run.name: i for i, run in enumerate(runs)}
         last_poll = self.now()
         while pending or running:
             now = self.now()
@@ -407,11 +420,13 @@ class Launcher:
                 child.shared_s += (now - last_poll) * len(running)
             last_poll = now
             ended = [c for c in running if c.proc.poll() is not None]
+            resumed = []
             for child in ended:
                 running.remove(child)
                 outcome[child.run.name] = self.end(child, stopping)
                 if child.shed and not stopping and status(self.runs_dir / child.run.name, child.run.steps) != "done":
-                    pending.insert(0, child.run)  # resumes from its checkpoint once the kept runs end
+                    resumed.append(child.run)  # resumes from its checkpoint once the kept runs end
+            pending = requeue(resumed, pending, priority)
             now = self.now()
             if not stopping and now >= self.stop_s:
                 stopping = True
@@ -435,7 +450,7 @@ class Launcher:
                 if fits(self.estimate(run, len(running) + 1), (run.steps - from_step) / run.steps, now, self.stop_s):
                     running.append(self.start(run, from_step))
                     started += 1
-                else:
+                elif run.name not in outcome:  # a shed run that no longer fits keeps its "stopped (shed)"
                     outcome[run.name] = "not started: predicted to end after the stop"
             if ended or started:
                 for child in running:

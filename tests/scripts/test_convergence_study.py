@@ -74,6 +74,17 @@ def test_fits_gates_runs_that_would_end_after_the_stop():
     assert sc.fits(100.0, 0.25, 80.0, 108.0)  # a resumed run needs only its remaining quarter
 
 
+def test_shed_runs_resume_in_priority_order_ahead_of_the_rest_and_only_picks_each_run_once():
+    grid = cs.grid()
+    a, b, c, d = grid[:4]
+    priority = {r.name: i for i, r in enumerate(grid)}
+    assert sc.requeue([c, b], [d], priority) == [b, c, d]  # c ended first; b had started first
+    assert sc.requeue([], [d], priority) == [d]
+    assert sc.pick(grid, f"{b.name},{a.name}") == [b, a]
+    with pytest.raises(sc.StudyError, match=f"names {a.name} more than once"):
+        sc.pick(grid, f"{a.name},{b.name},{a.name}")
+
+
 def test_keep_count_sheds_the_last_runs_only_when_that_lets_the_others_end():
     # 4 runs sharing the GPU, each 100 s from its end; 60 s left: keeping 2 makes them 50 s (x 1.1 = 55 s)
     assert sc.keep_count([100.0] * 4, 60.0) == 2
