@@ -36,7 +36,7 @@ def sync(device: torch.device) -> None:
 
 
 def time_steps(model_name: str, fused: bool, steps: int, device: torch.device) -> list[float]:
-    """Seconds per engine.step() after one backward (the gradients stay: each step reduces them again)."""
+    """Seconds per engine.step() (a forward and backward before each, not timed)."""
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the trainer's replica dtypes
     model = build_model(model_name, VOCAB).to(device, dtype)

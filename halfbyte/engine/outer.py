@@ -63,7 +63,7 @@ Usage (`lr` is the inner learning rate of this step):
     local = LocalUpdates(engines, islands, OuterConfig("sign-momentum", local_steps=tau))
     for step ...:
         backward per island; engine.step(lr) for each; local.step(lr); engine.zero_grad() for each
-    local.flush()                     # delay > 0: apply the exchange in flight before evaluating
+    local.flush()                     # after the last step (delay > 0): apply the exchange in flight
     local.save_checkpoint(path, extra) / local.load_checkpoint(path) -> extra
 Inter-island bytes are counted in `local.stats`, every outer hop as "inter".
 """
@@ -121,7 +121,7 @@ class OuterConfig:
                     overlap); 0: synchronous, the islands wait for the exchange. Must be < local_steps
     delay_mix:      with delay: how the islands take the result. none: keep each island's progress
                     since the exchange started (weights += new outer weights - weights at the
-                    round's end; CoCoD-SGD's rule); a number alpha in [0, 1]: weights = alpha *
+                    round's end; CoCoD-SGD's rule); a number alpha in [0, 1): weights = alpha *
                     weights + (1 - alpha) * new outer weights (Streaming DiLoCo's merge; 0 drops
                     the delay steps' progress)
     """
@@ -151,8 +151,10 @@ class OuterConfig:
         d = self.delay
         if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < tau:
             raise ValueError(f"OuterConfig.delay must be an integer in [0, local_steps = {tau}), got {d!r}")
-        if self.delay_mix is not None and not 0.0 <= self.delay_mix <= 1.0:
-            raise ValueError(f"OuterConfig.delay_mix must be none or a number in [0, 1], got {self.delay_mix!r}")
+        if self.delay_mix is not None and not 0.0 <= self.delay_mix < 1.0:  # 1: islands never take the outer weights
+            raise ValueError(f"OuterConfig.delay_mix must be none or a number in [0, 1), got {self.delay_mix!r}")
+        if self.delay_mix is not None and not d:
+            raise ValueError("OuterConfig.delay_mix is only used with a delay (outer.delay > 0); leave it unset")
         if not self.enabled:
             return
         if self.lr is None:
@@ -286,13 +288,13 @@ class OuterExchange(ABC):
                   values) -> each held island's chunk (ceil(numel / K) values). With a spec:
                   quantized, with error feedback when enabled (the residual flat - decoded(sent)
                   is kept and added next time).
-    gather(chunks, shared, seed): every island's new chunk into `shared` (K * chunk values, the
-                  weights every island holds). With a spec: qWD, the quantized chunk - own part of
-                  shared, decoded and added by every island.
-    start_average / start_gather: the same, started; they return a function that waits for the
-                  transfer and returns average's result (real ranks: async collectives that run
-                  behind the inner steps; virtual islands compute at once). What they read is read
-                  when they start.
+    start_average: average, started: returns a function that waits for the transfer and returns
+                  the result (real ranks: async collectives that run behind the inner steps; virtual
+                  islands compute at once).
+    start_gather(chunks, shared, seed): every island's new chunk into `shared` (K * chunk values,
+                  the weights every island holds), started; returns the wait. With a spec: qWD, the
+                  quantized chunk - own part of shared, decoded and added by every island.
+    What they read is read when they start.
     """
 
     def __init__(self, islands: tuple[int, ...], num_islands: int, numel: int, spec: QuantSpec | None,
@@ -304,9 +306,6 @@ class OuterExchange(ABC):
 
     def average(self, flats: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
         return self.start_average(flats, seed)()
-
-    def gather(self, chunks: list[torch.Tensor], shared: torch.Tensor, seed: int) -> None:
-        self.start_gather(chunks, shared, seed)()
 
     def start_average(self, flats: list[torch.Tensor], seed: int) -> Callable[[], list[torch.Tensor]]:
         if self.residual is not None:

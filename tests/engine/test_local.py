@@ -307,6 +307,10 @@ def test_bad_configs_raise_value_errors():
         OuterConfig(delay=-1)
     with pytest.raises(ValueError, match="delay_mix must be none or a number in"):
         OuterConfig(delay=1, delay_mix=1.5)
+    with pytest.raises(ValueError, match=r"delay_mix must be none or a number in \[0, 1\)"):
+        OuterConfig(delay=1, delay_mix=1.0)  # the islands would never take the outer weights
+    with pytest.raises(ValueError, match="delay_mix is only used with a delay"):
+        OuterConfig(delay_mix=0.5)
     with pytest.raises(ValueError, match="spec"):
         OuterConfig(spec="int4")
     with pytest.raises(ValueError, match=r"must divide the world size \(8\): choose one of \[1, 2, 4, 8\]"):
