@@ -400,9 +400,45 @@ def real_islands_worker() -> list[dict]:
         flushed = local.flush()
         engine.wait_weights()
         reports.append({"losses": losses, "params": flat_params(model), "island_bytes": local.stats.by_op(),
+                        "island_totals": local.stats.totals(),
                         "inner_bytes": engine.stats.by_op(), "applied": applied, "flushed": flushed,
                         "outer_steps": local.outer_steps})
     return reports
+
+
+def real_islands_resume_worker(path: str) -> dict:
+    """real_islands_worker's delayed run, checkpointed right at its first round's end (the
+    reduce-scatter in flight on the async process group) and resumed into fresh engines."""
+    def build():
+        islands = build_islands(2, gpus_per_node=1)
+        model = make_mlp(width=24)
+        engine = _island_engine(model, islands.worlds[0], islands.owned[0])
+        return model, engine, LocalUpdates([engine], islands, DELAY_CONFIG, seed=3)
+
+    def train(model, engine, local, steps: range) -> list[float]:
+        losses = []
+        for step in steps:
+            x, y = regression_batch(step, dist.get_rank())
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            engine.step(lr=1e-2)
+            local.step(1e-2)
+            engine.zero_grad()
+            losses.append(loss.item())
+        return losses
+
+    model, engine, local = build()
+    losses = train(model, engine, local, range(3))
+    stage, sent_before = local.pending, local.stats.totals()
+    local.save_checkpoint(path, {"step": 3})
+    model, engine, local = build()
+    local.load_checkpoint(path)
+    losses += train(model, engine, local, range(3, DELAY_STEPS))
+    flushed = local.flush()
+    engine.wait_weights()
+    sent = local.stats.totals()
+    return {"stage": stage, "losses": losses, "params": flat_params(model), "flushed": flushed,
+            "sent": {k: sent_before[k] + sent[k] for k in sent}}
 
 
 def virtual_islands_run(config: OuterConfig, steps: int) -> dict:
@@ -460,6 +496,19 @@ def test_virtual_islands_of_two_ranks_match_real_islands_bit_for_bit():
     assert delayed["applied"] == [False, False, False, False, True, False, False]
     assert delayed["flushed"] and delayed["outer_steps"] == 2
     assert not torch.equal(delayed["params"][0], delayed["params"][1])  # flushed 1 step in: progress kept
+
+
+def test_real_islands_checkpointed_inside_a_delayed_exchange_resume_bit_identically(tmp_path):
+    """On 4 gloo ranks (2 islands of 2): a checkpoint while the outer reduce-scatter is in flight
+    (ProcessExchange's async wait) resumes to the uninterrupted run's losses, weights and bytes."""
+    untouched = spawn(real_islands_worker, 4, timeout_s=110)
+    resumed = spawn(real_islands_resume_worker, 4, str(tmp_path / "ckpt"), timeout_s=110)
+    for rank in range(4):
+        run = untouched[rank][1]  # ISLAND_RUNS[1]: the delayed run
+        assert resumed[rank]["stage"] == "reducing" and resumed[rank]["flushed"] == run["flushed"]
+        assert resumed[rank]["losses"] == run["losses"], rank
+        assert torch.equal(resumed[rank]["params"], run["params"]), rank
+        assert resumed[rank]["sent"] == run["island_totals"], rank  # no transfer lost or repeated
 
 
 # ---- the delayed exchange -----------------------------------------------------------------------
