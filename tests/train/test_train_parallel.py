@@ -3,6 +3,7 @@ outer steps, checkpoints, and the errors. Runs call train_main in this process (
 real workers are spawned), single-threaded so that real and virtual ranks do the same float arithmetic."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,30 @@ def test_a_delayed_outer_exchange_is_applied_at_the_end_of_training(tmp_path):
     assert [r["outer_steps"] for r in records] == [0, 0, 0, 1, 1, 2]
     island = [r["wire_island_bytes"] for r in records]
     assert island[3] > 0 and island[5] == 2 * island[3]
+
+
+@pytest.mark.timeout(240)
+def test_codec_bits_from_the_command_line_change_the_wire_bytes_as_the_accounting_predicts(tmp_path):
+    # 2 real gloo workers as 2 nodes x 1, one bucket: the gradients' int4 -> int8 inter-node hop
+    # (--comm.grad_spec.bits 8) adds exactly what reduce_scatter_two_level_bytes says, per rank and
+    # step; the weights' bytes (qWD int4) are the same in both runs
+    from halfbyte.comm.accounting import reduce_scatter_two_level_bytes
+    from halfbyte.comm.config import CommConfig
+    from halfbyte.engine.buffers import shard_numel_for
+
+    common = ["--steps=2", "--preset=sdp4bit", "--eval_interval=0", "--workers=2", "--train.gpus_per_node=1",
+              "--train.weight_decay_on=all", "--engine.bucket_numel=100000000"]
+    int4 = _train(tmp_path / "int4", *common)
+    int8 = _train(tmp_path / "int8", *common, "--comm.grad_spec.bits=8")
+    meta = json.loads((tmp_path / "int8" / "checkpoints" / "step_000002" / "meta.json").read_text())
+    numel = sum(math.prod(shape) for _, shape in meta["engines"][""]["params"])
+    inter = {}
+    for bits in (4, 8):
+        comm = CommConfig.preset("sdp4bit")
+        comm = CommConfig.from_dict({**comm.to_dict(), "grad_spec": {**comm.to_dict()["grad_spec"], "bits": bits}})
+        padded = 2 * shard_numel_for(numel, 2, comm.alignment)
+        inter[bits] = reduce_scatter_two_level_bytes(padded, comm.grad_intra_spec, comm.grad_spec, 2, 1)["inter"]
+    assert meta["engines"][""]["comm"]["grad_spec"]["bits"] == 8
+    for a, b in zip(int4, int8):
+        assert b["wire_inter_bytes"] - a["wire_inter_bytes"] == a["step"] * 2 * (inter[8] - inter[4]), (a, b)
+        assert a["wire_intra_bytes"] == b["wire_intra_bytes"] == 0
