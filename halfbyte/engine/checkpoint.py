@@ -297,7 +297,7 @@ def save(path: str | Path, engines: dict[str, ShardedDataParallel], extra: dict[
         t = _template(engine, prefix)
         state |= t.tensors | t.entries
     first = next(iter(engines.values()))
-    state[f"halfbyte.rng.{_process_key(first.world)}"] = _rng_state()
+    state[f"halfbyte.rng.{_process_key(first.world)}"] = rng_state()
     _dcp(dcp.save, _pickle_dicts(state), tmp, world, _SavePlanner())
     world.barrier()
     metas = _gather_metas(engines, world)
@@ -354,7 +354,7 @@ def load(path: str | Path, engines: dict[str, ShardedDataParallel], world: World
     for k in dict_keys:
         state[k] = pickle.loads(state[k])
     if same_layout:
-        _set_rng_state(state[rng_key])
+        set_rng_state(state[rng_key])
     if more is not None:
         more |= {k: state[k] for k in more}
     for group, lr in learning_rates:
@@ -396,12 +396,14 @@ def _pickle_dicts(state: dict[str, Any]) -> dict[str, Any]:
     return {k: pickle.dumps(v) if isinstance(v, dict) else v for k, v in state.items()}
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (CPU, and every CUDA device's where there is one), as checkpoints
+    store them under halfbyte.rng.<process>; fsdp2's checkpoints use the same form."""
     return {"cpu": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -145,18 +145,6 @@ def _cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"
 
 
-def _rng_state() -> dict[str, Any]:
-    """This process's RNG states, in the form halfbyte's engine saves under halfbyte.rng.rank<r>."""
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class FSDP2Ranks(Ranks):
     """One real rank (the process group is initialized: local gloo workers or torchrun) training
     the run's model under FSDP2 with halfbyte's collectives."""
@@ -280,7 +268,7 @@ class FSDP2Ranks(Ranks):
         meta = self._meta()
         state = self._state()[2] | {f"replica.{k}": v for k, v in self._replicas().items()}
         state |= {"extra": pickle.dumps(extra), "halfbyte.engine": pickle.dumps(meta),
-                  f"halfbyte.rng.rank{dist.get_rank()}": pickle.dumps(_rng_state())}
+                  f"halfbyte.rng.rank{dist.get_rank()}": pickle.dumps(checkpoint.rng_state())}
         tmp = path.with_name(path.name + ".tmp")
         if self.leader:
             shutil.rmtree(tmp, ignore_errors=True)  # left over from a run that died mid-save
@@ -330,7 +318,7 @@ class FSDP2Ranks(Ranks):
             self.handle.load_replica_state_dict({k.removeprefix("replica."): state[k] for k in replica_keys})
         self.step_count, self._skipped = saved["step_count"], saved["skipped_steps"]
         if same_layout:
-            _set_rng_state(pickle.loads(state[rng_key]))
+            checkpoint.set_rng_state(pickle.loads(state[rng_key]))
         return pickle.loads(state["extra"])
 
     def _replica_keys(self, stored: dict[str, Any]) -> list[str]:
