@@ -234,6 +234,23 @@ def requires_grad_changes(topo) -> dict:
     return out
 
 
+def train_ranks(model: nn.Module, engine: ShardedDataParallel, world, steps: int, batch,
+                after_step=lambda model: None) -> list[float]:
+    """`steps` steps of every rank this process plays on batch(step, rank), MSE loss: the losses."""
+    losses = []
+    for step in range(steps):
+        for r in world.owned:
+            with engine.as_rank(r):
+                x, y = batch(step, r)
+                loss = mse(model(x), y)
+                loss.backward()
+            losses.append(loss.item())
+        engine.step()
+        engine.zero_grad()
+        after_step(model)
+    return losses
+
+
 def norm_run(world, broadcast: bool, after_step=lambda model: None) -> dict:
     """NormNet on rank-dependent data (BatchNorm statistics differ between ranks) on `world` (real
     or virtual), sdp4bit without clipping (bit-identical between the two): losses and buffers."""
@@ -241,17 +258,7 @@ def norm_run(world, broadcast: bool, after_step=lambda model: None) -> dict:
     comm, _ = CommConfig.preset("sdp4bit").for_nodes(world.nodes)
     engine = ShardedDataParallel(model, world, comm=comm, bucket_numel=200, grad_clip=None,
                                  broadcast_buffers=broadcast)
-    losses = []
-    for step in range(4):
-        for r in world.owned:
-            with engine.as_rank(r):
-                idx, y = token_batch(step, r)
-                loss = mse(model(idx), y)
-                loss.backward()
-            losses.append(loss.item())
-        engine.step()
-        engine.zero_grad()
-        after_step(model)
+    losses = train_ranks(model, engine, world, 4, token_batch, after_step)
     engine.check_replicas()
     return {"losses": losses, "buffers": {n: t.clone() for n, t in model.named_buffers()}, "engine": engine}
 
@@ -292,16 +299,7 @@ def mixed_run(world, preset: str, steps: int) -> dict:
     engine = ShardedDataParallel(model, world, optim=AdamWConfig(lr=3e-2), comm=comm, bucket_numel=500,
                                  grad_clip=None, seed=3)
     world.stats.reset()  # a process group's counters are shared by every engine on it
-    losses = []
-    for step in range(steps):
-        for r in world.owned:
-            with engine.as_rank(r):
-                x, y = regression_batch(step, r)
-                loss = mse(model(x), y)
-                loss.backward()
-            losses.append(loss.item())
-        engine.step()
-        engine.zero_grad()
+    losses = train_ranks(model, engine, world, steps, regression_batch)
     engine.wait_weights()
     engine.check_replicas()
     return {"losses": losses, "replica": {n: p.detach().clone() for n, p in model.named_parameters()},
