@@ -170,9 +170,14 @@ def _worker(rank: int, nprocs: int, port: int, env: dict[str, str], backend: str
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs),
                       LOCAL_WORLD_SIZE=str(nprocs), GROUP_RANK="0",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # Ranks share the host's cores: one rank must not spin threads on all of them.
-    if "OMP_NUM_THREADS" not in env:
+    # Ranks share the host's cores: one rank must not spin threads on all of them. OMP_NUM_THREADS,
+    # inherited from the parent or given in env, wins; it is read from os.environ (env holds only the
+    # extra variables) and applied here, since torch read its own at import, before env was set.
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads is None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
+    elif threads.strip().isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
     failed = in_rendezvous = False
     try:
         if backend is not None:
@@ -374,6 +379,8 @@ def spawn(fn: Callable[..., Any], nprocs: int, *args: Any, timeout_s: float = 12
 
     backend: process group the workers get before `fn` runs ("gloo", "nccl"), or None to leave
     initialization to `fn` (call `init_process_group_from_env`). env: extra environment variables.
+    Each worker runs OMP_NUM_THREADS torch threads (this process's environment, or env), else
+    os.cpu_count() // nprocs.
     pg_timeout_s: process-group timeout (default: min(timeout_s, 300 s)).
     Raises WorkerError naming the first failing rank, or on timeout; every worker is gone by then. The
     workers die with this process if it dies first (on Linux, with the thread that called spawn: it is

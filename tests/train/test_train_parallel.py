@@ -30,6 +30,20 @@ def _one_thread(monkeypatch):
     torch.set_num_threads(threads)
 
 
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+@pytest.mark.timeout(60)
+def test_spawned_workers_keep_omp_num_threads():
+    """The comparisons below need the workers single-threaded like this process: with OMP_NUM_THREADS=1
+    set, spawn gave each worker cpu_count // nprocs threads all the same (8 on a 16-core host), whose
+    other CPU reduction order moved step 3's grad_norm by 2e-5 (3.12146 vs 3.12144)."""
+    from halfbyte.comm import spawn
+
+    assert spawn(_threads, 1, backend=None, timeout_s=50) == [1]
+
+
 def _train(out: Path, *args: str) -> list[dict]:
     assert train_main([*SMALL, f"--out={out}", *args]) == 0
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
