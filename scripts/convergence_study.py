@@ -370,19 +370,23 @@ def plot(records: list[Record], comparisons: dict[str, Any], path: Path, title: 
     plt.close(fig)
 
 
+def _fmt_r(r: float | None) -> str:
+    return "-" if r is None else f"{r:+.2f}"
+
+
 def results_table(comparisons: dict[str, Any]) -> str:
     lines = ["| arm | W | seeds | baseline loss | gap (nats) | 95% CI (nats) | gap (% of baseline) | 95% CI (%) "
-             "| verdict |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| pairing r | verdict |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for key, block in comparisons.items():
         for arm, g in block["arms"].items():
             if "pct" not in g:
-                lines.append(f"| {arm} | {key[1:]} | {g['n_seeds']} | | | | | | {g['note']} |")
+                lines.append(f"| {arm} | {key[1:]} | {g['n_seeds']} | | | | | | | {g['note']} |")
                 continue
             n, p = g["nats"], g["pct"]
             lines.append(f"| {arm} | {key[1:]} | {g['n_seeds']} | {g['baseline_mean']:.4f} | {n['mean']:+.4f} | "
                          f"{n['ci_low']:+.4f} .. {n['ci_high']:+.4f} | {p['mean']:+.3f}% | {p['ci_low']:+.3f} .. "
-                         f"{p['ci_high']:+.3f}% | {g['verdict']['text']} |")
+                         f"{p['ci_high']:+.3f}% | {_fmt_r(g['pairing_correlation'])} | {g['verdict']['text']} |")
     return "\n".join(lines)
 
 

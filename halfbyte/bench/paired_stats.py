@@ -93,6 +93,32 @@ class Interval:
         return self.low > 0.0 or self.high < 0.0
 
 
+def seeds_for_half_width(sd: float, target: float, confidence: float = 0.95, max_seeds: int = 100_000) -> int:
+    """The fewest seeds n >= 2 whose t interval, at this sample sd of the per-seed values, has a
+    half-width of at most `target` (same units): the smallest n with t_{(1+c)/2, n-1} sd / sqrt(n)
+    <= target. A planning figure: it takes the sd measured so far as the true one."""
+    if not (sd >= 0 and math.isfinite(sd)) or not target > 0:
+        raise ValueError(f"seeds_for_half_width needs sd >= 0 and target > 0, got sd={sd!r}, target={target!r}")
+    q = 0.5 + confidence / 2.0
+    n = 2
+    while t_quantile(q, n - 1) * sd / math.sqrt(n) > target:
+        n += 1
+        if n > max_seeds:
+            raise ValueError(f"more than {max_seeds} seeds would be needed for half-width {target} at sd {sd}")
+    return n
+
+
+def correlation(xs: tuple[float, ...], ys: tuple[float, ...]) -> float | None:
+    """Pearson correlation of two equally long samples; None when either has no spread."""
+    n = len(xs)
+    mx, my = math.fsum(xs) / n, math.fsum(ys) / n
+    sxx = math.fsum((x - mx) ** 2 for x in xs)
+    syy = math.fsum((y - my) ** 2 for y in ys)
+    if sxx == 0 or syy == 0:
+        return None
+    return math.fsum((x - mx) * (y - my) for x, y in zip(xs, ys)) / math.sqrt(sxx * syy)
+
+
 def t_interval(values: list[float], confidence: float = 0.95) -> Interval:
     """mean +- t_{(1+confidence)/2, n-1} * sd / sqrt(n); needs n >= 2 (one value has no spread)."""
     n = len(values)
@@ -123,6 +149,17 @@ class PairedGap:
     def differences(self) -> tuple[float, ...]:
         return tuple(a - b for a, b in zip(self.arm_losses, self.baseline_losses))
 
+    @property
+    def pairing_correlation(self) -> float | None:
+        """Correlation over seeds of the arm's and the baseline's losses: what pairing buys. The
+        differences' variance is var(arm) + var(baseline) - 2 cov: near 0, pairing removes nothing
+        (the runs of one seed have decorrelated by the end) and the seeds act as independent runs."""
+        return correlation(self.arm_losses, self.baseline_losses)
+
+    def seeds_needed(self, target_pct: float) -> int:
+        """Seeds for a half-width of target_pct at the spread of the relative gaps measured so far."""
+        return seeds_for_half_width(self.pct.sd, target_pct, self.confidence)
+
     def verdict(self, target_pct: float) -> Verdict:
         return Verdict.of(self, target_pct)
 
@@ -135,6 +172,7 @@ class PairedGap:
                 "differences_nats": list(self.differences),
                 "baseline_mean": math.fsum(self.baseline_losses) / len(self.seeds),
                 "nats": interval(self.nats), "pct": interval(self.pct), "unpaired_seeds": list(self.unpaired),
+                "pairing_correlation": self.pairing_correlation, "seeds_needed": self.seeds_needed(target_pct),
                 "verdict": asdict(self.verdict(target_pct))}
 
 
@@ -170,7 +208,8 @@ class Verdict:
             text = (f"no difference detected, but the {level} {pct.low:+.3f}..{pct.high:+.3f}% reaches past "
                     f"+-{target_pct:g}%")
         if not resolved:
-            text += f"; unresolved: half-width {pct.half_width:.3f}% > target {target_pct:g}%"
+            text += (f"; unresolved: half-width {pct.half_width:.3f}% > target {target_pct:g}% (at this spread, "
+                     f"sd {pct.sd:.3f}%, the target needs about {gap.seeds_needed(target_pct)} seeds)")
         return cls(direction, excludes, resolved, within, target_pct, text)
 
 

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from halfbyte.bench.paired_stats import (Verdict, paired_gap, regularized_incomplete_beta, t_cdf, t_interval,
-                                         t_quantile)
+from halfbyte.bench.paired_stats import (Verdict, correlation, paired_gap, regularized_incomplete_beta,
+                                         seeds_for_half_width, t_cdf, t_interval, t_quantile)
 
 # Student-t critical values as printed in standard tables (5-6 significant digits).
 TABLE = [(0.975, 1, 12.7062), (0.975, 2, 4.30265), (0.975, 3, 3.18245), (0.975, 4, 2.77645),
@@ -111,3 +111,36 @@ def test_identical_runs_have_zero_width_and_bad_inputs_are_refused():
         paired_gap({0: 2.1, 7: 2.0}, base)
     with pytest.raises(ValueError, match="finite"):
         paired_gap({0: float("nan"), 1: 2.3}, base)
+
+
+def test_seeds_for_half_width_is_the_smallest_n_that_reaches_the_target():
+    # n = 4: t(0.975, 3) / 2 = 1.5912; n = 5: t(0.975, 4) / sqrt(5) = 1.2417; n = 3: 2.4841
+    assert seeds_for_half_width(1.0, 1.6) == 4
+    assert seeds_for_half_width(1.0, 1.59) == 5
+    assert seeds_for_half_width(1.0, 2.5) == 3
+    assert seeds_for_half_width(0.0, 0.1) == 2
+    for sd, target in ((0.9066, 0.3), (0.2, 0.3), (3.0, 0.25)):
+        n = seeds_for_half_width(sd, target)
+        assert t_quantile(0.975, n - 1) * sd / math.sqrt(n) <= target
+        assert n == 2 or t_quantile(0.975, n - 2) * sd / math.sqrt(n - 1) > target
+    with pytest.raises(ValueError, match="target > 0"):
+        seeds_for_half_width(1.0, 0.0)
+    with pytest.raises(ValueError, match="seeds would be needed"):
+        seeds_for_half_width(1.0, 1e-3, max_seeds=100)
+
+
+def test_pairing_correlation_and_seeds_needed_in_the_verdict():
+    assert correlation((1.0, 2.0, 3.0), (2.0, 4.0, 6.5)) == pytest.approx(4.5 / math.sqrt(2 * 61 / 6), abs=1e-12)
+    assert correlation((1.0, 2.0, 3.0), (3.0, 2.0, 1.0)) == pytest.approx(-1.0)
+    assert correlation((1.0, 1.0, 1.0), (3.0, 2.0, 1.0)) is None
+    base = {0: 1.00, 1: 1.02, 2: 0.98, 3: 1.01}
+    tracking = {s: v + 0.001 * (-1) ** s for s, v in base.items()}  # follows the baseline seed by seed
+    gap = paired_gap(tracking, base)
+    assert gap.pairing_correlation > 0.99
+    verdict = gap.verdict(0.05)
+    assert not verdict.resolved
+    n = gap.seeds_needed(0.05)
+    assert n == seeds_for_half_width(gap.pct.sd, 0.05) and n > 4
+    assert f"needs about {n} seeds" in verdict.text
+    assert gap.to_dict(0.05)["seeds_needed"] == n
+    assert gap.to_dict(0.05)["pairing_correlation"] == pytest.approx(gap.pairing_correlation)
