@@ -49,8 +49,8 @@ _MIN_GROUP, _MAX_GROUP = 8, 16384
 # Values per program (tile = whole groups). Streaming kernels want a few thousand values per program
 # in flight: enough bytes per load for 16-byte vectors, few enough registers for good occupancy.
 _TILE_VALUES = 2048
-# Values per thread run on the paths that keep runs in registers (Hadamard quantize, reduce_requantize,
-# dequantize_sum): whole H32 blocks, and a group's scale work shared by 32 values
+# Values per thread run on the paths that keep runs in registers (Hadamard quantize, reduce_requantize):
+# whole H32 blocks, and a group's scale work shared by 32 values
 _RUN = tl.constexpr(32)
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding it rounds |y| < 2**22 half-to-even
 
@@ -81,11 +81,11 @@ def _fwht(v, LOG2_H: tl.constexpr):
 
 
 @triton.jit
-def _run_offsets(NR: tl.constexpr, RUN: tl.constexpr, VEC: tl.constexpr):
-    """Offsets [NR, RUN // VEC, VEC] of NR consecutive runs of RUN elements, in VEC-element vectors:
-    the shape that lets each thread load or store its run with 16-byte accesses."""
-    return (tl.arange(0, NR)[:, None, None] * RUN + tl.arange(0, RUN // VEC)[None, :, None] * VEC
-            + tl.arange(0, VEC)[None, None, :])
+def _run_byte_offsets(NR: tl.constexpr, RUN_BYTES: tl.constexpr, VB: tl.constexpr):
+    """Byte offsets [NR, RUN_BYTES // VB, VB] of NR consecutive runs of RUN_BYTES bytes, in VB-byte
+    vectors: the shape that lets each thread load or store its run with 16-byte accesses."""
+    return (tl.arange(0, NR)[:, None, None] * RUN_BYTES + tl.arange(0, RUN_BYTES // VB)[None, :, None] * VB
+            + tl.arange(0, VB)[None, None, :])
 
 
 @triton.jit
@@ -200,7 +200,7 @@ def _quantize_tile(v, out_ptr, g0, group_end, num_groups, pay_bytes, seed, rng_g
         NR: tl.constexpr = BG * GS // RUN
         RUN_BYTES: tl.constexpr = RUN // PER_BYTE
         VB: tl.constexpr = min(16, RUN_BYTES)
-        offs = _run_offsets(NR, RUN_BYTES, VB)
+        offs = _run_byte_offsets(NR, RUN_BYTES, VB)
         ok = offs < (group_end - g0) * ROW
         tl.store(pay + offs, tl.reshape(byte, (NR, RUN_BYTES // VB, VB)), mask=ok)
     else:
@@ -230,7 +230,7 @@ def _decode_tile(chunk_ptr, g0, num_groups, pay_bytes, BG: tl.constexpr, GS: tl.
         NR: tl.constexpr = BG * GS // RUN
         RUN_BYTES: tl.constexpr = RUN // PER_BYTE
         VB: tl.constexpr = min(16, RUN_BYTES)
-        offs = _run_offsets(NR, RUN_BYTES, VB)
+        offs = _run_byte_offsets(NR, RUN_BYTES, VB)
         raw = tl.load(chunk_ptr + g0 * (GS // PER_BYTE) + offs, mask=offs < (num_groups - g0) * (GS // PER_BYTE),
                       other=0)
         raw = tl.reshape(raw, (NR, RUN_BYTES)).to(tl.int32)
@@ -265,7 +265,8 @@ def _load_runs(ptr, base, numel, NR: tl.constexpr, RUN: tl.constexpr, VEC: tl.co
     over the runs and keeps each run in one thread's registers (given NR >= the threads of the
     program), so Hadamard blocks up to RUN values need no shuffles or shared memory.
     """
-    offs = _run_offsets(NR, RUN, VEC)
+    offs = (tl.arange(0, NR)[:, None, None] * RUN + tl.arange(0, RUN // VEC)[None, :, None] * VEC
+            + tl.arange(0, VEC)[None, None, :])
     v = tl.load(ptr + base + offs, mask=offs < numel - base, other=0.0).to(tl.float32)
     return tl.reshape(v, (NR, RUN))
 
@@ -346,22 +347,16 @@ def _dequantize_sum_kernel(chunks_ptr, chunk_stride, W, out_ptr, numel, num_grou
     chunks_ptr += row * chunk_stride
     out_ptr += row * numel
     g0 = tl.program_id(0).to(tl.int64) * BG
-    # runs of RUN values per thread from the loads to the store: 16-byte accesses, and the Hadamard
-    # and the nibble interleave stay in each thread's registers (rows would regroup through shared memory)
-    RUN: tl.constexpr = min(GS, _RUN)
-    NR: tl.constexpr = BG * GS // RUN
-    VEC: tl.constexpr = min(128 // out_ptr.dtype.element_ty.primitive_bitwidth, RUN)
     v = _decode_sum_tile(chunks_ptr, chunk_stride, W, g0, num_groups, pay_bytes, BG, GS, BITS, SYMMETRIC,
-                         UNROLL, EXACT, RUN)
+                         UNROLL, EXACT, 0)
     if LOG2_H > 0:
         v = _fwht(v, LOG2_H)
     if SCALE:  # the average: times the fp32 reciprocal, as the reference
         v = v * scale
-    v = tl.reshape(v, (NR, RUN // VEC, VEC))
     base = g0 * GS
-    offs = _run_offsets(NR, RUN, VEC)
-    m = offs < numel - base
-    ptr = out_ptr + base + offs
+    local = tl.arange(0, BG)[:, None] * GS + tl.arange(0, GS)[None, :]
+    m = local < numel - base
+    ptr = out_ptr + base + local
     if ACCUMULATE:
         v = tl.load(ptr, mask=m, other=0.0).to(tl.float32) + v
     tl.store(ptr, v.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m)
@@ -512,7 +507,7 @@ def _decode_into(chunks: torch.Tensor, spec: QuantSpec, numel: int, out: torch.T
     log2_h = _log2_hadamard(spec, rotate, numel)
     chunks = _aligned_rows(chunks)
     groups = spec.num_groups(numel)
-    bg, warps = launch_config(spec.group_size, tile_values, num_warps, runs=True)
+    bg, warps = launch_config(spec.group_size, tile_values, num_warps)
     W, rows = (1, chunks.shape[0]) if separate_rows else (chunks.shape[0], 1)
     if groups:
         _dequantize_sum_kernel[(triton.cdiv(groups, bg), rows)](
