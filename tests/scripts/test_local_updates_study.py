@@ -30,10 +30,12 @@ SCRIPT = Path(lu.__file__)  # what the `study` fixture runs
 
 def test_grid_is_issue_20s_in_priority_order_at_the_convergence_studys_tokens(tmp_path):
     runs = lu.grid()
-    assert len(runs) == len({r.name for r in runs}) == 4 * (3 * 2 * 3 * 4 * 2 + 2 + 4)
-    assert [r.name for r in runs[:3]] == ["baseline-w8-seed0", "m2-split-sm-t32-d0-seed0", "m2-split-sm-t32-d1-seed0"]
+    assert len(runs) == len({r.name for r in runs}) == 4 * (3 * 2 * 3 * 4 * 2 + 2 + 6)
+    assert [r.name for r in runs[:5]] == ["baseline-w8-seed0", "m2-split-nesterov-t32-d0-seed0",
+                                          "m2-split-nesterov-t32-d1-seed0", "m2-split-sm-t32-d0-seed0",
+                                          "m2-split-sm-t32-d0-lr4-seed0"]
     tiers = [r.arm.tier for r in runs]
-    assert tiers == sorted(tiers) and [r.seed for r in runs[:12]] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert tiers == sorted(tiers) and [r.seed for r in runs[:20]] == [s for s in range(4) for _ in range(5)]
     names = {a.name for a in lu.ARMS.values()}
     for M, batch, opt, tau, delay in itertools.product((2, 4, 8), ("split", "full"), ("sm", "nesterov", "average"),
                                                        (16, 32, 64, 128), (0, 1)):
