@@ -110,7 +110,9 @@ class OuterConfig:
     local_steps:    tau, inner steps between outer steps
     islands:        islands of consecutive ranks (0: one per (emulated) node)
     lr:             outer learning rate (none: sign-momentum 1.0 x the inner lr, nesterov 0.7,
-                    average 1.0)
+                    average 1.0); a sign-momentum round moves each weight by lr x the inner lr,
+                    one inner step's worth: 1.0 is the authors' setting at tau 12, too small at tau 32
+                    (docs/local_updates.md)
     betas:          sign-momentum's (beta1 of the update direction, beta2 of the momentum)
     momentum:       nesterov's momentum
     weight_decay:   sign-momentum's decoupled weight decay (none: 0.2); other optimizers: 0
