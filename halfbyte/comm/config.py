@@ -18,6 +18,9 @@ GRAD_MODES = ("full", "one-level", "two-level")
 class CommConfig:
     """How weights are all-gathered and gradients reduce-scattered.
 
+    Every spec here is 4 or 8 bits: these hops run every step, without error feedback, on the Triton
+    kernels on GPU; QuantSpec's 2 bits are refused (they serve OuterConfig.spec).
+
     weights:         "full"   all-gather the master shard cast to the replica dtype (bf16 on GPU);
                      "direct" all-gather the master shard quantized with `weight_spec` (ZeRO++ qwZ);
                      "qwd"    all-gather the quantized difference master - replica and add it (SDP4Bit).
@@ -45,6 +48,10 @@ class CommConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, QuantSpec):
                 raise ValueError(f"CommConfig.{name} must be a QuantSpec or None, got {value!r}")
+            if value is not None and value.bits == 2:  # QuantSpec's 2 bits are for outer.spec
+                raise ValueError(f"CommConfig.{name}.bits must be 4 or 8, got 2: 2-bit values are only for "
+                                 "the outer exchange of local updates (outer.spec, with error feedback); "
+                                 "every-step hops have no error feedback and no 2-bit kernel")
 
         if self.weights == "full" and self.weight_spec is not None:
             raise ValueError("CommConfig.weight_spec is only used with weights='direct' or 'qwd'; "

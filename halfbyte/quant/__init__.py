@@ -1,4 +1,4 @@
-"""Quantization core: group-wise int4/int8 codecs, Hadamard smoothing, bit packing.
+"""Quantization core: group-wise int2/int4/int8 codecs (int2 in the reference only), Hadamard smoothing, bit packing.
 
 `quantize`, `dequantize`, `dequantize_sum`, `reduce_requantize` and the all-to-all message forms
 `quantize_messages` / `dequantize_messages` / `reduce_requantize_messages` run the fused Triton kernels for

@@ -16,7 +16,10 @@ Exact arithmetic, so that another implementation can match it bit for bit (neare
               s = NaN (and z = NaN) and q = 0, so it decodes to NaN: bad values propagate through
               every collective to the result, never into plausible numbers
   packing     int4: level + 8 (symmetric) or level (asymmetric) in a nibble, value 2i in the low
-              nibble of byte i, 2i+1 in the high one; int8: the level as int8 (symmetric) or uint8.
+              nibble of byte i, 2i+1 in the high one; int8: the level as int8 (symmetric) or uint8;
+              int2: level + 2 (symmetric, codes 1..3) or level (asymmetric, 0..3) in 2 bits, value
+              4i + k in bits 2k, 2k+1 of byte i (4i in the lowest two). Reference only: the Triton
+              entry points hand 2-bit specs back to this module.
   decode      v = q * s (+ z), inverse rotation, drop the padding.
 """
 
@@ -143,6 +146,9 @@ def _bf16_down(t: torch.Tensor) -> torch.Tensor:
 def _pack_levels(q: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     if spec.bits == 8:
         return q.to(torch.int8).view(torch.uint8) if spec.symmetric else q.to(torch.uint8)
+    if spec.bits == 2:
+        u = (q + 2 if spec.symmetric else q).to(torch.uint8).view(-1, 4)
+        return u[:, 0] | (u[:, 1] << 2) | (u[:, 2] << 4) | (u[:, 3] << 6)
     u = (q + 8 if spec.symmetric else q).to(torch.uint8)
     return u[0::2] | (u[1::2] << 4)
 
@@ -154,6 +160,10 @@ def unpack(data: torch.Tensor, spec: QuantSpec, numel: int) -> tuple[torch.Tenso
     payload = data[:n_pay]
     if spec.bits == 8:
         q = payload.view(torch.int8) if spec.symmetric else payload
+    elif spec.bits == 2:
+        q = torch.stack([(payload >> shift) & 0x3 for shift in (0, 2, 4, 6)], dim=1).reshape(-1)
+        if spec.symmetric:
+            q = q.to(torch.int8) - 2
     else:
         q = torch.stack((payload & 0xF, payload >> 4), dim=1).reshape(-1)
         if spec.symmetric:

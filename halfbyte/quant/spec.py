@@ -16,11 +16,15 @@ SCALE_BYTES = 2
 class QuantSpec:
     """A group-wise integer codec.
 
-    bits:       4 (two values per byte) or 8.
-    group_size: consecutive values sharing one scale; a positive even number, and a multiple of
-                `hadamard` when that is on.
-    symmetric:  True: scale = absmax / qmax, levels -qmax..qmax (qmax 7 for int4, 127 for int8).
-                False: zero point = the group minimum, scale = (max - zero) / (2**bits - 1).
+    bits:       2 (four values per byte), 4 (two per byte) or 8. 2 bits are meant for the outer
+                exchange of local updates (with error feedback): only the plain-torch reference
+                codes them (the Triton entry points fall back to it), and CommConfig refuses them.
+    group_size: consecutive values sharing one scale; a positive even number (a multiple of 4 for
+                2 bits, so every group fills whole bytes), and a multiple of `hadamard` when on.
+    symmetric:  True: scale = absmax / qmax, levels -qmax..qmax (qmax 1 for int2: the 3 levels
+                -1, 0, +1, one of the 4 codes unused; 7 for int4, 127 for int8).
+                False: zero point = the group minimum, scale = (max - zero) / (2**bits - 1):
+                all 2**bits levels (int2: 0..3), at one more bf16 per group (the zero point).
                 Scales round up and zero points down to bf16, so no value falls outside the levels.
     rounding:   "nearest" (round half to even) or "stochastic" (unbiased, seeded).
     hadamard:   block size of the orthonormal Walsh-Hadamard rotation applied before quantizing and
@@ -34,11 +38,16 @@ class QuantSpec:
     hadamard: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.bits, int) or self.bits not in (4, 8):
-            raise ValueError(f"QuantSpec.bits must be 4 or 8, got {self.bits!r}")
+        if not isinstance(self.bits, int) or self.bits not in (2, 4, 8):
+            raise ValueError(f"QuantSpec.bits must be 2, 4 or 8, got {self.bits!r}")
         if not isinstance(self.group_size, int) or self.group_size < 2 or self.group_size % 2:
             raise ValueError(
                 f"QuantSpec.group_size must be a positive even integer, got {self.group_size!r}"
+            )
+        if self.bits == 2 and self.group_size % 4:
+            raise ValueError(
+                f"QuantSpec.group_size must be a multiple of 4 with bits=2 (four values per byte), "
+                f"got {self.group_size}"
             )
         if not isinstance(self.symmetric, bool):
             raise ValueError(f"QuantSpec.symmetric must be True or False, got {self.symmetric!r}")
@@ -61,7 +70,7 @@ class QuantSpec:
     # ---- derived quantities -------------------------------------------------------------------
     @property
     def qmax(self) -> int:
-        """Largest level magnitude (symmetric) or largest level (asymmetric)."""
+        """Largest level magnitude (symmetric: 1, 7, 127) or largest level (asymmetric: 3, 15, 255)."""
         return (1 << (self.bits - 1)) - 1 if self.symmetric else (1 << self.bits) - 1
 
     def padded_numel(self, numel: int) -> int:
@@ -73,6 +82,8 @@ class QuantSpec:
         return self.padded_numel(numel) // self.group_size
 
     def payload_nbytes(self, numel: int) -> int:
+        """Bytes of the packed levels: padded values * bits / 8 (exact: int2 groups are multiples
+        of 4 values and int4 groups even, so every group fills whole bytes)."""
         return self.padded_numel(numel) * self.bits // 8
 
     def meta_nbytes(self, numel: int) -> int:

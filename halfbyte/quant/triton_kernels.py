@@ -22,8 +22,9 @@ Stochastic rounding draws its uniforms from Philox (`tl.randint4x`, 24-bit unifo
 the seed and the element index: reproducible from the seed and independent of the tile shape, but not
 the reference's torch.Generator stream, so only the distribution matches the reference.
 
-Falls back to the reference for what the kernels do not cover: group_size not a power of two in
-[8, 16384], input or `out` dtypes other than fp32/bf16/fp16, a non-contiguous `out`, non-CUDA tensors.
+Falls back to the reference for what the kernels do not cover: 2-bit specs (see _supported_spec),
+group_size not a power of two in [8, 16384], input or `out` dtypes other than fp32/bf16/fp16, a
+non-contiguous `out`, non-CUDA tensors.
 `reduce_requantize` with different in/out group sizes runs two Triton passes (dequantize_sum, then
 quantize) instead of one fused kernel.
 
@@ -397,9 +398,13 @@ def _on_gpu(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
-def _supported_group(spec: QuantSpec) -> bool:
+def _supported_spec(spec: QuantSpec) -> bool:
+    """Whether the kernels code `spec`; every entry point hands any other spec to the reference.
+    bits == 2 always goes there: the kernels have no 2-bit code (none could be tested on a GPU), and
+    2 bits serve the outer exchange of local updates, which runs every tau steps, so the
+    reference's speed is fine there."""
     g = spec.group_size
-    return g & (g - 1) == 0 and _MIN_GROUP <= g <= _MAX_GROUP
+    return spec.bits != 2 and g & (g - 1) == 0 and _MIN_GROUP <= g <= _MAX_GROUP
 
 
 def launch_config(group_size: int, tile_values: int = _TILE_VALUES, num_warps: int | None = None,
@@ -446,7 +451,7 @@ def quantize(
     if subtract is not None and subtract.numel() != x.numel():
         raise ValueError(f"subtract has {subtract.numel()} values, x has {x.numel()}")
     dtypes_ok = x.dtype in _FLOAT_DTYPES and (subtract is None or subtract.dtype in _FLOAT_DTYPES)
-    if not (_on_gpu(x) and dtypes_ok and _supported_group(spec)):
+    if not (_on_gpu(x) and dtypes_ok and _supported_spec(spec)):
         return reference.quantize(x, spec, seed=seed, rotate=rotate, subtract=subtract)
     numel = x.numel()
     out = torch.empty(spec.wire_nbytes(numel), dtype=torch.uint8, device=x.device)
@@ -461,7 +466,7 @@ def quantize_messages(x: torch.Tensor, spec: QuantSpec, *, seed: int | None = No
                       tile_values: int = _TILE_VALUES, num_warps: int | None = None) -> torch.Tensor:
     reference.check_message_input(x)
     n, m = x.shape[0], x[0].numel()
-    if not (_on_gpu(x) and x.dtype in _FLOAT_DTYPES and _supported_group(spec)):
+    if not (_on_gpu(x) and x.dtype in _FLOAT_DTYPES and _supported_spec(spec)):
         return reference.quantize_messages(x, spec, seed=seed)
     _check_message_numel(spec, m)
     pieces = x.unsqueeze(1) if x.dim() == 2 else x  # [n, k, c]: message i is pieces i, 0..k-1
@@ -545,7 +550,7 @@ def dequantize(
     num_warps: int | None = None,
 ) -> torch.Tensor:
     spec = packed.spec
-    if not (_on_gpu(packed.data) and _supported_group(spec) and _out_supported(out, packed.dtype)):
+    if not (_on_gpu(packed.data) and _supported_spec(spec) and _out_supported(out, packed.dtype)):
         return reference.dequantize(packed, out=out, accumulate=accumulate, rotate=rotate)
     result = _resolve_out(out, packed.numel, packed.shape, packed.dtype, accumulate, packed.data.device)
     _decode_into(packed.data.view(1, -1), spec, packed.numel, result, accumulate, rotate, tile_values, num_warps)
@@ -558,7 +563,7 @@ def dequantize_messages(messages: torch.Tensor, spec: QuantSpec, m: int, *, out:
     reference._check_chunks(messages, spec, m)
     _check_message_numel(spec, m)
     n = messages.shape[0]
-    if not (_on_gpu(messages) and _supported_group(spec) and _out_supported(out, torch.float32)):
+    if not (_on_gpu(messages) and _supported_spec(spec) and _out_supported(out, torch.float32)):
         return reference.dequantize_messages(messages, spec, m, out=out, accumulate=accumulate, rotate=rotate)
     result = _resolve_out(out, n * m, torch.Size([n, m]), torch.float32, accumulate, messages.device)
     _decode_into(messages, spec, m, result, accumulate, rotate, tile_values, num_warps, separate_rows=True)
@@ -580,7 +585,7 @@ def dequantize_sum(
 ) -> torch.Tensor:
     reference._check_chunks(chunks, spec, numel)
     reference._check_divisor(divisor)
-    if not (_on_gpu(chunks) and _supported_group(spec) and _out_supported(out, dtype)):
+    if not (_on_gpu(chunks) and _supported_spec(spec) and _out_supported(out, dtype)):
         return reference.dequantize_sum(chunks, spec, numel, dtype=dtype, out=out, accumulate=accumulate,
                                         rotate=rotate, divisor=divisor)
     result = _resolve_out(out, numel, torch.Size([numel]), dtype, accumulate, chunks.device)
@@ -600,7 +605,7 @@ def reduce_requantize(
 ) -> Packed:
     _check_same_rotation(in_spec, out_spec)
     reference._check_chunks(chunks, in_spec, numel)
-    if not (_on_gpu(chunks) and _supported_group(in_spec) and _supported_group(out_spec)):
+    if not (_on_gpu(chunks) and _supported_spec(in_spec) and _supported_spec(out_spec)):
         return reference.reduce_requantize(chunks, in_spec, numel, out_spec, seed=seed)
     out = _reduce_requantize_into(chunks, in_spec, 1, numel, out_spec, seed, tile_values, num_warps)
     return Packed(out.view(-1), out_spec, numel, torch.Size([numel]), torch.float32)
@@ -612,7 +617,7 @@ def reduce_requantize_messages(chunks: torch.Tensor, in_spec: QuantSpec, n: int,
     _check_same_rotation(in_spec, out_spec)
     reference._check_chunks(chunks, in_spec, n * m)
     _check_message_numel(out_spec, m)
-    if not (_on_gpu(chunks) and _supported_group(in_spec) and _supported_group(out_spec)):
+    if not (_on_gpu(chunks) and _supported_spec(in_spec) and _supported_spec(out_spec)):
         return reference.reduce_requantize_messages(chunks, in_spec, n, m, out_spec, seed=seed)
     return _reduce_requantize_into(chunks, in_spec, n, m, out_spec, seed, tile_values, num_warps)
 

@@ -55,6 +55,12 @@ def test_presets_match_the_published_settings():
     (dict(grads="two-level", grad_spec=QuantSpec(hadamard=32), grad_intra_spec=QuantSpec(bits=8, hadamard=16)),
      r"grad_intra_spec.hadamard \(16\) must equal grad_spec.hadamard \(32\)"),
     (dict(weights="direct", weight_spec="int4"), "must be a QuantSpec"),
+    # 2 bits are for the outer exchange (with error feedback) only: every hop here refuses them
+    (dict(weights="qwd", weight_spec=QuantSpec(bits=2, group_size=2048)),
+     r"CommConfig.weight_spec.bits must be 4 or 8, got 2"),
+    (dict(grads="one-level", grad_spec=QuantSpec(bits=2)), r"CommConfig.grad_spec.bits must be 4 or 8, got 2"),
+    (dict(grads="two-level", grad_spec=INT4, grad_intra_spec=QuantSpec(bits=2)),
+     r"CommConfig.grad_intra_spec.bits must be 4 or 8, got 2"),
 ])
 def test_bad_comm_configs_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):

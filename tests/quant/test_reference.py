@@ -47,6 +47,13 @@ SPECS = {
     "int4-H32": QuantSpec(4, 128, hadamard=32),
     "int8-sr-H32": QuantSpec(8, 128, rounding=SR, hadamard=32),
     "int4-asym-H16": QuantSpec(4, 64, symmetric=False, hadamard=16),
+    # int2 (the outer exchange of local updates): symmetric levels -1, 0, +1; asymmetric 0..3
+    "int2": QuantSpec(2, 128),
+    "int2-sr": QuantSpec(2, 128, rounding=SR),
+    "int2-g4": QuantSpec(2, 4),  # one byte of levels per group
+    "int2-asym": QuantSpec(2, 128, symmetric=False),
+    "int2-asym-sr": QuantSpec(2, 128, symmetric=False, rounding=SR),
+    "int2-sr-H32": QuantSpec(2, 128, rounding=SR, hadamard=32),  # the outer exchange's --outer-bits 2
 }
 SR_SPECS = [k for k, s in SPECS.items() if s.rounding == SR]
 
@@ -188,6 +195,16 @@ def test_asymmetric_offset_group_keeps_its_resolution() -> None:
         (QuantSpec(4, 4), [0.0, 0.0, 0.0, 0.0], [0x88, 0x88, 0x00, 0x00], [0.0, 0.0, 0.0, 0.0]),
         # a partial group is zero-padded: 3 values take a whole group of 4
         (QuantSpec(4, 4), [7.0, -7.0, 1.0], [0x1F, 0x89, 0x80, 0x3F], [7.0, -7.0, 1.0]),
+        # int2 symmetric: level + 2 in 2 bits, value 4i + k in bits 2k..2k+1: codes 3,1,2,3 -> 0xE7
+        (QuantSpec(2, 4), [1.0, -1.0, 0.0, 1.0], [0xE7, 0x80, 0x3F], [1.0, -1.0, 0.0, 1.0]),
+        # int2 round half to even: s = 2 (bf16 0x4000), y = 1, 0.5, -0.5, 0 -> levels 1, 0, 0, 0
+        (QuantSpec(2, 4), [2.0, 1.0, -1.0, 0.0], [0xAB, 0x00, 0x40], [2.0, 0.0, 0.0, 0.0]),
+        # int2 asymmetric: zero point -1 (0xBF80), scale 3 / 3 = 1, levels 0, 3, 1, 2 -> 0x9C
+        (QuantSpec(2, 4, symmetric=False), [-1.0, 2.0, 0.0, 1.0], [0x9C, 0x80, 0x3F, 0x80, 0xBF],
+         [-1.0, 2.0, 0.0, 1.0]),
+        # int2, two groups, the second zero-padded: payload 2 bytes, then scales 1.0 and 3.0 (0x4040)
+        (QuantSpec(2, 4), [1.0, -1.0, 1.0, 1.0, 3.0], [0xF7, 0xAB, 0x80, 0x3F, 0x40, 0x40],
+         [1.0, -1.0, 1.0, 1.0, 3.0]),
     ],
 )
 def test_exact_wire_bytes(spec: QuantSpec, x: list[float], want: list[int],
@@ -195,6 +212,32 @@ def test_exact_wire_bytes(spec: QuantSpec, x: list[float], want: list[int],
     packed = quantize(torch.tensor(x), spec)
     assert packed.data.tolist() == want
     assert dequantize(packed).tolist() == decoded
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int2_packing_is_exact_for_every_level_combination(symmetric: bool) -> None:
+    # All 3**4 (symmetric) or 4**4 (asymmetric) combinations of four levels: byte i holds value
+    # 4i + k in bits 2k, 2k+1 as level + 2 (symmetric) or level, and unpacking gives them back.
+    spec = QuantSpec(2, 4, symmetric=symmetric)
+    levels = range(-1, 2) if symmetric else range(4)
+    q = torch.cartesian_prod(*[torch.tensor(list(levels), dtype=torch.float32)] * 4)
+    packed = reference._pack_levels(q.reshape(-1), spec)
+    codes = (q + (2 if symmetric else 0)).to(torch.int64)
+    want = codes[:, 0] + 4 * codes[:, 1] + 16 * codes[:, 2] + 64 * codes[:, 3]
+    assert packed.dtype == torch.uint8 and torch.equal(packed.to(torch.int64), want)
+    meta = torch.zeros(spec.meta_nbytes(q.numel()), dtype=torch.uint8)  # scales (and zero points) of 0
+    back, _, _ = reference.unpack(torch.cat([packed, meta]), spec, q.numel())
+    assert torch.equal(back.reshape(-1, 4), q)
+
+
+def test_int2_payload_is_a_quarter_byte_per_value() -> None:
+    # ceil(n / 4) bytes of levels (group 4: padding to whole groups is padding to whole bytes),
+    # then one bf16 scale per group
+    for n in range(1, 30):
+        packed = quantize(make("gaussian", n), QuantSpec(2, 4))
+        assert packed.nbytes == -(-n // 4) + 2 * -(-n // 4), n
+    packed = quantize(make("gaussian", 1000), QuantSpec(2, 128, symmetric=False))
+    assert packed.nbytes == 8 * 128 // 4 + 8 * 2 + 8 * 2  # 8 groups: levels, scales, zero points
 
 
 # ---- stochastic rounding ------------------------------------------------------------------------
@@ -225,7 +268,8 @@ def mean_decoded(x: torch.Tensor, spec: QuantSpec, n_seeds: int) -> torch.Tensor
     return torch.stack([dequantize(quantize(x, spec, seed=s)) for s in range(n_seeds)]).mean(0)
 
 
-@pytest.mark.parametrize("name", ["int4-sr", "int8-sr", "int4-asym-sr", "int8-sr-H32"])
+@pytest.mark.parametrize("name", ["int4-sr", "int8-sr", "int4-asym-sr", "int8-sr-H32", "int2-sr", "int2-asym-sr",
+                                  "int2-sr-H32"])
 def test_stochastic_is_unbiased(name: str) -> None:
     # Each seed's error has mean 0 and std <= s/2, so the mean over N seeds has std <= s/(2 sqrt N):
     # 4 s / sqrt(N) is 8 sigma per element; the aggregate over all n elements is tested at 4 sigma.
@@ -312,7 +356,7 @@ def test_asymmetric_range_beyond_fp32_is_flagged() -> None:
 
 
 # ---- qWD: quantize(a, subtract=b) ------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["int4", "int4-sr", "int4-g2048-sr", "int4-asym", "int4-H32"])
+@pytest.mark.parametrize("name", ["int4", "int4-sr", "int4-g2048-sr", "int4-asym", "int4-H32", "int2-sr-H32"])
 def test_subtract_quantizes_the_difference(name: str) -> None:
     spec = SPECS[name]
     master = make("gaussian", 3 * 5 * 7 * 16, seed=1).view(3, 5, 7, 16)
@@ -365,7 +409,8 @@ def packed_chunks(x: torch.Tensor, spec: QuantSpec) -> list[Packed]:
     return [quantize(row, spec, seed=i) for i, row in enumerate(x)]
 
 
-@pytest.mark.parametrize("name", ["int8", "int4-sr", "int4-g6", "int4-asym", "int4-H32", "int8-sr-H32"])
+@pytest.mark.parametrize("name", ["int8", "int4-sr", "int4-g6", "int4-asym", "int4-H32", "int8-sr-H32", "int2-g4",
+                                  "int2-sr-H32"])
 @pytest.mark.parametrize("rotate", [True, False])
 def test_dequantize_sum_equals_sum_of_dequantize(name: str, rotate: bool) -> None:
     spec = SPECS[name]
@@ -397,7 +442,7 @@ def test_dequantize_sum_equals_sum_of_dequantize(name: str, rotate: bool) -> Non
     assert torch.equal(out, 1 + got * third)
 
 
-@pytest.mark.parametrize("name", ["int4-sr", "int4-g6", "int8-asym", "int8-sr-H32"])
+@pytest.mark.parametrize("name", ["int4-sr", "int4-g6", "int8-asym", "int8-sr-H32", "int2-g4", "int2-asym-sr"])
 def test_messages_are_the_flat_wire_format_one_row_per_peer(name: str) -> None:
     """quantize_messages: row i is the wire format of row i, with the bytes (stochastic draws
     included) of quantizing the whole tensor; dequantize_messages decodes each row on its own."""
@@ -441,7 +486,8 @@ def test_messages_of_strided_pieces_read_the_view_in_order(name: str) -> None:
 
 
 @pytest.mark.parametrize("in_name, out_name", [("int8-sr-H32", "int4-H32"), ("int8", "int4-asym-sr"),
-                                               ("int8", "int4-g6")])
+                                               ("int8", "int4-g6"), ("int8-sr-H32", "int2-sr-H32"),
+                                               ("int2-sr-H32", "int8-sr-H32")])
 def test_reduce_requantize_messages_is_the_flat_result_one_row_per_node(in_name: str, out_name: str) -> None:
     """The middle hop: the sum of W chunks requantized as n messages: the flat reduce_requantize's
     bytes (stochastic draws included) laid out one message per row."""
@@ -565,6 +611,10 @@ def test_measured_relative_errors() -> None:
         QuantSpec(4, 128, hadamard=32): (0.10, 0.13),  # 0.1180
         QuantSpec(8, 128): (0.005, 0.008),  # 0.0065
         QuantSpec(4, 2048, rounding=SR): (0.19, 0.24),  # 0.2139
+        # int2: most values of a Gaussian group lie within absmax / 2 of 0 and decode to 0
+        QuantSpec(2, 128): (0.74, 0.80),  # 0.7687
+        QuantSpec(2, 128, symmetric=False): (0.48, 0.53),  # 0.5033
+        QuantSpec(2, 128, rounding=SR, hadamard=32): (1.08, 1.18),  # 1.1277
     }
     for spec, (lo, hi) in want.items():
         rel = ((dequantize(quantize(x, spec, seed=0)) - x).norm() / x.norm()).item()
@@ -573,7 +623,7 @@ def test_measured_relative_errors() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("name", ["int4", "int4-g6", "int8-asym", "int4-H32"])
+@pytest.mark.parametrize("name", ["int4", "int4-g6", "int8-asym", "int4-H32", "int2", "int2-asym"])
 def test_reference_bytes_same_on_cpu_and_cuda(name: str) -> None:
     # The reference is the ground truth on every device. CUDA divides by a Python scalar through
     # its reciprocal, which once moved ~1 scale in 65k by a bf16 ulp: 200k groups show it (likely,

@@ -317,3 +317,25 @@ def test_dispatch_uses_triton_for_cuda(tk):
     x = torch.zeros(4, device="cuda")
     assert quant.backend_for(x) is tk
     assert quant.backend_for(x.cpu()) is reference
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=2, group_size=128), QuantSpec(bits=2, group_size=128, symmetric=False),
+                                  QuantSpec(bits=2, group_size=128, rounding="stochastic", hadamard=32)], ids=str)
+def test_two_bit_specs_run_the_reference(tk, spec):
+    # The kernels have no 2-bit code: every entry point hands a 2-bit spec to the reference, so the
+    # bytes are the reference's exactly (stochastic draws included: the same torch.Generator stream).
+    n, W, m = 4 * 3 * 1024, 3, 1024
+    x = _randn(n, torch.float32, seed=7)
+    ours = tk.quantize(x, spec, seed=1)
+    assert torch.equal(ours.data, reference.quantize(x, spec, seed=1).data)
+    torch.testing.assert_close(tk.dequantize(ours), reference.dequantize(ours), rtol=0, atol=0)
+    msgs = tk.quantize_messages(x.view(12, m), spec, seed=2)
+    assert torch.equal(msgs, reference.quantize_messages(x.view(12, m), spec, seed=2))
+    assert torch.equal(tk.dequantize_messages(msgs, spec, m), reference.dequantize_messages(msgs, spec, m))
+    chunks = torch.stack([reference.quantize(_randn(n, torch.float32, seed=w), spec).data for w in range(W)])
+    assert torch.equal(tk.dequantize_sum(chunks, spec, n), reference.dequantize_sum(chunks, spec, n))
+    int8 = QuantSpec(bits=8, group_size=128, hadamard=spec.hadamard)
+    assert torch.equal(tk.reduce_requantize(chunks, spec, n, int8, seed=3).data,
+                       reference.reduce_requantize(chunks, spec, n, int8, seed=3).data)
+    assert torch.equal(tk.reduce_requantize_messages(chunks, spec, 12, m, int8, seed=3),
+                       reference.reduce_requantize_messages(chunks, spec, 12, m, int8, seed=3))

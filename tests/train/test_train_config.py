@@ -71,7 +71,7 @@ def test_toml_then_overrides_in_order(tmp_path):
     (["--lr", "inf"], "must be a finite number"),
     (["--optim.betas", "0.9"], "expects 2 comma-separated numbers"),
     (["--optim.betas", "0.9,1.5"], "[optim]: AdamWConfig.betas must be two values in [0, 1)"),
-    (["--comm.grad_spec.bits", "3"], "[comm.grad_spec]: QuantSpec.bits must be 4 or 8"),
+    (["--comm.grad_spec.bits", "3"], "[comm.grad_spec]: QuantSpec.bits must be 2, 4 or 8, got 3"),
     (["--preset", "baseline", "--comm.weight_spec.bits", "8"], "[comm]: CommConfig.weight_spec is only used"),
     (["--bits", "8"], "ambiguous"),
     (["--outer", "adam"], "OuterConfig.optimizer must be one of"),

@@ -132,7 +132,7 @@ def test_sign_momentum_resume_and_virtual_islands(tmp_path):
     (["--virtual-ranks=2", "--train.device=tpu"], "unknown device 'tpu'"),
     (["--outer=average", "--local-steps=0"], "OuterConfig.local_steps (tau) must be an integer >= 1"),
     (["--outer=adam"], "OuterConfig.optimizer must be one of"),
-    (["--outer=average", "--outer-bits=3"], "[outer.spec]: QuantSpec.bits must be 4 or 8"),
+    (["--outer=average", "--outer-bits=3"], "[outer.spec]: QuantSpec.bits must be 2, 4 or 8, got 3"),
     (["--outer=nesterov", "--outer.weight_decay=0.1"], "weight_decay is only used by 'sign-momentum'"),
     (["--outer=average", "--workers=2", "--islands=3"], "islands (3) must divide the world size (2)"),
     (["--outer=average", "--workers=2", "--islands=2"], "each of the 2 islands has 1 node"),
