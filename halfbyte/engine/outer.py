@@ -116,7 +116,8 @@ class OuterConfig:
     betas:          sign-momentum's (beta1 of the update direction, beta2 of the momentum)
     momentum:       nesterov's momentum
     weight_decay:   sign-momentum's decoupled weight decay (none: 0.2); other optimizers: 0
-    spec:           codec of the pseudo-gradient exchange across islands (none: uncompressed fp32)
+    spec:           codec of the pseudo-gradient exchange across islands (none: uncompressed fp32);
+                    2 bits (--outer-bits 2) run on the reference codec, every tau steps
     error_feedback: keep the exchange's quantization residual and add it to the next one
     delay:          inner steps between starting the outer exchange after a round's last inner step
                     and applying its result (the exchange runs behind them: Streaming DiLoCo's

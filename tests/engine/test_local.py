@@ -30,6 +30,7 @@ from toys import flat_params, make_mlp, regression_batch
 
 INT4 = QuantSpec(bits=4, group_size=128, rounding="stochastic", hadamard=32)
 INT4_NEAREST = QuantSpec(bits=4, group_size=128, rounding="nearest")
+INT2_NEAREST = QuantSpec(bits=2, group_size=128, rounding="nearest")  # levels -s, 0, +s
 
 
 # ---- model, data, loop --------------------------------------------------------------------------
@@ -207,19 +208,21 @@ def bad_layout_worker() -> dict:
     return errors
 
 
-def error_feedback_worker(rounds: int, numel: int) -> dict:
+def error_feedback_worker(rounds: int, numel: int, spec: QuantSpec = INT4_NEAREST) -> dict:
     """Biased random pseudo-gradients over `rounds` outer steps: running sums of the decoded
     averages with and without error feedback vs the exact one."""
     islands = build_islands(2)
     exact = ProcessExchange(islands.outer, numel, None, False)
-    with_ef = ProcessExchange(islands.outer, numel, INT4_NEAREST, True)
-    without = ProcessExchange(islands.outer, numel, INT4_NEAREST, False)
+    with_ef = ProcessExchange(islands.outer, numel, spec, True)
+    without = ProcessExchange(islands.outer, numel, spec, False)
     sums = {"exact": 0.0, "ef": 0.0, "no_ef": 0.0}
-    err_ef, err_no, step_err = [], [], []
+    err_ef, err_no, step_err, p_max, residual_max = [], [], [], 0.0, 0.0
     for t in range(rounds):
         g = torch.Generator().manual_seed(1000 * t + dist.get_rank())
         p = 0.01 * (1.0 + torch.randn(numel, generator=g))  # a bias makes rounding errors add up
+        p_max = max(p_max, p.abs().max().item())
         (e,), (q_ef,), (q_no,) = exact.average([p], t), with_ef.average([p], t), without.average([p], t)
+        residual_max = max(residual_max, with_ef.residual[0].abs().max().item())
         step_err.append((q_no - e).abs().max().item())
         sums = {"exact": sums["exact"] + e, "ef": sums["ef"] + q_ef, "no_ef": sums["no_ef"] + q_no}
         err_ef.append((sums["ef"] - sums["exact"]).abs().max().item())
@@ -229,7 +232,7 @@ def error_feedback_worker(rounds: int, numel: int) -> dict:
     (mean_residual,) = exact.average(with_ef.residual, 0)
     identity_err = (sums["ef"] - (sums["exact"] - mean_residual)).abs().max().item()
     return {"err_ef": err_ef, "err_no": err_no, "step_err": step_err, "identity_err": identity_err,
-            "residual_max": with_ef.residual[0].abs().max().item()}
+            "residual_max": residual_max, "p_max": p_max}
 
 
 # ---- tests --------------------------------------------------------------------------------------
@@ -341,6 +344,26 @@ def test_error_feedback_keeps_accumulated_update_close_to_uncompressed():
         assert max(r["err_ef"]) <= 1.5 * one_step, (max(r["err_ef"]), one_step)
         # without error feedback the errors add up
         assert r["err_no"][-1] > 3 * r["err_ef"][-1], (r["err_no"][-1], r["err_ef"][-1])
+        assert r["identity_err"] < 1e-6
+
+
+def test_error_feedback_at_2_bits_keeps_the_residual_below_one_pseudo_gradient():
+    """Symmetric int2, nearest rounding: the levels are -s, 0, +s with s = bf16_up(group absmax),
+    so each value of x = p + r (pseudo-gradient plus the carried residual) is off by at most s/2.
+    With P = max |p| and R_t = max |r_t|: R_t+1 <= (1 + e)(P + R_t) / 2, e = 2^-7 (one bf16 ulp
+    on the scale), hence R_t <= P (1 + e) / (1 - e) for every t (R_0 = 0: by induction). The
+    accumulated error of what the islands receive is the mean residual (the telescoping identity),
+    so it obeys the same bound, at every outer step; without error feedback it grows with t."""
+    rounds = 30
+    reports = spawn(workers.error_feedback_worker, 2, rounds, 1000, INT2_NEAREST, timeout_s=110)
+    eps = 2**-7
+    for r in reports:
+        bound = r["p_max"] * (1 + eps) / (1 - eps) * (1 + 1e-5)  # 1e-5: fp32 decode and sums
+        assert max(r["step_err"]) > 0.1 * r["p_max"]  # 2 bits lose much: ~0.4 P per step here
+        assert r["residual_max"] <= bound, (r["residual_max"], bound)
+        assert max(r["err_ef"]) <= bound, (max(r["err_ef"]), bound)
+        # without error feedback the rounding bias adds up: 3.9x the bound (9x the error with it) by step 30
+        assert r["err_no"][-1] > 3 * bound, (r["err_no"][-1], bound)
         assert r["identity_err"] < 1e-6
 
 

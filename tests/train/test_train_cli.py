@@ -50,6 +50,10 @@ def _fails(argv, message, capsys):
     (["--engine", "ddp"], "unknown engine 'ddp'; use --engine halfbyte | fsdp2"),
     (["--engine", "fsdp2", "--virtual-ranks", "2"], "--engine fsdp2 runs real ranks (local workers or torchrun)"),
     (["--engine", "fsdp2", "--outer", "average"], "--engine fsdp2 does not run local updates"),
+    # 2 bits are for the outer exchange only (error feedback, every tau steps): every-step hops refuse them
+    (["--comm.grad_spec.bits", "2"], "[comm]: CommConfig.grad_spec.bits must be 4 or 8, got 2: 2-bit values are "
+                                     "only for the outer exchange of local updates"),
+    (["--preset", "qwd", "--comm.weight_spec.bits", "2"], "[comm]: CommConfig.weight_spec.bits must be 4 or 8"),
 ])
 def test_bad_train_input(args, message, no_workers, capsys, tmp_path):
     _fails(["train", "--out", str(tmp_path / "run"), *args], message, capsys)

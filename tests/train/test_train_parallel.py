@@ -122,6 +122,30 @@ def test_sign_momentum_resume_and_virtual_islands(tmp_path):
         [(r["outer_steps"], r["wire_island_bytes"]) for r in first]
 
 
+def test_outer_bits_2_trains_and_sends_what_the_accounting_predicts(tmp_path):
+    """`--outer-bits 2`: int2 pseudo-gradients (symmetric: levels -1, 0, +1, stochastic, H32, with
+    error feedback) on 2 virtual islands of one rank: it trains, and each outer step sends what
+    comm.accounting says for int2: per island one reduce-scatter chunk and one qWD all-gather chunk
+    of ceil(N/2) values, 32 bytes of levels + 2 of scale per group of 128 (vs 64 + 2 for int4)."""
+    from halfbyte.comm.accounting import all_gather_bytes, chunk_numel, reduce_scatter_bytes
+    from halfbyte.quant import QuantSpec
+
+    outer = ["--steps=8", "--preset=baseline", "--virtual-ranks=2", CPU, "--islands=2", "--outer=sign-momentum",
+             "--local-steps=4", "--eval_interval=0"]
+    int2 = _train(tmp_path / "int2", *outer, "--outer-bits=2")
+    int4 = _train(tmp_path / "int4", *outer, "--outer-bits=4")
+    assert [r["outer_steps"] for r in int2] == [0, 0, 0, 1, 1, 1, 1, 2]
+    assert int2[-1]["loss"] < int2[0]["loss"] - 0.5
+    meta = json.loads((tmp_path / "int2" / "checkpoints" / "step_000008" / "meta.json").read_text())
+    numel = sum(math.prod(shape) for _, shape in meta["engines"]["island0."]["params"])
+    spec = QuantSpec(bits=2, group_size=128, rounding="stochastic", hadamard=32)
+    per_island = (reduce_scatter_bytes(numel, spec, 2, 1)["inter"]
+                  + all_gather_bytes(chunk_numel(numel, 2), spec, 2, 1)["inter"])
+    assert [r["wire_island_bytes"] for r in int2] == [0, 0, 0] + [2 * per_island] * 4 + [4 * per_island]
+    assert int2[-1]["wire_island_bytes"] * 66 == int4[-1]["wire_island_bytes"] * 34
+    assert int2[-1]["wire_intra_bytes"] == int2[-1]["wire_inter_bytes"] == 0  # islands of one rank
+
+
 @pytest.mark.parametrize("args, message", [
     (["--virtual-ranks=-1"], "--virtual-ranks must be >= 1"),
     (["--virtual-ranks=4", "--virtual-gpus-per-node=3"], "--virtual-gpus-per-node=3 does not divide"),
@@ -133,6 +157,8 @@ def test_sign_momentum_resume_and_virtual_islands(tmp_path):
     (["--outer=average", "--local-steps=0"], "OuterConfig.local_steps (tau) must be an integer >= 1"),
     (["--outer=adam"], "OuterConfig.optimizer must be one of"),
     (["--outer=average", "--outer-bits=3"], "[outer.spec]: QuantSpec.bits must be 2, 4 or 8, got 3"),
+    (["--outer=average", "--outer-bits=2", "--outer.spec.group_size=66"],
+     "[outer.spec]: QuantSpec.group_size must be a multiple of 4 with bits=2 (four values per byte), got 66"),
     (["--outer=nesterov", "--outer.weight_decay=0.1"], "weight_decay is only used by 'sign-momentum'"),
     (["--outer=average", "--workers=2", "--islands=3"], "islands (3) must divide the world size (2)"),
     (["--outer=average", "--workers=2", "--islands=2"], "each of the 2 islands has 1 node"),
