@@ -93,18 +93,24 @@ class Interval:
         return self.low > 0.0 or self.high < 0.0
 
 
-def seeds_for_half_width(sd: float, target: float, confidence: float = 0.95, max_seeds: int = 100_000) -> int:
+MAX_SEEDS = 100_000  # beyond this a seed count is no plan
+
+
+def seeds_for_half_width(sd: float, target: float, confidence: float = 0.95, max_seeds: int = MAX_SEEDS) -> int:
     """The fewest seeds n >= 2 whose t interval, at this sample sd of the per-seed values, has a
     half-width of at most `target` (same units): the smallest n with t_{(1+c)/2, n-1} sd / sqrt(n)
     <= target. A planning figure: it takes the sd measured so far as the true one."""
     if not (sd >= 0 and math.isfinite(sd)) or not target > 0:
         raise ValueError(f"seeds_for_half_width needs sd >= 0 and target > 0, got sd={sd!r}, target={target!r}")
     q = 0.5 + confidence / 2.0
-    n = 2
-    while t_quantile(q, n - 1) * sd / math.sqrt(n) > target:
+    # t_{n-1} exceeds the normal quantile z for every n, so no n below (z sd / target)^2 reaches the
+    # target: start there (one less, for rounding) instead of walking up from 2
+    z = t_quantile(q, 1e9)
+    n = max(2, math.ceil((z * sd / target) ** 2) - 1)
+    while n <= max_seeds and t_quantile(q, n - 1) * sd / math.sqrt(n) > target:
         n += 1
-        if n > max_seeds:
-            raise ValueError(f"more than {max_seeds} seeds would be needed for half-width {target} at sd {sd}")
+    if n > max_seeds:
+        raise ValueError(f"more than {max_seeds} seeds would be needed for half-width {target} at sd {sd}")
     return n
 
 
@@ -156,9 +162,13 @@ class PairedGap:
         (the runs of one seed have decorrelated by the end) and the seeds act as independent runs."""
         return correlation(self.arm_losses, self.baseline_losses)
 
-    def seeds_needed(self, target_pct: float) -> int:
-        """Seeds for a half-width of target_pct at the spread of the relative gaps measured so far."""
-        return seeds_for_half_width(self.pct.sd, target_pct, self.confidence)
+    def seeds_needed(self, target_pct: float) -> int | None:
+        """Seeds for a half-width of target_pct at the spread of the relative gaps measured so far;
+        None when more than MAX_SEEDS would be needed (a diverged arm, say)."""
+        try:
+            return seeds_for_half_width(self.pct.sd, target_pct, self.confidence, MAX_SEEDS)
+        except ValueError:
+            return None
 
     def verdict(self, target_pct: float) -> Verdict:
         return Verdict.of(self, target_pct)
@@ -208,8 +218,10 @@ class Verdict:
             text = (f"no difference detected, but the {level} {pct.low:+.3f}..{pct.high:+.3f}% reaches past "
                     f"+-{target_pct:g}%")
         if not resolved:
+            needed = gap.seeds_needed(target_pct)
+            seeds = f"about {needed}" if needed is not None else f"more than {MAX_SEEDS}"
             text += (f"; unresolved: half-width {pct.half_width:.3f}% > target {target_pct:g}% (at this spread, "
-                     f"sd {pct.sd:.3f}%, the target needs about {gap.seeds_needed(target_pct)} seeds)")
+                     f"sd {pct.sd:.3f}%, the target needs {seeds} seeds)")
         return cls(direction, excludes, resolved, within, target_pct, text)
 
 

@@ -144,3 +144,15 @@ def test_pairing_correlation_and_seeds_needed_in_the_verdict():
     assert f"needs about {n} seeds" in verdict.text
     assert gap.to_dict(0.05)["seeds_needed"] == n
     assert gap.to_dict(0.05)["pairing_correlation"] == pytest.approx(gap.pairing_correlation)
+
+
+def test_a_spread_beyond_any_seed_budget_still_gets_a_verdict():
+    # a diverged arm: gaps of hundreds of % that scatter widely; the report must still print a verdict
+    base = {0: 1.0, 1: 1.0, 2: 1.0}
+    gap = paired_gap({0: 2.0, 1: 9.0, 2: 4.0}, base)
+    assert gap.seeds_needed(0.001) is None
+    verdict = gap.verdict(0.001)
+    assert verdict.text.startswith("no difference detected") and "needs more than 100000 seeds" in verdict.text
+    assert gap.to_dict(0.001)["seeds_needed"] is None
+    n = seeds_for_half_width(30.0, 0.3)  # ~38,400 seeds: found without walking up from 2
+    assert t_quantile(0.975, n - 1) * 30.0 / math.sqrt(n) <= 0.3 < t_quantile(0.975, n - 2) * 30.0 / math.sqrt(n - 1)
