@@ -4,6 +4,13 @@
 #
 #   bash scripts/gpu_tests.sh [LOG] [pytest options...]     # from anywhere; LOG defaults to gpu-tests.log
 #   JOBS=4 bash scripts/gpu_tests.sh ...                      # pytest-xdist workers (default 8; 0: serial)
+#   SHARD=1/2 bash scripts/gpu_tests.sh ...; SHARD=2/2 ...    # the suite in 2 calls (each runs every 2nd test)
+#
+# The whole suite takes longer than one 10-minute device call on a 16-core H200 host (2026-12-02:
+# 1132 tests, not done after 558 s at -n 14, where the load made two multi-process tests time out):
+# there, run it as SHARD=1/2 and SHARD=2/2 in two calls; together they run every test once
+# (tests/conftest.py). Each test process gets OMP_NUM_THREADS = cores / JOBS (at least 1) unless
+# set: torch's default (every core in every process) oversubscribes the host many times over.
 #
 # CI (no GPU) skips every test marked `gpu`; here they run next to the CPU tests. The source tree is
 # put first on PYTHONPATH, so nothing needs installing on the machine (its torch, Triton and pytest
@@ -21,6 +28,19 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # never NVLink multicast on shared hosts (see the machine notes); harmless elsewhere
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
+JOBS=${JOBS:-8}
+case "$JOBS" in ''|*[!0-9]*) echo "gpu_tests.sh: JOBS must be a number of workers (0: serial), got '$JOBS'" >&2; exit 2 ;; esac
+SHARD_ARGS=()
+if [ -n "${SHARD:-}" ]; then
+  if ! [[ "$SHARD" =~ ^[0-9]+/[0-9]+$ ]] || (( 10#${SHARD%/*} < 1 || 10#${SHARD%/*} > 10#${SHARD#*/} )); then
+    echo "gpu_tests.sh: SHARD must be I/K with 1 <= I <= K, got '$SHARD'" >&2
+    exit 2
+  fi
+  SHARD_ARGS=(--shard "$SHARD")
+fi
+THREADS=$(( $(nproc) / (10#$JOBS > 0 ? 10#$JOBS : 1) ))
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( THREADS > 0 ? THREADS : 1 ))}
+
 if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   echo "gpu_tests.sh: no CUDA GPU visible to $PY (torch.cuda.is_available() is False); on a CPU machine run: python -m pytest -q" >&2
   exit 2
@@ -29,15 +49,14 @@ fi
   || echo "gpu_tests.sh: Triton is not importable: the Triton tests will be skipped" >&2
 
 PARALLEL=()
-JOBS=${JOBS:-8}
 if [ "$JOBS" != 0 ] && "$PY" -c "import xdist" 2>/dev/null; then
   PARALLEL=(-n "$JOBS")
 elif [ "$JOBS" != 0 ]; then
   echo "gpu_tests.sh: pytest-xdist is not installed: running serially" >&2
 fi
 
-GPU_COUNT=$("$PY" -m pytest -q --collect-only -m gpu "$@" 2>/dev/null | tail -n 1)
-"$PY" -m pytest -q "${PARALLEL[@]}" "$@" 2>&1 | tee "$LOG"
+GPU_COUNT=$("$PY" -m pytest -q --collect-only -m gpu "${SHARD_ARGS[@]}" "$@" 2>/dev/null | tail -n 1)
+"$PY" -m pytest -q "${PARALLEL[@]}" "${SHARD_ARGS[@]}" "$@" 2>&1 | tee "$LOG"
 status=${PIPESTATUS[0]}
-echo "gpu_tests.sh: GPU tests collected: ${GPU_COUNT:-unknown}; log: $LOG; pytest exit status $status"
+echo "gpu_tests.sh: ${SHARD:+shard $SHARD, }OMP_NUM_THREADS=$OMP_NUM_THREADS; GPU tests collected: ${GPU_COUNT:-unknown}; log: $LOG; pytest exit status $status"
 exit "$status"
