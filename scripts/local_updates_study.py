@@ -323,10 +323,16 @@ def check_pairable(records: list[Record], same_commit: bool) -> None:
 def _gap(arm: dict[int, float], base: dict[int, float], target: float) -> dict[str, Any]:
     from halfbyte.bench.paired_stats import paired_gap
 
+    common = sorted(set(arm) & set(base))
+    if len(common) == 1:  # a first look, not a statistic: the seed's own difference, no mean or CI
+        seed = common[0]
+        nats = arm[seed] - base[seed]
+        return {"n_seeds": 1, "single_seed": {"seed": seed, "nats": nats, "pct": 100 * nats / base[seed]},
+                "note": f"one seed ({seed}): no confidence interval"}
     try:
         return paired_gap(arm, base).to_dict(target)
     except ValueError as e:
-        return {"n_seeds": len(set(arm) & set(base)), "note": str(e)}
+        return {"n_seeds": len(common), "note": str(e)}
 
 
 def compare(records: list[Record]) -> dict[str, Any]:
@@ -375,6 +381,9 @@ def compare(records: list[Record]) -> dict[str, Any]:
 def _fmt_gap(g: dict | None) -> tuple[str, str]:
     if not g:
         return "", ""
+    if "single_seed" in g:
+        one = g["single_seed"]
+        return f"{one['pct']:+.2f}% (seed {one['seed']} only, no CI)", g["note"]
     if "pct" not in g:
         return "", g["note"]
     p = g["pct"]
@@ -403,8 +412,9 @@ def results_table(comparisons: dict[str, Any]) -> str:
 
 
 def plot(comparisons: dict[str, Any], path: Path, title: str) -> None:
-    """Final-loss gap to every-step DP (mean, 95% CI) against inter-island bytes per token, one panel
-    per M; every-step DP bf16 and sdp4bit at their bytes between the same islands."""
+    """Final-loss gap to every-step DP (mean, 95% CI; an arm of one seed: its point, labelled so)
+    against inter-island bytes per token, one panel per M; every-step DP bf16 and sdp4bit at their
+    bytes between the same islands."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -416,15 +426,18 @@ def plot(comparisons: dict[str, Any], path: Path, title: str) -> None:
     sdp = comparisons.get("sdp4bit-w8", {}).get("vs_baseline", {})
     for ax, M in zip(axes, ISLANDS):
         for name, e in comparisons.items():
-            if e["islands"] != M or "pct" not in e.get("vs_baseline", {}) or not e["island_bytes_per_token"]:
+            g = e.get("vs_baseline", {})
+            if e["islands"] != M or not ("pct" in g or "single_seed" in g) or not e["island_bytes_per_token"]:
                 continue
-            p = e["vs_baseline"]["pct"]
-            ax.errorbar([e["island_bytes_per_token"]], [p["mean"]],
-                        yerr=[[p["mean"] - p["ci_low"]], [p["ci_high"] - p["mean"]]], fmt=markers[e["optimizer"]],
+            if "pct" in g:
+                y, p, label = g["pct"]["mean"], g["pct"], name.removeprefix(f"m{M}-")
+                yerr = [[y - p["ci_low"]], [p["ci_high"] - y]]
+            else:  # one seed: the point without an interval, and said so
+                y, yerr, label = g["single_seed"]["pct"], None, f"{name.removeprefix(f'm{M}-')} (1 seed)"
+            ax.errorbar([e["island_bytes_per_token"]], [y], yerr=yerr, fmt=markers[e["optimizer"]],
                         color=colors[e["tau"]], capsize=3, ms=7, mfc="none" if e["delay"] else colors[e["tau"]],
                         alpha=1.0 if e["batch"] == "split" else 0.55)
-            ax.annotate(name.removeprefix(f"m{M}-"), (e["island_bytes_per_token"], p["mean"]), fontsize=6,
-                        xytext=(4, 2), textcoords="offset points")
+            ax.annotate(label, (e["island_bytes_per_token"], y), fontsize=6, xytext=(4, 2), textcoords="offset points")
         bf16 = dp_island_bytes_per_step("baseline", M) / (cs.BATCH * cs.SEQ_LEN)
         four = dp_island_bytes_per_step("sdp4bit", M) / (cs.BATCH * cs.SEQ_LEN)
         ax.plot([bf16], [0.0], "k*", ms=12, label="every-step DP bf16 (reference)")

@@ -163,7 +163,8 @@ def test_run_trains_runs_of_their_own_lengths_stops_and_resumes(tmp_path, data, 
 
 BASE = {0: 2.00, 1: 2.10, 2: 1.90, 3: 2.00}
 GAPS = {"m2-split-sm-t32-d0": [0.01, 0.012, 0.008, 0.011], "m2-split-sm-t32-d1": [0.012, 0.013, 0.009],
-        "m2-full-sm-t32-d0": [0.03, 0.04], "sdp4bit-w8": [0.001, -0.001]}
+        "m2-full-sm-t32-d0": [0.03, 0.04], "sdp4bit-w8": [0.001, -0.001],
+        "m2-split-nesterov-t32-d0": [0.14], "m2-split-nesterov-t32-d1": [0.16]}
 ISLAND_BYTES = 1_000_000
 
 
@@ -223,6 +224,14 @@ def test_report_pairs_arms_with_the_baseline_and_delays_with_their_twins(tmp_pat
     assert (out / "local_updates.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     readme = (out / "README.md").read_text()
     assert "| `m2-split-sm-t32-d1` | 3 |" in readme and "worse than baseline" in readme
+    # one seed: its gap against the baseline's run of that seed, said to be one seed, no CI
+    one = arms["m2-split-nesterov-t32-d0"]["vs_baseline"]
+    assert one["n_seeds"] == 1 and one["single_seed"] == {"seed": 0, "nats": pytest.approx(0.14),
+                                                          "pct": pytest.approx(7.0)}
+    assert "pct" not in one  # no mean or CI to read as one
+    delay_one = arms["m2-split-nesterov-t32-d1"]["vs_no_delay"]["single_seed"]
+    assert delay_one["nats"] == pytest.approx(0.02) and delay_one["pct"] == pytest.approx(100 * 0.02 / 2.14)
+    assert "| `m2-split-nesterov-t32-d0` | 1 | 2.1400 | +7.00% (seed 0 only, no CI) |" in readme
 
     _synthetic_run(tmp_path / "other", "m4-split-sm-t32-d0", 0, 2.0, **{"--lr": "3e-3"})
     refused = study("report", "--runs-dir", str(runs), str(tmp_path / "other"), "--out", str(out))
