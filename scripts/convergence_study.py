@@ -31,6 +31,10 @@ calls' runs.tgz unpacked here and carried there: a separate directory, so that c
 replaces a warm machine's checkpoints). A run directory holds metrics.jsonl, train.log, command.txt
 and provenance.json (design, data size and sha256, code version, start and end of every segment).
 
+`--peak-lr LR` (plan, run, report) is the same study at another peak lr (the final lr a tenth of it):
+a study of its own, in directories with -lr<LR> appended (runs/convergence-lr5e-4/, ...), whose runs
+never pair with the default's; docs/convergence.md's pilot runs it at 5e-4.
+
 Here, after each call (`mkdir -p runs/convergence-done; tar xzf runs.tgz -C runs/convergence-done`):
 
     python scripts/convergence_study.py plan                       # the grid, its status, the commands
@@ -46,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -83,6 +88,7 @@ DESIGN: dict[str, str] = {
     "--engine.bucket_numel": "25000000", "--train.eval_tokens": str(EVAL_TOKENS), "--train.dtype": "bf16",
     "--train.weight_decay_on": "all",
 }
+PEAK_LR = DESIGN["--lr"]  # the study's; --peak-lr makes a study of its own at another (a pilot at a lower lr)
 # Design keys added after runs were recorded, with the value those runs had: runs recorded before
 # --train.weight_decay_on existed trained with weight decay on every parameter.
 DESIGN_ADDED_LATER: dict[str, str] = {"--train.weight_decay_on": "all"}
@@ -104,6 +110,36 @@ SEEDS = 4
 TARGET_PCT = 0.3
 
 
+def lr_text(value: float) -> str:
+    """A learning rate as the design writes it: mantissa and exponent, no padding (1.5e-3, 5e-4)."""
+    mantissa, exponent = f"{value:.6e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def design_at(peak_lr: str) -> dict[str, str]:
+    """The study's DESIGN at another peak learning rate, decaying to a tenth of it as the study's does;
+    at PEAK_LR it is DESIGN itself (text for text, so the recorded runs stay this design)."""
+    if peak_lr == PEAK_LR:
+        return dict(DESIGN)
+    return DESIGN | {"--lr": peak_lr, "--schedule.min_lr": lr_text(float(peak_lr) / 10)}
+
+
+def peak_lr_arg(text: str) -> str:
+    """--peak-lr's type: a positive, finite learning rate, in the design's notation."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a learning rate > 0, got '{text}'")
+    return PEAK_LR if value == float(PEAK_LR) else lr_text(value)
+
+
+def at_peak_lr(path: Path, peak_lr: str) -> Path:
+    """The directory of the study at peak_lr: the default's name with -lr<LR> appended (another study)."""
+    return path if peak_lr == PEAK_LR else path.with_name(f"{path.name}-lr{peak_lr}")
+
+
 @dataclass(frozen=True)
 class Run:
     """One run of the grid; what study_common's Launcher asks of it (a StudyRun) is here too."""
@@ -111,6 +147,7 @@ class Run:
     arm: str
     world: int
     seed: int
+    peak_lr: str = PEAK_LR
 
     @property
     def name(self) -> str:
@@ -120,12 +157,16 @@ class Run:
     def gpus_per_node(self) -> int:
         return LAYOUT[self.world]
 
-    steps, batch_size, design = STEPS, BATCH, DESIGN  # every run's
+    steps, batch_size = STEPS, BATCH  # every run's
+
+    @property
+    def design(self) -> dict[str, str]:
+        return design_at(self.peak_lr)
 
     def argv(self, data: Path, runs_dir: Path, train_cmd: list[str]) -> list[str]:
         """The exact command of the run. Only --seed, --virtual-ranks / --virtual-gpus-per-node /
         micro-batch, --preset and the names differ between runs."""
-        design = [x for kv in DESIGN.items() for x in kv]
+        design = [x for kv in self.design.items() for x in kv]
         return [*train_cmd, *design, *OUTPUT_ARGS, "--data", rel(data), "--seed", str(self.seed),
                 "--virtual-ranks", str(self.world), "--virtual-gpus-per-node", str(self.gpus_per_node),
                 "--train.micro_batch_size", str(BATCH // self.world), "--preset", self.arm,
@@ -133,16 +174,16 @@ class Run:
 
     def provenance(self, data: dict[str, Any]) -> dict[str, Any]:
         return {"run": self.name, "arm": self.arm, "world": self.world, "gpus_per_node": self.gpus_per_node,
-                "nodes": self.world // self.gpus_per_node, "seed": self.seed, "design": DESIGN, "data": data,
+                "nodes": self.world // self.gpus_per_node, "seed": self.seed, "design": self.design, "data": data,
                 "output_args": list(OUTPUT_ARGS)}
 
 
-def grid(seeds: int = SEEDS) -> list[Run]:
+def grid(seeds: int = SEEDS, peak_lr: str = PEAK_LR) -> list[Run]:
     """Every run, in the order they are started: the W=8 core arms seed by seed (so a call's first
     wave already pairs every arm with its baseline), then W=32, then the single-technique arms."""
-    core = [Run(arm, 8, s) for s in range(seeds) for arm in ("baseline", "sdp4bit", "qw4", "zeropp")]
-    wide = [Run(arm, 32, s) for s in range(seeds) for arm in ("baseline", "sdp4bit")]
-    parts = [Run(arm, 8, s) for s in range(seeds) for arm in ("qwd", "tlq-hs")]
+    core = [Run(arm, 8, s, peak_lr) for s in range(seeds) for arm in ("baseline", "sdp4bit", "qw4", "zeropp")]
+    wide = [Run(arm, 32, s, peak_lr) for s in range(seeds) for arm in ("baseline", "sdp4bit")]
+    parts = [Run(arm, 8, s, peak_lr) for s in range(seeds) for arm in ("qwd", "tlq-hs")]
     return core + wide + parts
 
 
@@ -182,10 +223,21 @@ def check_recorded(run: Any, recorded: dict | None, data: dict[str, Any], run_di
 
 
 def select(args: argparse.Namespace) -> list[Run]:
-    return pick(grid(args.seeds), args.only)
+    return pick(grid(args.seeds, args.peak_lr), args.only)
+
+
+def use_peak_lr_dirs(args: argparse.Namespace) -> None:
+    """Under --peak-lr, the default directories become the variant's (an explicit one is kept)."""
+    defaults = {rel(d): rel(at_peak_lr(d, args.peak_lr)) for d in (RUNS_DIR, DONE_DIR, RESULTS)}
+    for attr in ("runs_dir", "out"):
+        if hasattr(args, attr):
+            setattr(args, attr, defaults.get(getattr(args, attr), getattr(args, attr)))
+    if hasattr(args, "done_in"):
+        args.done_in = [defaults.get(d, d) for d in args.done_in]
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    use_peak_lr_dirs(args)
     return run_call(args, select(args), [Path(d) for d in args.done_in])
 
 
@@ -253,11 +305,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    use_peak_lr_dirs(args)
     runs_dir, data = Path(args.runs_dir), Path(args.data)
     runs = select(args)
     print(f"GPT {gpt_params() / 1e6:.2f}M parameters ({N_LAYER} layers, d={D_MODEL}, {N_HEAD} heads, vocab {VOCAB}); "
           f"{STEPS} steps x {BATCH} x {SEQ_LEN} = {STEPS * BATCH * SEQ_LEN / 1e6:.1f}M tokens "
-          f"({STEPS * BATCH * SEQ_LEN / gpt_params():.1f} per parameter); eval {EVAL_TOKENS:,} tokens; "
+          f"({STEPS * BATCH * SEQ_LEN / gpt_params():.1f} per parameter); peak lr {args.peak_lr}; "
+          f"eval {EVAL_TOKENS:,} tokens; "
           f"{len(runs)} runs\n")
     print(f"{'run':<22} {'arm':<9} {'W':>3} {'layout':>6} {'seed':>4}  status")
     for run in runs:
@@ -275,7 +329,8 @@ def collect(runs_dir: Path) -> list[Record]:
     records = []
     for path in sorted(runs_dir.glob("*/provenance.json")):
         p = json.loads(path.read_text())
-        records.append(Record(Run(p["arm"], p["world"], p["seed"]), path.parent, p, read_metrics(path.parent)))
+        run = Run(p["arm"], p["world"], p["seed"], recorded_design(p)["--lr"])
+        records.append(Record(run, path.parent, p, read_metrics(path.parent)))
     if not records:
         raise StudyError(f"no study runs (*/provenance.json) under {runs_dir}; unpack the calls' runs.tgz there")
     return records
@@ -390,7 +445,7 @@ def results_table(comparisons: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-README = """# Paired convergence study, GPT {params:.1f}M (issue 19)
+README = """# Paired convergence study, GPT {params:.1f}M, peak lr {peak_lr} (issue 19)
 
 Made by `python scripts/convergence_study.py report` from the runs listed in `summary.json` (design,
 data hashes, code versions, devices, every run's final validation loss); docs/convergence.md says how
@@ -403,10 +458,25 @@ the study is designed and how to read it. Per run: `<arm>-w<W>-seed<k>/metrics.j
 """
 
 
+def check_design(records: list[Record], peak_lr: str) -> None:
+    """The (pairable) runs are of the design at peak_lr, or StudyError naming the option that reads them."""
+    ours, first = design_at(peak_lr), records[0]
+    theirs = recorded_design(first.provenance)
+    if theirs == ours:
+        return
+    if theirs == design_at(theirs["--lr"]):
+        raise StudyError(f"the runs in {rel(first.dir.parent)} were made with --lr {theirs['--lr']} (this report's "
+                         f"design has {peak_lr}); pass --peak-lr {theirs['--lr']}")
+    key = next(k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k))
+    raise StudyError(f"{first.run.name} was made with {key} {theirs.get(key)}, this study's design has {ours.get(key)}")
+
+
 def cmd_report(args: argparse.Namespace) -> int:
+    use_peak_lr_dirs(args)
     records = collect(Path(args.runs_dir))
     check_pairable(records, args.same_commit)
-    planned = {run.name for run in grid(args.seeds)}
+    check_design(records, args.peak_lr)
+    planned = {run.name for run in grid(args.seeds, args.peak_lr)}
     finished, versions, progress = report_runs(records, Path(args.out), planned)
     comparisons = compare(records, args.target_pct)
     out, first = Path(args.out), finished[0].provenance
@@ -423,12 +493,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     }
     write_json(out / "summary.json", summary)
     plot(records, comparisons, out / "convergence.png",
-         f"GPT {gpt_params() / 1e6:.1f}M, {STEPS} steps x {BATCH * SEQ_LEN:,} tokens, virtual ranks on "
+         f"GPT {gpt_params() / 1e6:.1f}M, {STEPS} steps x {BATCH * SEQ_LEN:,} tokens, peak lr {args.peak_lr}, "
+         f"virtual ranks on "
          f"{', '.join(summary['devices'])}", args.target_pct)
     table = results_table(comparisons)
     unfinished = sorted(summary["unfinished"] + summary["not_started"])
     (out / "README.md").write_text(README.format(
-        params=gpt_params() / 1e6, finished=len(finished), table=table,
+        params=gpt_params() / 1e6, peak_lr=args.peak_lr, finished=len(finished), table=table,
         planned=len(planned | {r.run.name for r in finished}),
         unfinished=f"; still to run: {', '.join(unfinished)}" if unfinished else ""))
     print(table)
@@ -446,6 +517,12 @@ def main(argv: list[str] | None = None) -> int:
                                  "(default: %(default)s)")
     verbs["report"].add_argument("--target-pct", type=float, default=TARGET_PCT, help="resolution target, %% of "
                                  "baseline (default: %(default)s)")
+    for verb in ("plan", "run", "report"):
+        verbs[verb].add_argument("--peak-lr", type=peak_lr_arg, default=PEAK_LR, metavar="LR",
+                                 help=f"AdamW's peak lr (default: {PEAK_LR}; the final lr is a tenth of it). "
+                                 "Another value is a study of its own: the default directories get -lr<LR> "
+                                 "appended (runs/convergence-lr5e-4/, runs/convergence-done-lr5e-4/, "
+                                 f"{rel(RESULTS)}-lr5e-4/), and runs of one lr never pair with another's")
     return dispatch(parser, argv, {"prepare": cmd_prepare, "plan": cmd_plan, "run": cmd_run, "report": cmd_report})
 
 

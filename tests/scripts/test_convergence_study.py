@@ -365,3 +365,61 @@ def test_a_design_recorded_before_weight_decay_on_existed_reads_as_all(tmp_path,
     cs.check_recorded(run, {"design": old, "data": data}, data, tmp_path)  # continues
     with pytest.raises(sc.StudyError, match="was started with --train.weight_decay_on matrices, this design has all"):
         cs.check_recorded(run, {"design": matrices, "data": data}, data, tmp_path)
+
+
+# ------------------------------------------------------------------------------- --peak-lr variant
+
+
+def test_a_lower_peak_lr_is_a_study_of_its_own(tmp_path, options):
+    """--peak-lr changes the peak and the final lr (a tenth of it) and nothing else in any command; the
+    default keeps the recorded design's text exactly (runs made before the option stay this design)."""
+    from halfbyte.train.config import parse_args
+
+    assert cs.design_at(cs.PEAK_LR) == cs.DESIGN and cs.DESIGN["--lr"] == "1.5e-3"
+    low = cs.design_at("5e-4")
+    assert {k: v for k, v in low.items() if low[k] != cs.DESIGN[k]} == {"--lr": "5e-4", "--schedule.min_lr": "5e-5"}
+    train = ["python3", "-m", "halfbyte", "train"]
+    for run, twin in zip(cs.grid(peak_lr="5e-4"), cs.grid()):
+        assert run.name == twin.name and run.design == low and twin.design == cs.DESIGN
+        a, b = options(run.argv(tmp_path / "d.bin", tmp_path, train)), options(twin.argv(tmp_path / "d.bin", tmp_path, train))
+        assert {k for k in a if a[k] != b[k]} == {"--lr", "--schedule.min_lr"}
+        assert run.provenance({})["design"] == low
+    cfg = parse_args(cs.grid(peak_lr="5e-4")[0].argv(tmp_path / "d.bin", tmp_path, []))
+    assert (cfg.optim.lr, cfg.schedule.min_lr) == (5e-4, 5e-5)
+    assert [cs.lr_text(v) for v in (1.5e-3, 5e-4, 7.5e-4, 1e-3, 0.0005)] == ["1.5e-3", "5e-4", "7.5e-4", "1e-3", "5e-4"]
+
+
+def test_peak_lr_moves_the_default_directories_and_refuses_mixing(tmp_path, data, study, dirs):
+    plan = study("plan", "--peak-lr", "0.0005", "--data", str(data))
+    assert plan.returncode == 0, plan.stderr
+    commands = [line for line in plan.stdout.splitlines() if " -m halfbyte train " in line]
+    assert len(commands) == len(cs.grid())
+    assert all("--lr 5e-4 --schedule.min_lr 5e-5" in c and "--out runs/convergence-lr5e-4/" in c for c in commands)
+    assert "peak lr 5e-4" in plan.stdout.splitlines()[0]
+    # a run directory of the default design is refused by the variant's run, in one line
+    _synthetic_run(tmp_path, "baseline", 8, 0, None)
+    refused = study("run", *dirs, "--peak-lr", "5e-4", "--data", str(data), "--deadline-s", "60")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "was started with --lr 1.5e-3, this design has 5e-4" in refused.stderr
+    for bad in ("0", "-1e-3", "abc", "nan", "inf"):
+        res = study("plan", f"--peak-lr={bad}")
+        assert res.returncode == 2 and "--peak-lr: expected a learning rate > 0" in res.stderr, (bad, res.stderr)
+        assert "Traceback" not in res.stderr
+
+
+def test_report_at_a_peak_lr_pairs_its_runs_and_refuses_the_other_designs(tmp_path, study):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    low = cs.design_at("5e-4")
+    for seed, (base, arm) in enumerate([(2.0, 2.01), (2.1, 2.1), (1.9, 1.92)]):
+        _synthetic_run(runs, "baseline", 8, seed, base, design=low)
+        _synthetic_run(runs, "sdp4bit", 8, seed, arm, design=low)
+    res = study("report", "--peak-lr", "5e-4", "--runs-dir", str(runs), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["design"] == low and summary["comparisons"]["w8"]["arms"]["sdp4bit"]["n_seeds"] == 3
+    assert "peak lr 5e-4" in (out / "README.md").read_text()
+    # the same runs under the default design's report: refused, with the option that reads them
+    wrong = study("report", "--runs-dir", str(runs), "--out", str(tmp_path / "out2"))
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1, wrong.stderr
+    assert "were made with --lr 5e-4 (this report's design has 1.5e-3); pass --peak-lr 5e-4" in wrong.stderr
+    assert not (tmp_path / "out2").exists()
