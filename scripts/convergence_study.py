@@ -311,8 +311,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"GPT {gpt_params() / 1e6:.2f}M parameters ({N_LAYER} layers, d={D_MODEL}, {N_HEAD} heads, vocab {VOCAB}); "
           f"{STEPS} steps x {BATCH} x {SEQ_LEN} = {STEPS * BATCH * SEQ_LEN / 1e6:.1f}M tokens "
           f"({STEPS * BATCH * SEQ_LEN / gpt_params():.1f} per parameter); peak lr {args.peak_lr}; "
-          f"eval {EVAL_TOKENS:,} tokens; "
-          f"{len(runs)} runs\n")
+          f"eval {EVAL_TOKENS:,} tokens; {len(runs)} runs\n")
     print(f"{'run':<22} {'arm':<9} {'W':>3} {'layout':>6} {'seed':>4}  status")
     for run in runs:
         layout = f"{run.world // run.gpus_per_node}x{run.gpus_per_node}"
@@ -494,8 +493,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     write_json(out / "summary.json", summary)
     plot(records, comparisons, out / "convergence.png",
          f"GPT {gpt_params() / 1e6:.1f}M, {STEPS} steps x {BATCH * SEQ_LEN:,} tokens, peak lr {args.peak_lr}, "
-         f"virtual ranks on "
-         f"{', '.join(summary['devices'])}", args.target_pct)
+         f"virtual ranks on {', '.join(summary['devices'])}", args.target_pct)
     table = results_table(comparisons)
     unfinished = sorted(summary["unfinished"] + summary["not_started"])
     (out / "README.md").write_text(README.format(
