@@ -63,7 +63,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # scripts/ is on sys.path when a script runs, so its shared module imports by name; the run machinery
 # (run state, provenance, the Launcher) is there, shared with local_updates_study.py
 from study_common import (  # noqa: E402
-    ROOT, Launcher, Record, StudyError, check_data_and_code, corpus_dirs, dispatch, pick, print_commands,
+    ROOT, Launcher, Record, StudyError, check_data_and_code, corpus_dirs, dispatch, first_difference, pick,
+    print_commands,
     read_metrics, read_provenance, rel, report_runs, run_status, study_parser, write_json,
 )
 
@@ -117,10 +118,8 @@ def lr_text(value: float) -> str:
 
 
 def design_at(peak_lr: str) -> dict[str, str]:
-    """The study's DESIGN at another peak learning rate, decaying to a tenth of it as the study's does;
-    at PEAK_LR it is DESIGN itself (text for text, so the recorded runs stay this design)."""
-    if peak_lr == PEAK_LR:
-        return dict(DESIGN)
+    """The study's DESIGN at another peak learning rate, decaying to a tenth of it as the study's does
+    (at PEAK_LR, DESIGN text for text: lr_text writes the recorded 1.5e-3 and 1.5e-4)."""
     return DESIGN | {"--lr": peak_lr, "--schedule.min_lr": lr_text(float(peak_lr) / 10)}
 
 
@@ -132,7 +131,7 @@ def peak_lr_arg(text: str) -> str:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a learning rate > 0, got '{text}'")
-    return PEAK_LR if value == float(PEAK_LR) else lr_text(value)
+    return lr_text(value)
 
 
 def at_peak_lr(path: Path, peak_lr: str) -> Path:
@@ -209,8 +208,8 @@ def check_recorded(run: Any, recorded: dict | None, data: dict[str, Any], run_di
     if recorded is None:
         return
     design, ours = recorded_design(recorded), run.design
-    if design != ours:
-        key = next(k for k in sorted(set(ours) | set(design)) if ours.get(k) != design.get(k))
+    key = first_difference(ours, design)
+    if key is not None:
         raise StudyError(f"{rel(run_dir)} was started with {key} {design.get(key)}, this design has "
                          f"{ours.get(key)}; move it away or choose another --runs-dir")
     for key in ("train_sha256", "val_sha256"):
@@ -342,10 +341,10 @@ def check_pairable(records: list[Record], same_commit: bool) -> None:
     da = recorded_design(first.provenance)
     for r in records[1:]:
         db = recorded_design(r.provenance)
-        for key in sorted(set(da) | set(db)):
-            if da.get(key) != db.get(key):
-                raise StudyError(f"runs differ in their design: {key} {da.get(key)} in {first.run.name}, "
-                                 f"{db.get(key)} in {r.run.name}; report only runs of one design")
+        key = first_difference(da, db)
+        if key is not None:
+            raise StudyError(f"runs differ in their design: {key} {da.get(key)} in {first.run.name}, "
+                             f"{db.get(key)} in {r.run.name}; report only runs of one design")
     check_data_and_code(records, same_commit)
 
 
@@ -466,7 +465,7 @@ def check_design(records: list[Record], peak_lr: str) -> None:
     if theirs == design_at(theirs["--lr"]):
         raise StudyError(f"the runs in {rel(first.dir.parent)} were made with --lr {theirs['--lr']} (this report's "
                          f"design has {peak_lr}); pass --peak-lr {theirs['--lr']}")
-    key = next(k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k))
+    key = first_difference(ours, theirs)
     raise StudyError(f"{first.run.name} was made with {key} {theirs.get(key)}, this study's design has {ours.get(key)}")
 
 

@@ -75,8 +75,8 @@ from typing import Any
 # both studies run on (study_common: run state, provenance, the Launcher) import by name
 import convergence_study as cs
 from study_common import (
-    Record, StudyError, check_data_and_code, dispatch, pick, print_commands, read_metrics, rel, report_runs,
-    run_status, study_parser, write_json,
+    Record, StudyError, check_data_and_code, dispatch, first_difference, pick, print_commands, read_metrics, rel,
+    report_runs, run_status, study_parser, write_json,
 )
 
 ROOT = cs.ROOT
@@ -315,10 +315,10 @@ def check_pairable(records: list[Record], same_commit: bool) -> None:
     """Each run's recorded design is its arm's, one data set (and with same_commit one code version)."""
     for r in records:
         design, had = r.run.arm.design(), cs.recorded_design(r.provenance)
-        if had != design:
-            key = next(k for k in sorted(set(design) | set(had)) if design.get(k) != had.get(k))
+        key = first_difference(design, had)
+        if key is not None:
             raise StudyError(f"{r.run.name} was run with {key} {had.get(key)}, its arm's design has "
-                                f"{design.get(key)}; report only runs of this study's design")
+                             f"{design.get(key)}; report only runs of this study's design")
     check_data_and_code(records, same_commit)
 
 

@@ -489,6 +489,11 @@ class Record:
         return final_val_loss(self.metrics, self.run.steps)
 
 
+def first_difference(a: dict, b: dict) -> str | None:
+    """The first key (in sorted order) whose value differs between two designs, or None if they agree."""
+    return next((k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)), None)
+
+
 def check_data_and_code(records: list[Record], same_commit: bool) -> None:
     """One data set (and with same_commit one code version) for every run, or StudyError naming the
     first difference."""

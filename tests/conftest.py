@@ -27,6 +27,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     index, count = shard
     # round robin, not contiguous blocks: a file's tests (often of like cost) spread over the shards
-    keep = [item for n, item in enumerate(items) if n % count == index - 1]
+    keep = items[index - 1::count]
     config.hook.pytest_deselected(items=[item for n, item in enumerate(items) if n % count != index - 1])
     items[:] = keep
