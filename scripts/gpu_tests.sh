@@ -16,7 +16,8 @@
 # put first on PYTHONPATH, so nothing needs installing on the machine (its torch, Triton and pytest
 # are used). pytest-xdist runs the tests in parallel when it is installed, else they run serially.
 # Prints pytest's summary and the number of GPU tests; exits with pytest's status (non-zero on any
-# failure, 2 when the machine has no usable GPU).
+# failure, 2 when the machine has no usable GPU). Under `timeout -s INT` pytest still prints its summary
+# (tee ignores the interrupt, so the log keeps it).
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LOG=${1:-gpu-tests.log}
@@ -56,7 +57,7 @@ elif [ "$JOBS" != 0 ]; then
 fi
 
 GPU_COUNT=$("$PY" -m pytest -q --collect-only -m gpu "${SHARD_ARGS[@]}" "$@" 2>/dev/null | tail -n 1)
-"$PY" -m pytest -q "${PARALLEL[@]}" "${SHARD_ARGS[@]}" "$@" 2>&1 | tee "$LOG"
+"$PY" -m pytest -q "${PARALLEL[@]}" "${SHARD_ARGS[@]}" "$@" 2>&1 | tee -i "$LOG"
 status=${PIPESTATUS[0]}
 echo "gpu_tests.sh: ${SHARD:+shard $SHARD, }OMP_NUM_THREADS=$OMP_NUM_THREADS; GPU tests collected: ${GPU_COUNT:-unknown}; log: $LOG; pytest exit status $status"
 exit "$status"
