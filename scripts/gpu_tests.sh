@@ -6,11 +6,11 @@
 #   JOBS=4 bash scripts/gpu_tests.sh ...                      # pytest-xdist workers (default 8; 0: serial)
 #   SHARD=1/2 bash scripts/gpu_tests.sh ...; SHARD=2/2 ...    # the suite in 2 calls (each runs every 2nd test)
 #
-# The whole suite takes longer than one 10-minute device call on a 16-core H200 host (2026-12-02:
-# 1132 tests, not done after 558 s at -n 14, where the load made two multi-process tests time out):
-# there, run it as SHARD=1/2 and SHARD=2/2 in two calls; together they run every test once
-# (tests/conftest.py). Each test process gets OMP_NUM_THREADS = cores / JOBS (at least 1) unless
-# set: torch's default (every core in every process) oversubscribes the host many times over.
+# On a 16-core H200 host run it as SHARD=1/2 and SHARD=2/2 in two 10-minute device calls; together
+# they run every test once (tests/conftest.py). 2026-12-02, JOBS=10: 209 s and 151 s, collection
+# included. Each test process gets OMP_NUM_THREADS = cores / JOBS (at least 1) unless set: torch's
+# default (every core in every process) oversubscribed the host many times over, and at -n 14 the
+# unsharded suite was not done after 558 s.
 #
 # CI (no GPU) skips every test marked `gpu`; here they run next to the CPU tests. The source tree is
 # put first on PYTHONPATH, so nothing needs installing on the machine (its torch, Triton and pytest
