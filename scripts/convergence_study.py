@@ -13,8 +13,9 @@ the per-seed difference arm - baseline of the final validation loss.
 
 On the GPU machine (the repository is the working directory; runs/ is ignored by git):
 
+    source scripts/mps.sh start                                   # MPS: the runs share the GPU
     python3 scripts/convergence_study.py prepare                  # corpus -> runs/convergence-data/ (cached)
-    python3 scripts/convergence_study.py run --deadline-s 540 --parallel 8
+    python3 scripts/convergence_study.py run --deadline-s 540 --parallel 6
     tar czf $OUT/runs.tgz --exclude=checkpoints --exclude=tensorboard -C runs/convergence .
 
 `run` starts the unfinished runs of the grid (in priority order, --parallel at a time, each one

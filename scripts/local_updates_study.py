@@ -32,8 +32,9 @@ the GPU at seed 0 (tau 32) Nesterov ended +7.1%, sign momentum +25% at 4x its pa
 
 On the GPU machine (the repository is the working directory; runs/ is ignored by git):
 
+    source scripts/mps.sh start                                  # MPS: the runs share the GPU
     python3 scripts/local_updates_study.py prepare               # = convergence_study.py prepare (cached)
-    python3 scripts/local_updates_study.py run --deadline-s 540 --parallel 8
+    python3 scripts/local_updates_study.py run --deadline-s 540 --parallel 6
     tar czf $OUT/runs.tgz --exclude=checkpoints --exclude=tensorboard -C runs/local-updates .
 
 `run` is convergence_study.py's (convergence_study.run_call on study_common.Launcher, the one launcher
