@@ -460,10 +460,20 @@ def make_ranks(plan: RunPlan) -> Ranks:
     return HalfbyteRanks(plan)
 
 
+def use_deterministic_kernels() -> None:
+    """Deterministic kernels from here on (train.deterministic). Called before the model reaches the
+    GPU: cuBLAS reads its workspace setting when this process creates its first handle."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def run(plan: RunPlan) -> dict[str, Any]:
     """Train this process's ranks (for real ranks the process group is initialized). Returns the
     summary."""
     stop = StopRequest()  # first: a Ctrl-C during start-up also ends in a clean stop after one step
+    if plan.cfg.train.deterministic:
+        use_deterministic_kernels()
     logging.getLogger("halfbyte.engine.sharded").setLevel(logging.ERROR)  # the loop reports skips itself
     return train(plan, make_ranks(plan), stop)
 
