@@ -17,16 +17,18 @@ per step); `full`: DiLoCo-style, each island keeps the full 128 sequences for 10
 and intervals scaled by 1/M). A few `-lr<x>` arms sweep the outer learning rate.
 
 Priority (`plan` shows it; `run` starts runs in this order, seed by seed inside a tier, so a short
-GPU budget buys the most informative pairs first). Plain averaging and DiLoCo's Nesterov lead. On
-the GPU at seed 0 (tau 32) Nesterov ended +7.1%, sign momentum +25% at 4x its paper's step and
-+64% at it; on the CPU averaging beat Nesterov at every tau, and Nesterov's outer momentum cost
-~17% even with one island (docs/local_updates.md, "The study"):
+GPU budget buys the most informative pairs first). Plain averaging leads: on the GPU at tau 32,
+seeds 0-3, it ended +4.4% above every-step DP and DiLoCo's Nesterov +7.9% (sign momentum +25% at 4x
+its paper's step and +64% at it, seed 0); on the CPU averaging beat Nesterov at every tau and its gap
+shrank with tau (docs/local_updates.md, "The study"):
   1. baseline-w8, m2-split-average-t32-d0 / -d1, m2-split-nesterov-t32-d0 / -d1
-     the M=2 target and the cost of the overlap, for the two best outer optimizers so far
-  2. m4-, m8-split-nesterov-t32-d0, m2-full-nesterov-t32-d0, sdp4bit-w8   M=4 / M=8, (b), 4-bit DP
-  3. m2-split-sm-t32-d0 (the paper's step) and -lr4, m2-split-average-t16-d0,
-     m2-split-nesterov t16 / t64 / t128 d0, m2-split-sm-t32-d1
-  4. m4-split-nesterov-t32-d1, m4- and m8-full-nesterov-t32-d0, m2-full-nesterov-t32-d1
+     the M=2 target and the cost of the overlap, for the two best outer optimizers
+  2. m2-split-average-t16-d0, m4- and m8-split-average-t32-d0, m2-full-average-t32-d0, sdp4bit-w8
+     a shorter round, M=4 / M=8, (b), 4-bit DP
+  3. m2-split-average-t64-d0, m4-split-average-t32-d1, m2-split-sm-t32-d0 (the paper's step) and
+     -lr4, m2-split-nesterov t16 / t64 / t128 d0, m2-split-sm-t32-d1
+  4. Nesterov at M=4 / M=8 and (b): m4-, m8-split- and m2-, m4-, m8-full-nesterov-t32-d0,
+     m4-split- and m2-full-nesterov-t32-d1
   5. outer lr: m2-split-sm-t32-d0 at lr 2, 8 and 16, m2-split-nesterov-t32-d0 at lr 0.35 and 1
   6. the rest of M x batch x optimizer x tau x delay
 
@@ -224,12 +226,16 @@ def arms() -> list[Arm]:
     ordered = [Arm("baseline-w8", 1, preset="baseline"), lo(1, 2, "split", "average", 32, 0),
                lo(1, 2, "split", "average", 32, 1), lo(1, 2, "split", "nesterov", 32, 0),
                lo(1, 2, "split", "nesterov", 32, 1),
-               lo(2, 4, "split", "nesterov", 32, 0), lo(2, 8, "split", "nesterov", 32, 0),
-               lo(2, 2, "full", "nesterov", 32, 0), Arm("sdp4bit-w8", 2, preset="sdp4bit"),
-               lo(3, 2, "split", "sm", 32, 0), lo(3, 2, "split", "sm", 32, 0, 4.0), lo(3, 2, "split", "average", 16, 0),
+               lo(2, 2, "split", "average", 16, 0), lo(2, 4, "split", "average", 32, 0),
+               lo(2, 8, "split", "average", 32, 0), lo(2, 2, "full", "average", 32, 0),
+               Arm("sdp4bit-w8", 2, preset="sdp4bit"),
+               lo(3, 2, "split", "average", 64, 0), lo(3, 4, "split", "average", 32, 1),
+               lo(3, 2, "split", "sm", 32, 0), lo(3, 2, "split", "sm", 32, 0, 4.0),
                *(lo(3, 2, "split", "nesterov", tau, 0) for tau in (16, 64, 128)), lo(3, 2, "split", "sm", 32, 1),
-               lo(4, 4, "split", "nesterov", 32, 1), lo(4, 4, "full", "nesterov", 32, 0),
-               lo(4, 8, "full", "nesterov", 32, 0), lo(4, 2, "full", "nesterov", 32, 1),
+               lo(4, 4, "split", "nesterov", 32, 0), lo(4, 8, "split", "nesterov", 32, 0),
+               lo(4, 2, "full", "nesterov", 32, 0), lo(4, 4, "split", "nesterov", 32, 1),
+               lo(4, 4, "full", "nesterov", 32, 0), lo(4, 8, "full", "nesterov", 32, 0),
+               lo(4, 2, "full", "nesterov", 32, 1),
                *(lo(5, 2, "split", "sm", 32, 0, lr) for lr in (2.0, 8.0, 16.0)),
                *(lo(5, 2, "split", "nesterov", 32, 0, lr) for lr in (0.35, 1.0))]
     seen = {a.name for a in ordered}

@@ -34,8 +34,10 @@ def test_grid_is_issue_20s_in_priority_order_at_the_convergence_studys_tokens(tm
     assert [r.name for r in runs[:5]] == ["baseline-w8-seed0", "m2-split-average-t32-d0-seed0",
                                           "m2-split-average-t32-d1-seed0", "m2-split-nesterov-t32-d0-seed0",
                                           "m2-split-nesterov-t32-d1-seed0"]
+    tier2 = {r.arm.name for r in runs if r.arm.tier == 2}
+    assert {"m2-split-average-t16-d0", "m4-split-average-t32-d0", "m2-full-average-t32-d0"} <= tier2
     tier3 = {r.arm.name for r in runs if r.arm.tier == 3}
-    assert {"m2-split-sm-t32-d0", "m2-split-sm-t32-d0-lr4", "m2-split-average-t16-d0"} <= tier3
+    assert {"m2-split-sm-t32-d0", "m2-split-sm-t32-d0-lr4", "m2-split-average-t64-d0"} <= tier3
     tiers = [r.arm.tier for r in runs]
     assert tiers == sorted(tiers) and [r.seed for r in runs[:20]] == [s for s in range(4) for _ in range(5)]
     names = {a.name for a in lu.ARMS.values()}
