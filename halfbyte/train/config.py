@@ -106,8 +106,8 @@ class TrainConfig:
     seed: int = opt(0, "seed for initialization, data order and stochastic rounding")
     deterministic: bool = opt(False, "deterministic kernels only (torch.use_deterministic_algorithms, cuBLAS's "
                                      "fixed workspace), so that two GPU runs of one command can retrace each "
-                                     "other, at some speed; an op with no deterministic kernel stops the run "
-                                     "with torch's error")
+                                     "other, at a cost in speed; an op with no deterministic kernel stops the "
+                                     "run with torch's error")
     workers: int = opt(2, "local worker processes when not started by torchrun")
     virtual_ranks: int = opt(0, "emulate this many data-parallel ranks in one process, same data and "
                                 "communication math as real ranks (0: off)")

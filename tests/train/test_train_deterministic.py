@@ -1,5 +1,5 @@
-"""--train.deterministic: the run switches torch to deterministic kernels before the model is built,
-trains with them (no op of the GPT lacks one), and two runs of one command retrace each other."""
+"""--train.deterministic: the switch sets torch's and cuBLAS's deterministic modes, a run trains with
+it (no op of the GPT lacks a deterministic kernel), and two runs of one command retrace each other."""
 
 import json
 import os
@@ -30,7 +30,7 @@ def test_two_deterministic_runs_are_equal(tmp_path):
     assert first == _losses(tmp_path / "b", "--train.deterministic=true")
 
 
-def test_the_switch_sets_torch_and_cublas_before_any_model():
+def test_the_switch_sets_torch_and_cublas():
     code = ("import os, torch; from halfbyte.train.loop import use_deterministic_kernels; "
             "assert not torch.are_deterministic_algorithms_enabled(); use_deterministic_kernels(); "
             "print(torch.are_deterministic_algorithms_enabled(), os.environ['CUBLAS_WORKSPACE_CONFIG'], "
