@@ -126,3 +126,29 @@ def test_train_on_prepared_data(tmp_path):
     run = _train("--steps=3", f"--data={tmp_path / 'data.bin'}", f"--out={out}")
     assert run.returncode == 0, run.stderr
     assert "val_loss" in _metrics(out)[-1] and (out / "sample.txt").exists()  # val file and tokenizer found
+
+
+@pytest.mark.timeout(300)
+def test_two_deterministic_runs_are_equal(tmp_path):
+    # --train.deterministic: a run trains with torch's deterministic kernels (no op of the GPT lacks
+    # one), and two runs of one command retrace each other
+    def losses(out: Path) -> list[tuple[int, float, float | None]]:
+        run = _train("--steps=6", "--eval_interval=3", "--virtual-ranks=4", "--virtual-gpus-per-node=2",
+                     "--sample_tokens=0", "--train.deterministic=true", f"--out={out}")
+        assert run.returncode == 0, run.stderr
+        return [(r["step"], r["loss"], r.get("val_loss")) for r in _metrics(out)]
+
+    first = losses(tmp_path / "a")
+    assert [s for s, _, _ in first] == list(range(1, 7))
+    assert first == losses(tmp_path / "b")
+
+
+def test_the_deterministic_switch_sets_torch_and_cublas():
+    code = ("import os, torch; from halfbyte.train.loop import use_deterministic_kernels; "
+            "assert not torch.are_deterministic_algorithms_enabled(); use_deterministic_kernels(); "
+            "print(torch.are_deterministic_algorithms_enabled(), os.environ['CUBLAS_WORKSPACE_CONFIG'], "
+            "torch.backends.cudnn.benchmark)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["True", ":4096:8", "False"]
