@@ -341,19 +341,26 @@ def _decode_sum_tile(chunks_ptr, chunk_stride, W, g0, num_groups, pay_bytes,
 def _dequantize_sum_kernel(chunks_ptr, chunk_stride, W, out_ptr, numel, num_groups, pay_bytes, scale,
                            BG: tl.constexpr, GS: tl.constexpr, BITS: tl.constexpr, SYMMETRIC: tl.constexpr,
                            LOG2_H: tl.constexpr, UNROLL: tl.constexpr, EXACT: tl.constexpr,
-                           ACCUMULATE: tl.constexpr, SCALE: tl.constexpr):
+                           ACCUMULATE: tl.constexpr, SCALE: tl.constexpr, RUN: tl.constexpr):
     # grid (tiles, rows): with W = 1, row r decodes the wire buffer at chunks_ptr + r * chunk_stride
     # into out_ptr + r * numel (messages); one row sums the W chunks
     row = tl.program_id(1).to(tl.int64)
     chunks_ptr += row * chunk_stride
     out_ptr += row * numel
     g0 = tl.program_id(0).to(tl.int64) * BG
+    # RUN > 0 (the host's choice, _decode_run): runs of RUN values per thread from the loads through
+    # the Hadamard (16-byte loads; the Hadamard and the nibble interleave in registers), else group rows
     v = _decode_sum_tile(chunks_ptr, chunk_stride, W, g0, num_groups, pay_bytes, BG, GS, BITS, SYMMETRIC,
-                         UNROLL, EXACT, 0)
+                         UNROLL, EXACT, RUN)
     if LOG2_H > 0:
         v = _fwht(v, LOG2_H)
     if SCALE:  # the average: times the fp32 reciprocal, as the reference
         v = v * scale
+    if RUN > 0:
+        # ...but group rows for the store: a thread's run of outputs is 128 bytes of fp32, so run-layout
+        # stores touch one line per thread and instruction (1.4-3.6x slower on the H200); the values
+        # regroup once, through shared memory, so that a warp writes whole lines
+        v = tl.reshape(v, (BG, GS))
     base = g0 * GS
     local = tl.arange(0, BG)[:, None] * GS + tl.arange(0, GS)[None, :]
     m = local < numel - base
@@ -512,15 +519,23 @@ def _decode_into(chunks: torch.Tensor, spec: QuantSpec, numel: int, out: torch.T
     log2_h = _log2_hadamard(spec, rotate, numel)
     chunks = _aligned_rows(chunks)
     groups = spec.num_groups(numel)
-    bg, warps = launch_config(spec.group_size, tile_values, num_warps)
     W, rows = (1, chunks.shape[0]) if separate_rows else (chunks.shape[0], 1)
+    run = _decode_run(spec, W)
+    bg, warps = launch_config(spec.group_size, tile_values, num_warps, runs=run > 0)
     if groups:
         _dequantize_sum_kernel[(triton.cdiv(groups, bg), rows)](
             chunks, chunks.stride(0), W, out, numel, groups, spec.payload_nbytes(numel),
             reference.fp32_reciprocal(divisor),
             BG=bg, GS=spec.group_size, BITS=spec.bits, SYMMETRIC=spec.symmetric, LOG2_H=log2_h,
-            ACCUMULATE=accumulate, SCALE=divisor != 1, num_warps=warps, enable_fp_fusion=False, **_unroll(W),
+            ACCUMULATE=accumulate, SCALE=divisor != 1, RUN=run, num_warps=warps, enable_fp_fusion=False,
+            **_unroll(W),
         )
+
+
+def _decode_run(spec: QuantSpec, W: int) -> int:
+    """Values per thread run for dequantize_sum (0: group rows). Runs only for sums of two chunks: on the
+    H200 they won every W = 2 row by 1.06-1.08x and lost rows at W = 4 / 8 (docs/kernels.md)."""
+    return min(spec.group_size, _RUN.value) if W == 2 else 0
 
 
 def _resolve_out(out: torch.Tensor | None, numel: int, shape: torch.Size, dtype: torch.dtype,
