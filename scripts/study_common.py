@@ -299,6 +299,14 @@ def keep_count(remaining_s: list[float], time_left_s: float) -> int:
     return k
 
 
+def shed_line(now_s: float, remaining_s: list[float], stop_s: float, shed: list[str]) -> str:
+    """The log line of a shed, with the numbers keep_count compared: the slowest run's remaining time
+    times GATE_SAFETY against the time left before the stop."""
+    return (f"{now_s:6.0f} s  {len(remaining_s)} runs would end {max(remaining_s):.0f} s from now, "
+            f"{GATE_SAFETY * max(remaining_s):.0f} s with the {GATE_SAFETY:g} margin, against "
+            f"{stop_s - now_s:.0f} s left before the stop at {stop_s:.0f} s: shed {', '.join(shed)}")
+
+
 def requeue(resumed: list, pending: list, priority: dict[str, int]) -> list:
     """Shed runs that ended go back ahead of the runs not started, in priority order among
     themselves (whatever order they ended in): shedding goes by start order, so the earlier run must
@@ -406,8 +414,7 @@ class Launcher:
             c.proc.send_signal(signal.SIGTERM)
         for c in live[:keep]:
             c.window = None  # faster now: measure again
-        print(f"{now:6.0f} s  {len(live)} runs would end {max(remaining):.0f} s from now, after the stop at "
-              f"{self.stop_s:.0f} s: shed {', '.join(c.run.name for c in live[keep:])}", flush=True)
+        print(shed_line(now, remaining, self.stop_s, [c.run.name for c in live[keep:]]), flush=True)
 
     def execute(self, runs: list[StudyRun]) -> dict[str, str]:
         """Run `runs` (none done); returns each one's status at the end of the call."""

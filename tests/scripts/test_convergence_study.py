@@ -93,6 +93,14 @@ def test_keep_count_sheds_the_last_runs_only_when_that_lets_the_others_end():
     assert sc.keep_count([100.0] * 4, 20.0) == 4  # not even one alone (27.5 s) ends: keep all for a resume
 
 
+def test_shed_line_shows_the_safety_margin_that_decided():
+    # the GPU call of 2026-12-02 (fifth session) shed a run on "2 runs would end 183 s from now, after
+    # the stop at 217 s" at 29 s: 29 + 183 < 217, so the line hid the 1.1 margin the rule applies
+    line = sc.shed_line(29.0, [183.0, 170.0], 217.0, ["sdp4bit-w8-seed7"])
+    assert "201 s with the 1.1 margin" in line and "188 s left before the stop at 217 s" in line
+    assert line.endswith("shed sdp4bit-w8-seed7")
+
+
 # ------------------------------------------------------------------------------------- plan / run
 
 
