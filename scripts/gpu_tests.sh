@@ -6,9 +6,9 @@
 #   JOBS=4 bash scripts/gpu_tests.sh ...                      # pytest-xdist workers (default 8; 0: serial)
 #   SHARD=1/2 bash scripts/gpu_tests.sh ...; SHARD=2/2 ...    # the suite in 2 calls (each runs every 2nd test)
 #
-# On a 16-core H200 host run it as SHARD=1/2 and SHARD=2/2 in two 10-minute device calls; together
-# they run every test once (tests/conftest.py). 2026-12-02, JOBS=10: 209 s and 151 s, collection
-# included. Each test process gets OMP_NUM_THREADS = cores / JOBS (at least 1) unless set: torch's
+# On a 16-core H200 host run it as SHARD=1/2 then SHARD=2/2, alone on the host; together they run
+# every test once (tests/conftest.py). 2026-12-02, JOBS=10: 167 s and 152 s, collection included,
+# so both fit one 10-minute device call. Each test process gets OMP_NUM_THREADS = cores / JOBS (at least 1) unless set: torch's
 # default (every core in every process) oversubscribed the host many times over, and at -n 14 the
 # unsharded suite was not done after 558 s.
 #
