@@ -21,8 +21,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any, Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -222,21 +223,34 @@ def data_identity(data: Path) -> dict[str, Any]:
     return identity
 
 
-def code_version() -> dict[str, Any]:
-    """The git commit where .git exists (the GPU machine's copy of the tree has none) and, always, a
-    sha256 over halfbyte/**/*.py (path and content): the code that trained, committed or not."""
+def _code_digest(files: Iterable[tuple[str, bytes]]) -> str:
+    """sha256 over (path, content) of halfbyte's .py files, in path order."""
     digest = hashlib.sha256()
-    for path in sorted((ROOT / "halfbyte").rglob("*.py")):
-        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    for name, content in sorted(files, key=lambda f: PurePosixPath(f[0])):
+        digest.update(name.encode() + b"\0" + content + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def code_version(root: Path = ROOT) -> dict[str, Any]:
+    """A sha256 over halfbyte/**/*.py (path and content): the code that trained, committed or not; and
+    the git commit where `root` is a repository, `halfbyte_dirty` saying whether that code differs
+    from the commit's. Contents are compared, not git's status: the GPU machine's copy of the tree
+    carries a .git whose index did not follow the files (it recorded a later tree as its first
+    commit, clean)."""
+    tree = [(str(path.relative_to(root)), path.read_bytes()) for path in (root / "halfbyte").rglob("*.py")]
+    code_sha = _code_digest(tree)
     commit = dirty = None
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "halfbyte"], cwd=ROOT,
-                                    capture_output=True, text=True, check=True).stdout.strip())
+        def git(*args: str) -> bytes:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, check=True).stdout
+
+        commit = git("rev-parse", "HEAD").decode().strip()
+        names = [n for n in git("ls-tree", "-r", "--name-only", "HEAD", "--", "halfbyte").decode().splitlines()
+                 if n.endswith(".py")]
+        dirty = _code_digest((n, git("show", f"HEAD:{n}")) for n in names) != code_sha
     except (OSError, subprocess.CalledProcessError):
         pass
-    return {"commit": commit, "halfbyte_dirty": dirty, "code_sha": digest.hexdigest()[:16]}
+    return {"commit": commit, "halfbyte_dirty": dirty, "code_sha": code_sha}
 
 
 def device_name() -> str:

@@ -93,6 +93,31 @@ def test_keep_count_sheds_the_last_runs_only_when_that_lets_the_others_end():
     assert sc.keep_count([100.0] * 4, 20.0) == 4  # not even one alone (27.5 s) ends: keep all for a resume
 
 
+def test_code_version_compares_contents_with_the_commit(tmp_path):
+    """The GPU machine's copy once recorded the session's first commit as clean while it ran a later
+    tree (a kernel merged since): git's status trusts its index, so code_version compares contents."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "halfbyte").mkdir()
+    (tmp_path / "halfbyte" / "k.py").write_text("RUN = 0\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    clean = sc.code_version(tmp_path)
+    assert clean["commit"] and clean["halfbyte_dirty"] is False
+    git("update-index", "--assume-unchanged", "halfbyte/k.py")  # status no longer looks at the file
+    (tmp_path / "halfbyte" / "k.py").write_text("RUN = 32\n")
+    changed = sc.code_version(tmp_path)
+    assert changed["halfbyte_dirty"] is True and changed["code_sha"] != clean["code_sha"]
+    (tmp_path / "halfbyte" / "new.py").write_text("\n")  # untracked code ran too
+    (tmp_path / "halfbyte" / "k.py").write_text("RUN = 0\n")
+    assert sc.code_version(tmp_path)["halfbyte_dirty"] is True
+    assert sc.code_version(tmp_path / "nowhere")["commit"] is None  # no repository: no commit, no claim
+
+
 def test_shed_line_shows_the_safety_margin_that_decided():
     # the GPU call of 2026-12-02 (fifth session) shed a run on "2 runs would end 183 s from now, after
     # the stop at 217 s" at 29 s: 29 + 183 < 217, so the line hid the 1.1 margin the rule applies
