@@ -8,9 +8,9 @@
 #
 # On a 16-core H200 host run it as SHARD=1/2 then SHARD=2/2, alone on the host; together they run
 # every test once (tests/conftest.py). 2026-12-02, JOBS=10: 167 s and 152 s, collection included,
-# so both fit one 10-minute device call. Each test process gets OMP_NUM_THREADS = cores / JOBS (at least 1) unless set: torch's
-# default (every core in every process) oversubscribed the host many times over, and at -n 14 the
-# unsharded suite was not done after 558 s.
+# so both fit one 10-minute device call. Each test process gets OMP_NUM_THREADS = cores / JOBS (at
+# least 1) unless set: torch's default (every core in every process) oversubscribed the host many
+# times over, and at -n 14 the unsharded suite was not done after 558 s.
 #
 # CI (no GPU) skips every test marked `gpu`; here they run next to the CPU tests. The source tree is
 # put first on PYTHONPATH, so nothing needs installing on the machine (its torch, Triton and pytest
