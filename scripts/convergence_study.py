@@ -29,7 +29,8 @@ sequence, times the run's steps x batch and the runs it would share the GPU with
 resumes what was stopped. The launcher is study_common.Launcher, shared with local_updates_study.py.
 Runs finished in earlier calls are skipped if their directories are in runs/convergence-done/ (the
 calls' runs.tgz unpacked here and carried there: a separate directory, so that carrying it never
-replaces a warm machine's checkpoints). A run directory holds metrics.jsonl, train.log, command.txt
+replaces a warm machine's checkpoints), or committed by `report` under benchmarks/results/convergence-21m/
+(a fresh checkout has no runs/). A run directory holds metrics.jsonl, train.log, command.txt
 and provenance.json (design, data size and sha256, code version, start and end of every segment).
 
 `--peak-lr LR` (plan, run, report) is the same study at another peak lr (the final lr a tenth of it):
@@ -510,7 +511,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser, verbs = study_parser("convergence_study.py", __doc__, "tokenize the installed packages' Python files "
-                                 "(cached)", DATA, RUNS_DIR, [DONE_DIR], RESULTS, SEEDS)
+                                 "(cached)", DATA, RUNS_DIR, [DONE_DIR, RESULTS], RESULTS, SEEDS)
     verbs["report"].add_argument("--runs-dir", default=rel(DONE_DIR), help="the calls' run directories, unpacked "
                                  "(default: %(default)s)")
     verbs["report"].add_argument("--target-pct", type=float, default=TARGET_PCT, help="resolution target, %% of "

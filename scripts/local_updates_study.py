@@ -7,7 +7,7 @@ Design (docs/local_updates.md, "The study" says why). Every run trains 67.1M tok
 ranks from `--seed k` (initialization, data order and rounding seeds: for a seed k every arm starts
 from the same weights), and is scored by its final validation loss on the fixed 2,097,152-token set.
 References: every-step DP `baseline-w8` (bf16) and `sdp4bit-w8`: the convergence study's runs, same
-names and commands (finished ones in runs/convergence-done are reused). Local-update arms
+names and commands (finished ones of that study are reused). Local-update arms
 `m<M>-<batch>-<opt>-t<tau>-d<delay>`: M islands in {2, 4, 8} of 8/M ranks (one emulated node each,
 every-step bf16 DP inside), int4 pseudo-gradients with error feedback across, the outer optimizer
 sign-momentum (`sm`), DiLoCo `nesterov` or `average` at its defaults, tau in {16, 32, 64, 128} and
@@ -49,8 +49,9 @@ the batch: the same tokens, short in steps but not in time). Shedding goes by st
 order) only, whatever the lengths: a run of fewer steps started last is shed like any other, and the
 check that picks how many to keep uses each run's measured time to its end, not its steps. Runs
 finished in earlier calls are skipped when runs/local-updates-done or runs/convergence-done holds
-them. Delayed arms (d > 0) end on the outer weights: the trainer applies an exchange still in
-flight after the last step (halfbyte.train.loop's Ranks.flush_outer).
+them, or when `report` committed them under benchmarks/results/ (local-updates-21m/, convergence-21m/:
+a fresh checkout has only these). Delayed arms (d > 0) end on the outer weights: the trainer applies
+an exchange still in flight after the last step (halfbyte.train.loop's Ranks.flush_outer).
 
 Here, after each call (`mkdir -p runs/local-updates-done; tar xzf runs.tgz -C runs/local-updates-done`):
 
@@ -86,7 +87,9 @@ ROOT = cs.ROOT
 RESULTS = ROOT / "benchmarks" / "results" / f"local-updates-{cs.MODEL_TAG}"
 RUNS_DIR = ROOT / "runs" / "local-updates"  # where runs train (checkpoints included)
 DONE_DIR = ROOT / "runs" / "local-updates-done"  # earlier calls' run directories, unpacked here, carried there
-DONE_DIRS = (DONE_DIR, cs.DONE_DIR)  # the convergence study's finished baseline-w8 / sdp4bit-w8 count too
+# the convergence study's finished baseline-w8 / sdp4bit-w8 count too, and so do the runs `report`
+# committed (a fresh checkout has no runs/)
+DONE_DIRS = (DONE_DIR, cs.DONE_DIR, RESULTS, cs.RESULTS)
 
 WORLD = 8  # the W=8 study's virtual ranks
 ISLANDS = (2, 4, 8)

@@ -162,6 +162,22 @@ def test_run_trains_runs_of_their_own_lengths_stops_and_resumes(tmp_path, data, 
     assert sc.status(tmp_path / delayed, 128) == "done"
 
 
+@pytest.mark.parametrize("script, results", [(lu, lu.RESULTS), (cs, cs.RESULTS)])
+def test_runs_committed_under_benchmarks_results_count_as_done(tmp_path, data, script, results):
+    """A fresh checkout has no runs/*-done (ignored by git), only the runs `report` committed: `plan`
+    and `run` skip those too, instead of training them again on the GPU."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ran = subprocess.run([sys.executable, script.__file__, "plan", "--help"], capture_output=True, text=True,
+                         env=env, check=True)
+    assert sc.rel(results) in "".join(ran.stdout.split())  # the --done-in default names it (help wraps it)
+    committed = sorted(p.parent.name for p in results.glob("baseline-w8-seed*/provenance.json"))
+    assert committed, f"{sc.rel(results)} holds no committed baseline run"
+    ran = subprocess.run([sys.executable, script.__file__, "plan", "--runs-dir", str(tmp_path), "--data", str(data),
+                          "--only", committed[0]], capture_output=True, text=True, env=env, check=False)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert any(line.startswith(committed[0]) and line.endswith("done (earlier call)") for line in ran.stdout.splitlines())
+
+
 # ------------------------------------------------------------------------------------------ report
 
 
