@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Protocol
 
@@ -271,6 +271,52 @@ def utc_now() -> str:
 # ----------------------------------------------------------------------------------------- run
 
 
+def events(steps: int, eval_every: int, save_every: int, a: int, b: int) -> dict[str, int]:
+    """The evaluations and checkpoint saves of a run of `steps` steps between its metrics rows of steps
+    a and b (a < b), or ahead of its row of a with b = steps. halfbyte train evaluates at every
+    eval_every-th step and the last (0: only the last) before writing that step's row, and saves at
+    every save_every-th step after writing it (the last step's save comes after the run is done)."""
+    evals = (b // eval_every - a // eval_every if eval_every else 0) + (a < steps <= b and not (
+        eval_every and steps % eval_every == 0))
+    saves = (b - 1) // save_every - max(a - 1, 0) // save_every if save_every else 0
+    return {"eval": int(evals), "save": saves}
+
+
+@dataclass
+class Window:
+    """A run's rate measurement under the current sharing, from its metrics row of `step` on, gap by
+    gap between the rows it saw: the wall time and steps of the gaps that held training only, and per
+    kind ("eval", "save") of those that held events of that kind only, with how many. Evaluations and
+    saves come in lumps (one every 128 steps of a 1024-step run, ~5 s against ~5.3 s per 16 steps with
+    8 runs sharing): charged to a window of 48 steps they made a rate ~20-25% slow. Apart, the
+    training rate and each event's cost are measured without bias, whatever the window holds."""
+
+    step: int
+    train: list[float] = field(default_factory=lambda: [0.0, 0])  # wall s, steps
+    lumps: dict[str, list[float]] = field(default_factory=dict)  # kind -> [wall s, steps, events]
+
+    def add(self, wall_s: float, steps: int, held: dict[str, int]) -> None:
+        kinds = {kind: n for kind, n in held.items() if n}
+        if not kinds:
+            self.train[0] += wall_s
+            self.train[1] += steps
+        elif len(kinds) == 1:  # a gap holding both kinds (rows unseen between them) tells neither apart
+            ((kind, n),) = kinds.items()
+            lump = self.lumps.setdefault(kind, [0.0, 0, 0])
+            lump[0], lump[1], lump[2] = lump[0] + wall_s, lump[1] + steps, lump[2] + n
+
+    def step_s(self) -> float | None:
+        """Wall seconds per training step (None until a gap of training alone was seen)."""
+        return self.train[0] / self.train[1] if self.train[1] and self.train[0] > 0 else None
+
+    def costs(self) -> dict[str, float]:
+        """Each kind's cost in training steps: its gaps' wall time less their steps' training, per event.
+        In steps, not seconds, so that it holds under another sharing (an evaluation slows as a step does)."""
+        rate = self.step_s()
+        return {} if rate is None else {kind: max(0.0, wall - steps * rate) / n / rate
+                                        for kind, (wall, steps, n) in self.lumps.items()}
+
+
 @dataclass
 class Child:
     run: StudyRun
@@ -279,10 +325,14 @@ class Child:
     from_step: int
     log: IO[str]
     segment: int  # index into the run's provenance segments
-    window: tuple[float, int] | None = None  # (time, step) where its current rate measurement began
+    window: Window | None = None  # its current rate measurement
     step: int = 0  # the last step seen in its metrics.jsonl
     shed: bool = False  # stopped early so that the runs before it finish in this call
     shared_s: float = 0.0  # the integral over its life of how many runs shared the GPU (run-seconds)
+    eval_every: int = 0  # its --train.eval_interval (0: only at the last step)
+    save_every: int = 0  # its --train.checkpoint_interval (0: only at the end)
+    written_s: float = 0.0  # when its row of `step` was written (metrics.jsonl's mtime, on the launcher's clock)
+    costs: dict[str, float] = field(default_factory=dict)  # "eval" / "save" -> training steps, latest measured
 
 
 def fits(estimate_s: float | None, remaining_fraction: float, now_s: float, stop_s: float) -> bool:
@@ -333,7 +383,9 @@ class Launcher:
     that differs between runs (steps, batch, command, provenance) comes from the run (StudyRun).
 
     Once every run has advanced MIN_RATE_SHARE of its own steps under the current sharing, their rates
-    predict their ends (time, from each run's own remaining steps); if some would end after the stop,
+    predict their ends (`predict`: its remaining steps at its training rate, plus the evaluations and
+    checkpoint saves still ahead at their measured cost, none of which is charged to the rate; none
+    predicted before an evaluation's cost was measured in this call); if some would end after the stop,
     the last-started ones are stopped (`shed`, resumable) so that the others finish: on a fresh machine
     a run cut at the stop is lost, a finished one is not. The shed order is the start order and only
     that: the runs start in the study's priority order, so the last-started go first, whatever their
@@ -380,7 +432,11 @@ class Launcher:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         print(f"{self.now():6.0f} s  start {run.name} (from step {from_step})", flush=True)
-        return Child(run, proc, self.now(), from_step, log, len(provenance["segments"]) - 1, step=from_step)
+        from halfbyte.train.config import parse_args
+
+        train = parse_args(argv[len(self.train_cmd):]).train  # when it evaluates and saves, as halfbyte reads it
+        return Child(run, proc, self.now(), from_step, log, len(provenance["segments"]) - 1, step=from_step,
+                     eval_every=train.eval_interval, save_every=train.checkpoint_interval)
 
     def end(self, child: Child, stopping: bool) -> str:
         """Record how a segment ended; returns the run's status (`failed (exit N): ...` for a run that
@@ -407,18 +463,65 @@ class Launcher:
             print(f"--- {run.name}: end of its train.log:", *tail, sep="\n", flush=True)
         return state
 
+    def observe(self, c: Child, now: float) -> None:
+        """Read the run's newest metrics row; a new one adds the gap since the last one seen to its
+        window (or opens one). Rows are timed by metrics.jsonl's mtime (the trainer flushes each row),
+        not by the poll that saw them: a poll comes up to a log interval (~5 s) after the row."""
+        path = self.runs_dir / c.run.name / "metrics.jsonl"
+        try:  # before the read: a row written in between is timed a row early, never late
+            written = now - (time.time() - path.stat().st_mtime)
+        except FileNotFoundError:
+            written = now
+        step = last_step(path.parent)
+        if step == c.step:
+            return
+        if step < c.step:
+            c.window = None  # the window opened on records the resumed trainer has since trimmed
+        elif c.window is not None:
+            c.window.add(written - c.written_s, step - c.step,
+                         events(c.run.steps, c.eval_every, c.save_every, c.step, step))
+        elif step > c.from_step:
+            c.window = Window(step)
+        c.step, c.written_s = step, written
+
+    def predict(self, live: list[Child], now: float) -> list[float] | None:
+        """Each run's time to its end: (its remaining steps + the evaluations and saves ahead x their
+        cost in steps) x its wall time per training step, less the time since its newest row. A cost is
+        the run's own latest measurement, else the largest among the runs sharing the GPU (runs of one
+        study evaluate alike; the largest errs towards shedding); a save not measured yet costs an
+        evaluation (saves cost less, ~1-2 s against ~5 s: on the safe side too). None (no shed yet)
+        while a run has no training rate, or events ahead of no measured cost: a shed is irreversible,
+        so what decides it is measured, not guessed."""
+        for c in live:
+            c.costs |= c.window.costs()
+
+        def cost(c: Child, kind: str) -> float | None:
+            if kind in c.costs:
+                return c.costs[kind]
+            return max((d.costs[kind] for d in live if kind in d.costs), default=None)
+
+        remaining = []
+        for c in live:
+            rate, ahead = c.window.step_s(), events(c.run.steps, c.eval_every, c.save_every, c.step, c.run.steps)
+            eval_cost = cost(c, "eval")
+            save_cost = cost(c, "save")
+            lumps = [(ahead["eval"], eval_cost), (ahead["save"], eval_cost if save_cost is None else save_cost)]
+            if rate is None or any(n and x is None for n, x in lumps):
+                return None
+            steps = c.run.steps - c.step + sum(n * x for n, x in lumps if n)
+            remaining.append(max(0.0, steps * rate - (now - c.written_s)))
+        return remaining
+
     def shed_late(self, running: list[Child], now: float) -> None:
         """Measure each live run's rate since its window opened; shed runs if not all can end in time."""
         live = [c for c in running if not c.shed]
         for c in live:
-            c.step = last_step(self.runs_dir / c.run.name)
-            if c.window is not None and c.step < c.window[1]:
-                c.window = None  # the window opened on records the resumed trainer has since trimmed
-            if c.window is None and c.step > c.from_step:
-                c.window = (now, c.step)
-        if not live or any(c.window is None or c.step - c.window[1] < MIN_RATE_SHARE * c.run.steps for c in live):
+            self.observe(c, now)
+        if not live or any(c.window is None or c.step - c.window.step < MIN_RATE_SHARE * c.run.steps for c in live):
             return
-        remaining = [(c.run.steps - c.step) * (now - c.window[0]) / (c.step - c.window[1]) for c in live]
+        remaining = self.predict(live, now)
+        if remaining is None:
+            return
         keep = keep_count(remaining, self.stop_s - now)
         if keep == len(live):
             return

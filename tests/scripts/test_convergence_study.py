@@ -251,6 +251,115 @@ def test_a_finished_segment_predicts_a_run_alone_and_shared_by_its_own_work():
     assert launcher.estimate(short, 1) == pytest.approx(25.0)
 
 
+class _Proc:
+    """A child process that records the signals sent to it."""
+
+    def __init__(self) -> None:
+        self.signals: list[int] = []
+
+    def send_signal(self, sig: int) -> None:
+        self.signals.append(sig)
+
+
+def _launcher(tmp_path: Path, stop_s: float = 1e9) -> sc.Launcher:
+    launcher = object.__new__(sc.Launcher)
+    launcher.runs_dir, launcher.stop_s, launcher.kept = tmp_path, stop_s, set()
+    return launcher
+
+
+def _child(tmp_path: Path, name: str, from_step: int = 0, **fields) -> sc.Child:
+    (tmp_path / name).mkdir()
+    return sc.Child(SimpleNamespace(name=name, steps=cs.STEPS), _Proc(), 0.0, from_step, None, 0, step=from_step,
+                    eval_every=128, save_every=256, **fields)
+
+
+def _poll(launcher: sc.Launcher, children: list, step: int, written_s: float, now_s: float) -> None:
+    """Each child writes its row of `step` at `written_s` (the launcher's clock: the file's mtime), then
+    the launcher polls at now_s."""
+    import os
+    import time
+
+    for child in children:
+        path = launcher.runs_dir / child.run.name / "metrics.jsonl"
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": step, "loss": 3.0, **({"val_loss": 3.0} if step % 128 == 0 else {})}) + "\n")
+        mtime = time.time() - (now_s - written_s)
+        os.utime(path, (mtime, mtime))
+    launcher.shed_late(children, now_s)
+
+
+def _written(step: int, per16_s: float = 5.3, eval_s: float = 5.0, save_s: float = 2.0) -> float:
+    """When the trainer writes its row of `step` (from step 0 at 0 s): 16 steps of training take
+    per16_s, an evaluation every 128 steps (before its row) eval_s, a save every 256 (after its row) save_s."""
+    return step / 16 * per16_s + eval_s * (step // 128) + save_s * ((step - 1) // 256)
+
+
+def test_events_between_rows_and_ahead_count_evaluations_before_their_row_and_saves_after():
+    assert sc.events(1024, 128, 256, 112, 128) == {"eval": 1, "save": 0}  # the row of 128 comes after its eval
+    assert sc.events(1024, 128, 256, 128, 144) == {"eval": 0, "save": 0}
+    assert sc.events(1024, 128, 256, 240, 256) == {"eval": 1, "save": 0}
+    assert sc.events(1024, 128, 256, 256, 272) == {"eval": 0, "save": 1}  # ... and a save after it
+    assert sc.events(1024, 128, 256, 416, 1024) == {"eval": 5, "save": 2}  # ahead: 512 ... 1024; 512, 768
+    assert sc.events(1024, 128, 256, 256, 1024) == {"eval": 6, "save": 3}  # the save of 256 is still ahead
+    assert sc.events(1000, 128, 256, 0, 1000) == {"eval": 8, "save": 3}  # 128 ... 896, and the last step
+    assert sc.events(1000, 0, 0, 0, 1000) == {"eval": 1, "save": 0}  # 0: only at the end (no save counted there)
+
+
+def test_a_rate_window_holding_an_evaluation_predicts_the_hand_computed_remaining_time(tmp_path):
+    # the GPU call of 2026-12-03: 16 steps take 5.3 s with 8 runs sharing, an evaluation ~5 s (every 128
+    # steps), a save (every 256) here 2 s. A 48-step window (rows 368 -> 416) holds the evaluation of
+    # 384: the rate measured over the whole window (20.9 s / 48 steps) predicted 608 x 20.9 / 48 =
+    # 264.7 s, the evaluation charged to 48 steps instead of 128 (+ 5 s x (608 / 48 - 5) = 38 s).
+    launcher, child = _launcher(tmp_path), _child(tmp_path, "a")
+    for step in range(16, 353, 16):  # a first window measures an evaluation (gap 112 -> 128) and a save (256 -> 272)
+        _poll(launcher, [child], step, _written(step), _written(step) + 0.4)
+    child.window = None  # the sharing changed
+    for step in range(368, 417, 16):
+        _poll(launcher, [child], step, _written(step), _written(step) + 0.4)
+    assert child.costs == pytest.approx({"eval": 5.0 / (5.3 / 16), "save": 2.0 / (5.3 / 16)}, abs=0.01)  # steps
+    (remaining,) = launcher.predict([child], _written(416) + 0.4)
+    # by hand: 608 steps x 5.3 / 16 s + 5 evaluations x 5 s + 2 saves x 2 s, less the 0.4 s since the row
+    assert remaining == pytest.approx(608 * 5.3 / 16 + 5 * 5.0 + 2 * 2.0 - 0.4, abs=0.01)  # 230.0 s
+    assert remaining < 608 * 20.9 / 48 - 30  # the old prediction, 264.7 s
+
+
+def test_no_run_is_shed_before_an_evaluation_is_measured_then_the_hand_computed_shed(tmp_path, capsys):
+    # two runs share the GPU: 16 steps in 10.6 s, an evaluation 10 s; the stop 705.8 s from the start.
+    # Up to row 112 no evaluation was measured: no prediction (the rate alone, 63.6 s / 96 steps,
+    # would say 604 s + evaluations unknown). At row 128 (94.8 s, polled at 95.2 s): 0.6625 s a step x
+    # (896 steps + 10 events x 15.09 steps, the saves taken to cost an evaluation until one is measured)
+    # - 0.4 s = 693.2 s each; x 1.1 = 762.5 s > 610.6 s left; one alone: 381.3 s: B is shed.
+    launcher = _launcher(tmp_path, stop_s=705.8)
+    a, b = _child(tmp_path, "a"), _child(tmp_path, "b")
+    timing = dict(per16_s=10.6, eval_s=10.0)
+    for step in range(16, 113, 16):
+        _poll(launcher, [a, b], step, _written(step, **timing), _written(step, **timing) + 0.4)
+    assert launcher.predict([a, b], _written(112, **timing) + 0.4) is None and not b.shed
+    _poll(launcher, [a, b], 128, _written(128, **timing), 95.2)
+    assert b.shed and b.proc.signals == [sc.signal.SIGTERM] and not a.shed and launcher.kept == {"a"}
+    line = capsys.readouterr().out
+    assert "2 runs would end 693 s from now, 763 s with the 1.1 margin, against 611 s left" in line, line
+    assert a.window is None  # the kept run is faster now: measured again
+
+
+def test_a_run_without_measured_costs_borrows_the_largest_of_the_others(tmp_path):
+    # resumed at 384; rows 400 -> 448 (8 s per 16 steps) hold no evaluation nor save
+    launcher = _launcher(tmp_path)
+    a = _child(tmp_path, "a", 384, costs={"eval": 20.0})
+    b, alone = _child(tmp_path, "b", 384), _child(tmp_path, "alone", 384)
+    for i, step in enumerate(range(400, 449, 16)):
+        _poll(launcher, [a, b, alone], step, 8.0 * i, 8.0 * i + 0.4)
+    assert launcher.predict([alone], 24.4) is None  # nothing measured: wait for an evaluation
+    now = 24.4
+    # 0.5 s a step x (576 steps + 5 evaluations x 20 + 2 saves x 20: a save costs an evaluation until
+    # one is measured) - 0.4 s
+    assert launcher.predict([a, b], now) == pytest.approx([0.5 * 716 - 0.4] * 2, abs=0.01)
+    a.costs["save"] = 6.0
+    b.costs["eval"] = 10.0  # its own, not the larger of a's
+    assert launcher.predict([a, b], now) == pytest.approx([0.5 * (576 + 100 + 12) - 0.4,
+                                                          0.5 * (576 + 50 + 12) - 0.4], abs=0.01)
+
+
 def test_run_reports_a_failed_run_and_refuses_bad_input(tmp_path, data, study, dirs, fake_train):
     common = [*dirs, "--data", str(data), "--poll-s", "0.05", "--stop-margin-s", "2",
               "--train-cmd", fake_train]
