@@ -26,7 +26,8 @@ while the kept ones run; after them the shed ones resume first (from the checkpo
 It starts no run that cannot end in time by the runs finished in this call (their time alone per
 sequence, times the run's steps x batch and the runs it would share the GPU with), sends SIGTERM
 --stop-margin-s before the deadline (halfbyte train saves a checkpoint and exits), and the next call
-resumes what was stopped. The launcher is study_common.Launcher, shared with local_updates_study.py.
+resumes what was stopped. With --warm-next (a call followed at once by another on the same warm
+machine) it neither gates nor sheds: every slot stays busy to the stop. The launcher is study_common.Launcher, shared with local_updates_study.py.
 Runs finished in earlier calls are skipped if their directories are in runs/convergence-done/ (the
 calls' runs.tgz unpacked here and carried there: a separate directory, so that carrying it never
 replaces a warm machine's checkpoints), or committed by `report` under benchmarks/results/convergence-21m/
@@ -251,7 +252,7 @@ def run_call(args: argparse.Namespace, runs: list, done_dirs: list[Path]) -> int
                          f"--parallel {args.parallel} --deadline-s {args.deadline_s:g}")
     runs_dir, data = Path(args.runs_dir), Path(args.data)
     launcher = Launcher(runs_dir, data, shlex.split(args.train_cmd), args.parallel, args.deadline_s,
-                        args.stop_margin_s, args.poll_s)
+                        args.stop_margin_s, args.poll_s, args.warm_next)
     if launcher.identity["val_tokens"] - 1 < EVAL_TOKENS:
         raise StudyError(f"{rel(data)}'s validation file has {launcher.identity['val_tokens']:,} tokens, fewer than "
                          f"the evaluation set of {EVAL_TOKENS:,}; prepare it with a larger --val-fraction")

@@ -393,11 +393,20 @@ class Launcher:
     run kept at a shed runs, nothing starts; then the shed ones resume first, from their SIGTERM
     checkpoint. A run starts only if it is predicted to end before the stop: its work (steps x batch)
     times the slowest time per sequence alone of the runs of its world size finished in this call,
-    times the runs it would share the GPU with (no estimate yet: it starts)."""
+    times the runs it would share the GPU with (no estimate yet: it starts).
+
+    With warm_next (the next call follows at once on this machine, which keeps the runs' checkpoints)
+    neither the start gate nor shedding applies: every slot stays busy to the stop, and the runs cut
+    there resume in the next call. Gated, the GPU ran one or two runs at ~40% for the last 150-180 s of
+    each 530 s call (2026-12-03)."""
 
     def __init__(self, runs_dir: Path, data: Path, train_cmd: list[str], parallel: int, deadline_s: float,
-                 stop_margin_s: float, poll_s: float) -> None:
+                 stop_margin_s: float, poll_s: float, warm_next: bool = False) -> None:
         self.runs_dir, self.data, self.train_cmd = runs_dir, data, train_cmd
+        self.warm_next = warm_next
+        from halfbyte.train.config import parse_args  # imports torch (~2 s): before the clock starts
+
+        self.parse_train = parse_args
         self.parallel, self.deadline_s, self.stop_s = parallel, deadline_s, deadline_s - stop_margin_s
         self.poll_s = poll_s
         self.identity = data_identity(data)
@@ -432,9 +441,7 @@ class Launcher:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         print(f"{self.now():6.0f} s  start {run.name} (from step {from_step})", flush=True)
-        from halfbyte.train.config import parse_args
-
-        train = parse_args(argv[len(self.train_cmd):]).train  # when it evaluates and saves, as halfbyte reads it
+        train = self.parse_train(argv[len(self.train_cmd):]).train  # when it evaluates and saves, as halfbyte reads it
         return Child(run, proc, self.now(), from_step, log, len(provenance["segments"]) - 1, step=from_step,
                      eval_every=train.eval_interval, save_every=train.checkpoint_interval)
 
@@ -571,7 +578,8 @@ class Launcher:
             while not stopping and not protecting and pending and len(running) < self.parallel:
                 run = pending.pop(0)
                 from_step = newest_checkpoint_step(self.runs_dir / run.name)
-                if fits(self.estimate(run, len(running) + 1), (run.steps - from_step) / run.steps, now, self.stop_s):
+                remaining_fraction = (run.steps - from_step) / run.steps
+                if self.warm_next or fits(self.estimate(run, len(running) + 1), remaining_fraction, now, self.stop_s):
                     running.append(self.start(run, from_step))
                     started += 1
                 elif run.name not in outcome:  # a shed run that no longer fits keeps its "stopped (shed)"
@@ -579,7 +587,7 @@ class Launcher:
             if ended or started:
                 for child in running:
                     child.window = None  # the sharing changed: rates are measured again
-            if not stopping:
+            if not stopping and not self.warm_next:
                 self.shed_late(running, now)
             time.sleep(self.poll_s)
         for run in pending:
@@ -690,6 +698,10 @@ def study_parser(prog: str, doc: str, prepare_help: str, data: Path, runs_dir: P
     p.add_argument("--parallel", type=int, default=8, help="runs side by side (default: %(default)s)")
     p.add_argument("--stop-margin-s", type=float, default=40.0,
                    help="SIGTERM this long before the deadline (default: %(default)s)")
+    p.add_argument("--warm-next", action="store_true",
+                   help="the next call follows at once on this machine (it keeps runs/): start runs and keep "
+                        "them to the stop even if they cannot end before it, shed none; they resume in the "
+                        "next call. Leave it off for a session's last call: a fresh machine starts cut runs over")
     p.add_argument("--train-cmd", default=shlex.join([sys.executable, "-m", "halfbyte", "train"]),
                    help="the trainer, followed by the run's options (default: %(default)s)")
     p.add_argument("--poll-s", type=float, default=1.0, help=argparse.SUPPRESS)

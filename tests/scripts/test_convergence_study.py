@@ -236,6 +236,30 @@ def test_run_sheds_runs_that_would_make_all_miss_the_stop(tmp_path, data, study,
     assert len(segments) <= 2 and all(s["from_step"] == segments[0]["to_step"] for s in segments[1:])
 
 
+@pytest.mark.parametrize("warm_next", [False, True])
+def test_warm_next_starts_a_run_that_cannot_end_before_the_stop_and_sheds_none(tmp_path, data, study, dirs,
+                                                                              fake_train, warm_next):
+    # two fakes share a "GPU" (a step: 2 ms x the live fakes, 1024 steps): ~4-5 s to end together. The
+    # third alone needs ~2.2 s x the 1.1 margin, past the stop at 6 s. Gated it does not start; with
+    # --warm-next it runs to the stop and its SIGTERM checkpoint resumes in the next call.
+    shared = tmp_path / "gpu"
+    shared.mkdir()
+    runs = "baseline-w8-seed0,sdp4bit-w8-seed0,qw4-w8-seed0"
+    res = study("run", *dirs, "--data", str(data), "--only", runs, "--parallel", "2", "--poll-s", "0.05",
+                "--deadline-s", "9", "--stop-margin-s", "3", "--train-cmd", fake_train,
+                *(["--warm-next"] if warm_next else []), env={"FAKE_STEP_S": "0.002", "FAKE_SHARED": str(shared)})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "shed" not in res.stdout
+    assert [sc.status(tmp_path / n, cs.STEPS) for n in runs.split(",")[:2]] == ["done", "done"]
+    third = tmp_path / "qw4-w8-seed0"
+    if not warm_next:
+        assert not third.exists() and "not started" in res.stdout
+        return
+    (segment,) = sc.read_provenance(third)["segments"]
+    assert segment["stopped"] == "deadline" and 0 < segment["to_step"] < cs.STEPS
+    assert sc.newest_checkpoint_step(third) == segment["to_step"]
+
+
 def test_a_finished_segment_predicts_a_run_alone_and_shared_by_its_own_work():
     # 512 of 1024 steps of 128 sequences in 100 s while two runs shared the GPU throughout: 100 s
     # for a full run alone
