@@ -27,7 +27,8 @@ It starts no run that cannot end in time by the runs finished in this call (thei
 sequence, times the run's steps x batch and the runs it would share the GPU with), sends SIGTERM
 --stop-margin-s before the deadline (halfbyte train saves a checkpoint and exits), and the next call
 resumes what was stopped. With --warm-next (a call followed at once by another on the same warm
-machine) it neither gates nor sheds: every slot stays busy to the stop. The launcher is study_common.Launcher, shared with local_updates_study.py.
+machine) it neither gates nor sheds: every slot stays busy to the stop. The launcher is
+study_common.Launcher, shared with local_updates_study.py.
 Runs finished in earlier calls are skipped if their directories are in runs/convergence-done/ (the
 calls' runs.tgz unpacked here and carried there: a separate directory, so that carrying it never
 replaces a warm machine's checkpoints), or committed by `report` under benchmarks/results/convergence-21m/
