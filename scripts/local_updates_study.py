@@ -44,8 +44,8 @@ of both studies: resumable runs, --parallel at a time, shedding the last-started
 others end by --deadline-s, the shed ones resuming first once the kept ones end, SIGTERM
 --stop-margin-s before it), with each run's own steps: it is done at its last step, its rate is
 measured over 3/64 of its steps (evaluations and saves apart, at their measured cost), and its
-predicted time is its steps x batch times the time per sequence alone of the runs finished in the call (a DiLoCo-style run of 1024/M steps carries M times
-the batch: the same tokens, short in steps but not in time). Shedding goes by start order (= priority
+predicted time is its steps x batch times the time per sequence alone of the runs finished in the
+call (a DiLoCo-style run of 1024/M steps carries M times the batch: the same tokens, short in steps but not in time). Shedding goes by start order (= priority
 order) only, whatever the lengths: a run of fewer steps started last is shed like any other, and the
 check that picks how many to keep uses each run's measured time to its end, not its steps. Runs
 finished in earlier calls are skipped when runs/local-updates-done or runs/convergence-done holds
