@@ -308,13 +308,13 @@ def dp_island_bytes_per_step(preset: str, islands: int, params: int | None = Non
 
 def collect(runs_dirs: list[Path], seeds: int) -> list[Record]:
     """This study's runs under the directories (the first one found of each name); others are left out."""
-    known = {r.name: r for r in grid(max(seeds, 16))}
+    found = [(path, json.loads(path.read_text())) for d in runs_dirs for path in sorted(d.glob("*/provenance.json"))]
+    # every seed found counts: the convergence study runs its baseline / sdp4bit pairs past this grid's seeds
+    known = {r.name: r for r in grid(max([seeds, *(p.get("seed", 0) + 1 for _, p in found)]))}
     records: dict[str, Record] = {}
-    for d in runs_dirs:
-        for path in sorted(d.glob("*/provenance.json")):
-            p = json.loads(path.read_text())
-            if p["run"] in known and p["run"] not in records:
-                records[p["run"]] = Record(known[p["run"]], path.parent, p, read_metrics(path.parent))
+    for path, p in found:
+        if p["run"] in known and p["run"] not in records:
+            records[p["run"]] = Record(known[p["run"]], path.parent, p, read_metrics(path.parent))
     if not records:
         where = ", ".join(rel(d) for d in runs_dirs)
         raise StudyError(f"no study runs under {where}; unpack the calls' runs.tgz there")

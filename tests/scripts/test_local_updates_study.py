@@ -257,3 +257,17 @@ def test_report_pairs_arms_with_the_baseline_and_delays_with_their_twins(tmp_pat
     refused = study("report", "--runs-dir", str(runs), str(tmp_path / "other"), "--out", str(out))
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert "m4-split-sm-t32-d0-seed0 was run with --lr 3e-3" in refused.stderr
+
+
+def test_report_counts_reference_runs_of_every_seed_the_convergence_study_ran(tmp_path, study):
+    # the convergence study runs its baseline / sdp4bit pairs past seed 16 (18 at 2026-12-03); a report
+    # that knew only seeds 0-15 left seeds 16 and 17 out of sdp4bit-w8's gap without a word
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    for seed in range(18):
+        _synthetic_run(runs, "baseline-w8", seed, 2.0 + 0.001 * seed)
+        _synthetic_run(runs, "sdp4bit-w8", seed, 2.0 + 0.002 * seed)
+    res = study("report", "--runs-dir", str(runs), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    gap = json.loads((out / "summary.json").read_text())["arms"]["sdp4bit-w8"]["vs_baseline"]
+    assert gap["n_seeds"] == 18
+    assert gap["nats"]["mean"] == pytest.approx(0.001 * sum(range(18)) / 18)
