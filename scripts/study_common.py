@@ -543,6 +543,7 @@ class Launcher:
     def execute(self, runs: list[StudyRun]) -> dict[str, str]:
         """Run `runs` (none done); returns each one's status at the end of the call."""
         pending, running, outcome, stopping = list(runs), [], {}, False
+        refused: set[str] = set()  # pending runs the start gate refused at their last look
         priority = {run.name: i for i, run in enumerate(runs)}
         last_poll = self.now()
         while pending or running:
@@ -575,23 +576,31 @@ class Launcher:
             started = 0
             # while runs kept at a shed still run, starting another would slow them past the stop
             protecting = any(c.run.name in self.kept for c in running)
-            while not stopping and not protecting and pending and len(running) < self.parallel:
-                run = pending.pop(0)
-                from_step = newest_checkpoint_step(self.runs_dir / run.name)
-                remaining_fraction = (run.steps - from_step) / run.steps
-                if self.warm_next or fits(self.estimate(run, len(running) + 1), remaining_fraction, now, self.stop_s):
-                    running.append(self.start(run, from_step))
-                    started += 1
-                elif run.name not in outcome:  # a shed run that no longer fits keeps its "stopped (shed)"
-                    outcome[run.name] = "not started: predicted to end after the stop"
+            if not stopping and not protecting:
+                # a run refused now stays pending: the GPU frees as runs end, and its estimate with it
+                for run in list(pending):
+                    if len(running) == self.parallel:
+                        break
+                    from_step = newest_checkpoint_step(self.runs_dir / run.name)
+                    remaining_fraction = (run.steps - from_step) / run.steps
+                    if self.warm_next or fits(self.estimate(run, len(running) + 1), remaining_fraction, now,
+                                              self.stop_s):
+                        pending.remove(run)
+                        running.append(self.start(run, from_step))
+                        started += 1
+                    else:
+                        refused.add(run.name)
+                if not running:  # alone on the GPU it would not fit either, and time only runs out
+                    break
             if ended or started:
                 for child in running:
                     child.window = None  # the sharing changed: rates are measured again
             if not stopping and not self.warm_next:
                 self.shed_late(running, now)
             time.sleep(self.poll_s)
-        for run in pending:
-            outcome.setdefault(run.name, "not started: deadline")
+        for run in pending:  # a shed run that no longer fits keeps its "stopped (shed)"
+            outcome.setdefault(run.name, "not started: predicted to end after the stop" if run.name in refused
+                               else "not started: deadline")
         return outcome
 
 

@@ -589,3 +589,30 @@ def test_report_at_a_peak_lr_pairs_its_runs_and_refuses_the_other_designs(tmp_pa
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1, wrong.stderr
     assert "were made with --lr 5e-4 (this report's design has 1.5e-3); pass --peak-lr 5e-4" in wrong.stderr
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_run_the_gate_refuses_on_a_crowded_gpu_starts_once_the_gpu_frees(tmp_path, data, study, dirs, fake_train):
+    # 2026-12-03, third call: two runs were refused while three shared the GPU and never looked at
+    # again, though the GPU then ran one run alone for 120 s and a fresh run ended in 165 s. Here (a
+    # step: 2 ms x the live fakes) a short resumed run ends first at ~1.5 s and gives the gate its
+    # estimate; the fresh seventh run then needs 1.1 x ~6 x 2 s, past the stop at ~14.6 s, so it waits;
+    # once the five long runs end (~10.5 s) it fits alone (~2.3 s) and must start and end in this call.
+    shared = tmp_path / "gpu"
+    shared.mkdir()
+    short = tmp_path / "baseline-w8-seed0"
+    (short / "checkpoints" / "step_000900").mkdir(parents=True)
+    (short / "checkpoints" / "step_000900" / sc.CHECKPOINT_MARKER).write_text("ok\n")
+    (short / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3.0}) + "\n" for s in range(1, 901)))
+    run = next(r for r in cs.grid(2) if r.name == short.name)
+    sc.write_json(short / "provenance.json", {**run.provenance(sc.data_identity(data)), "segments": []})
+    longs = ["sdp4bit-w8-seed0", "qw4-w8-seed0", "zeropp-w8-seed0", "baseline-w8-seed1", "sdp4bit-w8-seed1"]
+    fresh = "qw4-w8-seed1"
+    res = study("run", *dirs, "--data", str(data), "--only", ",".join([short.name, *longs, fresh]),
+                "--parallel", "6", "--poll-s", "0.05", "--deadline-s", "15.6", "--stop-margin-s", "1",
+                "--train-cmd", fake_train, env={"FAKE_STEP_S": "0.002", "FAKE_SHARED": str(shared)})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "shed" not in res.stdout
+    assert [sc.status(tmp_path / n, cs.STEPS) for n in [short.name, *longs, fresh]] == ["done"] * 7, res.stdout
+    (segment,) = sc.read_provenance(tmp_path / fresh)["segments"]
+    ends = [sc.read_provenance(tmp_path / n)["segments"][-1]["end_utc"] for n in longs]
+    assert segment["start_utc"] >= min(ends)  # it waited for the GPU to free, not for nothing
