@@ -393,7 +393,8 @@ class Launcher:
     run kept at a shed runs, nothing starts; then the shed ones resume first, from their SIGTERM
     checkpoint. A run starts only if it is predicted to end before the stop: its work (steps x batch)
     times the slowest time per sequence alone of the runs of its world size finished in this call,
-    times the runs it would share the GPU with (no estimate yet: it starts).
+    times the runs it would share the GPU with (no estimate yet: it starts). A refused run waits and is
+    looked at again at every poll, as ending runs free the GPU.
 
     With warm_next (the next call follows at once on this machine, which keeps the runs' checkpoints)
     neither the start gate nor shedding applies: every slot stays busy to the stop, and the runs cut
