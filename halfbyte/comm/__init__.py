@@ -30,7 +30,7 @@ from halfbyte.comm.collectives import (
     split_chunks,
 )
 from halfbyte.comm.launch import WorkerError, init_process_group_from_env, spawn
-from halfbyte.comm.topology import Topology, build_topology, divisors
+from halfbyte.comm.topology import Topology, build_topology, divisors, topology_from_mesh
 
 __all__ = [
     "HOP_ALL_GATHER",
@@ -64,4 +64,5 @@ __all__ = [
     "reduce_scatter_two_level_bytes",
     "spawn",
     "split_chunks",
+    "topology_from_mesh",
 ]

@@ -17,9 +17,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+from halfbyte.comm import topology_from_mesh  # where docs/CONTRACTS.md says it is
 from halfbyte.comm.accounting import all_gather_bytes, reduce_scatter_bytes, reduce_scatter_two_level_bytes
 from halfbyte.comm.config import CommConfig
-from halfbyte.comm.topology import topology_from_mesh
 from halfbyte.fsdp import OP_FROM_REPLICA, OP_REPLICA_INIT, QuantizedComms, quantize_comms, shard_model
 from halfbyte.fsdp.quantize import COUNTERS_KEY
 from halfbyte.train.model import GPT, GPTConfig
