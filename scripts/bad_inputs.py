@@ -7,6 +7,7 @@ resume and checkpoint cases have a checkpoint to damage. About a minute on 2 CPU
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -41,7 +42,8 @@ def damage(ckpt: Path, how: str) -> None:
         (ckpt / "COMPLETE").unlink()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="halfbyte-bad-inputs-"))
     small = " ".join(["(a small run:", *SMALL[:3], "...)"])
     code, line = halfbyte(work, "train", *SMALL, "--out=run")
@@ -86,7 +88,8 @@ def main() -> None:
     for what, argv, shown in cases:
         code, line = halfbyte(work, *argv)
         shown = shown or " ".join(argv)
-        print(f"| {what} | `halfbyte {shown}` | {code} | {line.replace(str(work) + '/', '').replace('|', '/')} |")
+        cell = line.replace(str(work) + "/", "").replace("|", "\\|")  # markdown: a | inside a cell is written \|
+        print(f"| {what} | `halfbyte {shown}` | {code} | {cell} |")
     shutil.rmtree(work)
 
 
