@@ -68,6 +68,14 @@ def _output_path(arg: str) -> Path:
     return out
 
 
+def _refuse_inputs(out: Path, files: list[Path]) -> None:
+    """An output that is one of the inputs would overwrite the text it is made from."""
+    inputs = {p.resolve() for p in files}
+    for path in (out, val_path_for(out), sidecar_path(out)):
+        if path.resolve() in inputs:
+            raise ValueError(f"{path} is one of the inputs, which --out {out} would overwrite; choose another --out")
+
+
 def _count_characters(files: list[Path]) -> tuple[int, dict[Path, int]]:
     """(characters of all files, undecodable bytes per file that has any): a first pass, so that the
     tokenizing bar counts what it will see and the warning comes before the long part."""
@@ -110,6 +118,7 @@ def prepare_data_main(argv: list[str]) -> int:
         files = _input_files(args.inputs, args.glob)
         tokenizer = load_tokenizer(args.tokenizer)
         out = _output_path(args.out)
+        _refuse_inputs(out, files)
     except ValueError as e:
         return _fail(str(e))
     try:

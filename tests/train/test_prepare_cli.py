@@ -51,6 +51,20 @@ def test_bad_prepare_data_input(args, message, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and message in err, err
 
 
+def test_an_out_that_is_one_of_the_inputs_is_refused_and_left_as_it_was(tmp_path, capsys):
+    """`--out corpus/a.txt` used to overwrite the input a.txt with tokens (and write a.val.txt)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("hello\n" * 50)
+    for out, name in ((corpus / "a.txt", "a.txt"), (corpus / "b.txt", "b.val.txt")):
+        (corpus / "b.val.txt").write_text("world\n" * 50)  # the validation twin of --out b.txt
+        assert main(["prepare-data", str(corpus), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{name} is one of the inputs" in err, err
+    assert (corpus / "a.txt").read_text() == "hello\n" * 50 and (corpus / "b.val.txt").read_text() == "world\n" * 50
+    assert sorted(p.name for p in corpus.iterdir()) == ["a.txt", "b.val.txt"]
+
+
 def test_undecodable_bytes_are_replaced_with_a_warning_naming_each_file(tmp_path, capsys):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
