@@ -468,6 +468,8 @@ def validate(cfg: Config, given: set[str] = frozenset()) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"--{key} must be >= 0, got {value}")
+    if not 0 <= t.seed < 2**63:  # numpy's generators refuse a negative seed, torch one of 2**64 or more
+        raise ConfigError(f"--train.seed must be in [0, 2**63), got {t.seed}")
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"--model.dropout must be in [0, 1), got {m.dropout}")
     if t.eval_tokens < t.seq_len:

@@ -85,6 +85,8 @@ def test_toml_then_overrides_in_order(tmp_path):
     (["--resume", "no/such/dir"], "--resume no/such/dir: no such checkpoint directory"),
     (["--train.dtype=fp8"], "unknown dtype"),
     (["--name=x"], "ambiguous"),
+    (["--seed", "-1"], "--train.seed must be in [0, 2**63), got -1"),  # a worker's traceback before
+    (["--seed", "1e20"], "--train.seed must be in [0, 2**63), got 100000000000000000000"),
 ])
 def test_bad_arguments(argv, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
