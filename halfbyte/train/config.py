@@ -344,6 +344,8 @@ def _flatten_toml(table: dict[str, Any], path: Path, prefix: str = "") -> list[t
             if prefix == "":
                 raise ConfigError(f"{path}: unknown section [{name}]; use [{'], ['.join(SECTIONS)}]")
             raise ConfigError(f"{path}: unknown key {name!r} in {where}; see `halfbyte train --help`")
+        if prefix == "" and not isinstance(value, dict):  # `train = 3`: a section needs a table
+            raise ConfigError(f"{path}: {name} is a section: set its keys in a [{name}] table")
         if isinstance(value, dict):
             items += _flatten_toml(value, path, key + ".")
         else:

@@ -97,7 +97,8 @@ def test_bad_toml(tmp_path):
     for text, message in [("[trian]\nsteps = 1\n", r"unknown section \[trian\]"),
                           ("[train]\nstep = 1\n", "unknown key 'step'"),
                           ("[comm.grad_spec]\nbitz = 4\n", r"unknown key 'bitz' in \[comm.grad_spec\]"),
-                          ("[train\n", "not valid TOML")]:
+                          ("[train\n", "not valid TOML"),
+                          ("train = 3\n", r"train is a section: set its keys in a \[train\] table")]:
         (tmp_path / "bad.toml").write_text(text)
         with pytest.raises(ConfigError, match=message):
             parse_args(["--config", str(tmp_path / "bad.toml")])
