@@ -442,6 +442,9 @@ def read_meta(path: Path) -> dict[str, Any]:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise CheckpointError(f"checkpoint {path} has format {found!r}, this version reads {FORMAT_VERSION}; "
                               "nothing was loaded")
+    if not isinstance(meta.get("extra"), dict):  # the run's step and options, which a resume and export read
+        raise CheckpointError(f"checkpoint {path}: {META} lacks its run's entry (extra): it is damaged; "
+                              "nothing was loaded")
     if not (path / ".metadata").is_file():
         raise CheckpointError(f"checkpoint {path} has no DCP .metadata file: it is damaged; nothing was loaded")
     return meta

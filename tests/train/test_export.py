@@ -3,6 +3,7 @@ transformers for an `hf:` model); bad input is one line and exit 2."""
 
 import importlib.util
 import json
+import shutil
 
 import pytest
 import torch
@@ -60,12 +61,19 @@ def test_pt_and_safetensors_hold_the_fp32_masters_and_load_into_a_fresh_model(tm
     (["{ckpt}", "--out", "{tmp}/o", "--format", "hf"], "--format hf is for runs of --model hf:<dir>"),
     (["{ckpt}", "--out", "{tmp}/full"], "exists and is not an empty directory"),
     (["{ckpt}", "--out", "{tmp}/o", "--island", "1"], "holds one model (no islands)"),
+    (["{no_extra}", "--out", "{tmp}/o"], "meta.json lacks its run's entry (extra)"),  # a KeyError before
 ])
 def test_bad_export_input(args, message, tmp_path, capsys):
     _, _, ckpt = _trained_engine(tmp_path)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    argv = [a.replace("{tmp}", str(tmp_path)).replace("{ckpt}", str(ckpt)) for a in args]
+    no_extra = tmp_path / "no-extra"
+    shutil.copytree(ckpt, no_extra)
+    meta = json.loads((no_extra / "meta.json").read_text())
+    del meta["extra"]
+    (no_extra / "meta.json").write_text(json.dumps(meta))
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{ckpt}", str(ckpt)).replace("{no_extra}", str(no_extra))
+            for a in args]
     assert main(["export", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err

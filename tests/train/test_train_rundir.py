@@ -85,6 +85,7 @@ def test_resume_auto_starts_an_empty_directory_and_continues_a_run(tmp_path, cap
     ("metadata-deleted", "has no DCP .metadata file"),
     ("metadata-garbage", "unreadable DCP .metadata"),
     ("incomplete", "missing or incomplete (no COMPLETE marker)"),
+    ("meta-no-extra", "meta.json lacks its run's entry (extra)"),  # a KeyError traceback before
 ])
 def test_a_damaged_checkpoint_is_one_line_before_training(damage, message, tmp_path, capsys):
     out = tmp_path / "run"
@@ -99,6 +100,10 @@ def test_a_damaged_checkpoint_is_one_line_before_training(damage, message, tmp_p
         (ckpt / ".metadata").unlink()
     elif damage == "metadata-garbage":
         (ckpt / ".metadata").write_bytes(b"\x80garbage")
+    elif damage == "meta-no-extra":
+        meta = json.loads((ckpt / "meta.json").read_text())
+        del meta["extra"]
+        (ckpt / "meta.json").write_text(json.dumps(meta))
     else:
         (ckpt / checkpoint.MARKER).unlink()
     capsys.readouterr()
