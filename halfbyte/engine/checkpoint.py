@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
@@ -61,6 +62,15 @@ META = "meta.json"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded here: the message says why and that nothing was changed."""
+
+
+def dcp_cause(error: BaseException) -> str:
+    """What went wrong in a failed DCP load, in one line: a CheckpointException (a BaseException, raised
+    with or without a process group) wraps the first failing rank's exception."""
+    if isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]
+    text = str(error).splitlines()[0] if str(error) else "no message"
+    return f"{type(error).__name__}: {text}"
 
 
 # ---- pieces of a parameter-shaped tensor --------------------------------------------------------
@@ -251,8 +261,8 @@ def _restore_param_groups(path: Path, engines: dict[str, ShardedDataParallel], w
     state: dict[str, Any] = dict.fromkeys(keys)
     try:
         _dcp(dcp.load, state, path, world, _LoadPlanner())
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} could not be read ({type(e).__name__}): it is damaged; "
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"checkpoint {path} could not be read ({dcp_cause(e)}): it is damaged; "
                               "nothing was loaded") from e
     saved: dict[tuple[str, int], dict[str, tuple[str, Any]]] = {}  # (prefix, group) -> key -> (fqn, value)
     for k, (prefix, g, name, key) in keys.items():
@@ -348,9 +358,8 @@ def load(path: str | Path, engines: dict[str, ShardedDataParallel], world: World
     state = _pickle_dicts(state)
     try:
         _dcp(dcp.load, state, path, world, _LoadPlanner())
-    except Exception as e:  # DCP raises many kinds on damaged files; the message names the file
-        raise CheckpointError(f"checkpoint {path} could not be read ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else 'no message'}): it is damaged") from e
+    except (Exception, CheckpointException) as e:  # DCP raises many kinds on damaged files
+        raise CheckpointError(f"checkpoint {path} could not be read ({dcp_cause(e)}): it is damaged") from e
     for k in dict_keys:
         state[k] = pickle.loads(state[k])
     if same_layout:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from halfbyte.engine import checkpoint
 from halfbyte.train.prepare_cli import OneLineParser
@@ -68,9 +69,17 @@ def load_weights(ckpt: Path, island: int | None = None) -> tuple[dict[str, torch
     head = f"{prefix}model."
     state = {key: torch.empty(md.size, dtype=md.properties.dtype) for key, md in stored.items()
              if key.startswith(head) and hasattr(md, "properties")}
-    with warnings.catch_warnings():  # DCP warns that no_dist means a single process: it does
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+    try:
+        # a damaged file makes torch warn too: warnings are shown once the load succeeded
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # no_dist: one process
+            dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+    except (Exception, CheckpointException) as e:  # data files of the right size but damaged
+        raise checkpoint.CheckpointError(f"checkpoint {ckpt} could not be read ({checkpoint.dcp_cause(e)}): "
+                                         "it is damaged") from None
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return {key[len(head):]: t for key, t in state.items()}, meta
 
 

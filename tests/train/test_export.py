@@ -62,8 +62,9 @@ def test_pt_and_safetensors_hold_the_fp32_masters_and_load_into_a_fresh_model(tm
     (["{ckpt}", "--out", "{tmp}/full"], "exists and is not an empty directory"),
     (["{ckpt}", "--out", "{tmp}/o", "--island", "1"], "holds one model (no islands)"),
     (["{no_extra}", "--out", "{tmp}/o"], "meta.json lacks its run's entry (extra)"),  # a KeyError before
+    (["{garbage}", "--out", "{tmp}/o"], "could not be read ("),  # sizes intact: a traceback before
 ])
-def test_bad_export_input(args, message, tmp_path, capsys):
+def test_bad_export_input(args, message, tmp_path, capsys, recwarn):
     _, _, ckpt = _trained_engine(tmp_path)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
@@ -72,11 +73,16 @@ def test_bad_export_input(args, message, tmp_path, capsys):
     meta = json.loads((no_extra / "meta.json").read_text())
     del meta["extra"]
     (no_extra / "meta.json").write_text(json.dumps(meta))
+    garbage = tmp_path / "garbage"
+    shutil.copytree(ckpt, garbage)
+    for data in garbage.glob("*.distcp"):
+        data.write_bytes(b"\x80" * data.stat().st_size)
     argv = [a.replace("{tmp}", str(tmp_path)).replace("{ckpt}", str(ckpt)).replace("{no_extra}", str(no_extra))
-            for a in args]
+            .replace("{garbage}", str(garbage)) for a in args]
     assert main(["export", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+    assert not recwarn.list, [str(w.message) for w in recwarn]  # a warning would be a second line on stderr
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"  # nothing overwritten
 
 

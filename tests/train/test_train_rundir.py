@@ -112,6 +112,24 @@ def test_a_damaged_checkpoint_is_one_line_before_training(damage, message, tmp_p
     assert message in line and str(ckpt) in line, line
 
 
+@pytest.mark.timeout(300)
+def test_a_checkpoint_with_garbage_data_of_the_right_size_is_one_line_from_real_workers(tmp_path, capfd):
+    """It passes the up-front verify; the workers' load failed with DCP's CheckpointException (a
+    BaseException), which the load did not catch: every worker's traceback and exit code 1."""
+    out = tmp_path / "run"
+    workers = [a for a in SMALL if not a.startswith(("--virtual-ranks", "--train.device"))] + ["--workers=2"]
+    assert train_main([*workers, f"--out={out}", "--steps=2"]) == 0
+    ckpt = out / "checkpoints" / "step_000002"
+    for data in ckpt.glob("*.distcp"):
+        data.write_bytes(b"\x80" * data.stat().st_size)
+    capfd.readouterr()
+    assert train_main([*workers, f"--out={out}", f"--resume={ckpt}", "--steps=4", "--train.replan"]) == 2
+    err = capfd.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "step/s" not in line]
+    assert len(lines) == 1 and lines[0].startswith(f"halfbyte train: error: checkpoint {ckpt} could not be read"), err
+    assert "it is damaged" in lines[0]
+
+
 @pytest.mark.parametrize("where, message", [("file", "is a file"), ("under-a-file", "is not writable")])
 def test_bad_output_paths_are_one_line(where, message, tmp_path, capsys):
     (tmp_path / "f").write_text("x")
