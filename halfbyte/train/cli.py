@@ -94,7 +94,12 @@ def _find_checkpoint(cfg: Config) -> Path | None:
             raise ConfigError(f"--resume latest: no complete checkpoint in {root}; use --resume auto to start "
                               "the run if it has none, or pass --out of the run to continue")
         return found[-1]
-    return Path(resume)
+    path = Path(resume)
+    in_run = checkpoint.complete_checkpoints(path / "checkpoints")
+    if in_run and not (path / checkpoint.MARKER).is_file():  # the run's directory, not one of its checkpoints
+        raise ConfigError(f"--resume {resume} is a run directory, not a checkpoint: continue it with --out {resume} "
+                          f"--resume auto, or name its checkpoint, e.g. --resume {in_run[-1]}")
+    return path
 
 
 def resolve_config(argv: list[str]) -> tuple[Config, Path | None, dict | None] | None:

@@ -64,6 +64,12 @@ def test_bad_data_and_resume(no_workers, capsys, tmp_path, token_file):
     _fails(["train", "--data", str(tmp_path / "notes.txt")], "is not a halfbyte token file", capsys)
     _fails(["train", "--out", str(tmp_path / "run"), "--resume"], "--resume latest: no complete checkpoint in", capsys)
     _fails(["train", "--resume", str(tmp_path)], "is missing or incomplete (no COMPLETE marker)", capsys)
+    # a run directory where a checkpoint belongs: it said "never finished" of a run that has checkpoints
+    (tmp_path / "run" / "checkpoints" / "step_000002").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step_000002" / "COMPLETE").write_text("ok\n")
+    _fails(["train", "--resume", str(tmp_path / "run")], f"--resume {tmp_path / 'run'} is a run directory, not a "
+           f"checkpoint: continue it with --out {tmp_path / 'run'} --resume auto, or name its checkpoint, e.g. "
+           f"--resume {tmp_path / 'run' / 'checkpoints' / 'step_000002'}", capsys)
     _fails(["train", "--data", str(token_file), "--seq_len", "128", "--workers", "64", "--batch-size", "64"],
            "too few for 64 workers", capsys)
     _fails(["train", "--data", str(token_file), "--tokenizer", "builtin",
