@@ -30,7 +30,7 @@ SCRIPT = Path(lu.__file__)  # what the `study` fixture runs
 
 def test_grid_is_issue_20s_in_priority_order_at_the_convergence_studys_tokens(tmp_path):
     runs = lu.grid()
-    assert len(runs) == len({r.name for r in runs}) == 4 * (3 * 2 * 3 * 4 * 2 + 2 + 6)
+    assert len(runs) == len({r.name for r in runs}) == 4 * (3 * 2 * 3 * 4 * 2 + 2 + 8)
     assert [r.name for r in runs[:5]] == ["baseline-w8-seed0", "m2-split-average-t32-d0-seed0",
                                           "m2-split-average-t32-d1-seed0", "m2-split-nesterov-t32-d0-seed0",
                                           "m2-split-nesterov-t32-d1-seed0"]
@@ -38,6 +38,11 @@ def test_grid_is_issue_20s_in_priority_order_at_the_convergence_studys_tokens(tm
     assert {"m2-split-average-t16-d0", "m4-split-average-t32-d0", "m2-full-average-t32-d0"} <= tier2
     tier3 = {r.arm.name for r in runs if r.arm.tier == 3}
     assert {"m2-split-sm-t32-d0", "m2-split-sm-t32-d0-lr4", "m2-split-average-t64-d0"} <= tier3
+    tier4 = [r.arm.name for r in runs if r.arm.tier == 4 and r.seed == 0]  # the outer lr, before Nesterov at M>2
+    assert tier4[:4] == ["m2-split-sm-t32-d0-lr8", "m2-split-sm-t32-d0-lr16", "m2-split-average-t32-d0-lr1.5",
+                         "m2-split-average-t32-d0-lr2"]
+    assert not any(name.startswith(("m4-", "m8-")) for name in tier4)
+    assert "m4-split-nesterov-t32-d0" in {r.arm.name for r in runs if r.arm.tier == 5}
     tiers = [r.arm.tier for r in runs]
     assert tiers == sorted(tiers) and [r.seed for r in runs[:20]] == [s for s in range(4) for _ in range(5)]
     names = {a.name for a in lu.ARMS.values()}
