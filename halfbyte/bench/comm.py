@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from halfbyte.bench import DEFAULT_RESULTS_DIR
+from halfbyte.bench import DEFAULT_RESULTS_DIR, out_problem
 from halfbyte.comm import (
     all_gather_q,
     build_topology,
@@ -205,10 +205,20 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             print(f"halfbyte bench comm: unknown --{name} {bad}; choose from {', '.join(allowed)}", file=sys.stderr)
             return 2
-    for name in ("repeats", "workers"):
-        if getattr(args, name) < 1:
-            print(f"halfbyte bench comm: --{name} must be >= 1, got {getattr(args, name)}", file=sys.stderr)
+    for name, least in (("repeats", 1), ("workers", 1), ("iters", 1), ("warmup", 0)):
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            print(f"halfbyte bench comm: --{name} must be >= {least}, got {getattr(args, name)}", file=sys.stderr)
             return 2
+    problem = out_problem(args.out)
+    if args.sizes and min(args.sizes) < 1:
+        problem = f"--sizes must be >= 1 value each, got {min(args.sizes)}"
+    # local workers: checked here, not in every worker (under torchrun the ranks check it)
+    if "RANK" not in os.environ and args.gpus_per_node is not None and (
+            args.gpus_per_node < 1 or args.workers % args.gpus_per_node):
+        problem = f"--gpus-per-node {args.gpus_per_node} must divide --workers {args.workers}"
+    if problem:
+        print(f"halfbyte bench comm: {problem}", file=sys.stderr)
+        return 2
     command = "halfbyte bench comm " + " ".join(argv if argv is not None else sys.argv[1:])
     if "LOCAL_WORLD_SIZE" in os.environ:  # torchrun's arguments are not visible here: name the launcher
         command = f"torchrun --nproc_per_node={os.environ['LOCAL_WORLD_SIZE']} -m {command}"

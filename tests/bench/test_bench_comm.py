@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch.distributed as dist
 
 from halfbyte.bench import comm as comm_bench
@@ -59,3 +60,25 @@ def test_results_default_under_runs_bench(tmp_path, monkeypatch, capsys):
     assert json.loads(path.read_text())["records"][0]["mode"] == "int4"
     assert "wrote runs/bench/comm-cpu-gloo-1x1.json" in capsys.readouterr().out
     assert not (tmp_path / "benchmarks").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    # each ran: negative times, a warm-up silently of 0 calls, records of 0 values
+    (["--iters", "-1"], "--iters must be >= 1, got -1"),
+    (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+    (["--sizes", "0"], "--sizes must be >= 1 value each, got 0"),
+    # each failed in the workers (a traceback, exit code 1), after the benchmark for --out
+    (["--workers", "2", "--gpus-per-node", "3"], "--gpus-per-node 3 must divide --workers 2"),
+    (["--out", "{tmp}"], "is a directory; name the file"),
+    (["--out", "{tmp}/f/comm.json"], "f is a file, not a directory"),
+])
+def test_bad_options_are_one_line_before_any_worker(argv, message, tmp_path, capsys, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a worker was started")
+
+    monkeypatch.setattr(comm_bench, "spawn", refuse)
+    monkeypatch.delenv("RANK", raising=False)
+    (tmp_path / "f").write_text("x")
+    assert comm_bench.main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("halfbyte bench comm: ") and message in err, err
