@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from halfbyte.bench import DEFAULT_RESULTS_DIR
+from halfbyte.bench import DEFAULT_RESULTS_DIR, out_problem
 from halfbyte.quant import reference
 from halfbyte.quant.spec import QuantSpec
 
@@ -514,6 +514,9 @@ def main(argv: list[str]) -> int:
         old_rows = _load_rows(args.compare) if args.compare else None
     except ValueError as err:
         print(f"halfbyte bench kernels: {err}", file=sys.stderr)
+        return 2
+    if problem := out_problem(args.out) or out_problem(args.md, "--md"):
+        print(f"halfbyte bench kernels: {problem}", file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print("halfbyte bench kernels: needs a CUDA GPU (torch.cuda.is_available() is False)", file=sys.stderr)

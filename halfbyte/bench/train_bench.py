@@ -86,7 +86,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from halfbyte.bench import DEFAULT_RESULTS_DIR
+from halfbyte.bench import DEFAULT_RESULTS_DIR, out_problem
 from halfbyte.comm import build_topology, init_process_group_from_env, spawn, timing
 from halfbyte.comm.accounting import CommStats, all_gather_bytes, reduce_scatter_bytes
 from halfbyte.comm.launch import default_backend, free_port
@@ -212,6 +212,8 @@ def resolve(args: argparse.Namespace, command: str, on_gpu: bool) -> BenchConfig
         ctx = MODEL_PRESETS[m][3]
         if args.seq_len is not None and args.seq_len > ctx:
             raise ValueError(f"--seq-len {args.seq_len} exceeds the context of model {m} ({ctx})")
+    if problem := out_problem(args.out):
+        raise ValueError(problem)
     if "RANK" in os.environ and args.workers != 1:
         raise ValueError("--workers is for local runs; under torchrun the launcher's ranks are used")
     if "RANK" not in os.environ and args.gpus_per_node is not None and args.workers % args.gpus_per_node:

@@ -111,6 +111,10 @@ def test_command_line_mistakes_exit_2_with_one_line(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert kernels.main(["--sizes", "1M"]) == 2
     assert capsys.readouterr().err == "halfbyte bench kernels: needs a CUDA GPU (torch.cuda.is_available() is False)\n"
+    for flag in ("--out", "--md"):  # checked before the GPU: a directory failed after the first row
+        assert kernels.main([flag, str(tmp_path)]) == 2
+        assert capsys.readouterr().err == f"halfbyte bench kernels: {flag} {tmp_path} is a directory; name the " \
+                                          f"file, e.g. {flag} {tmp_path / 'results.json'}\n"
     for argv in (["--repeats", "0"], ["--sizes", "16Q"], ["--rep-ms", "-1"]):
         with pytest.raises(SystemExit) as exit_:
             kernels.main(argv)

@@ -169,6 +169,7 @@ def test_results_default_under_runs_bench_of_the_current_directory(tmp_path, mon
     (["--engine", "ddp"], "--engine ['ddp']: choose from halfbyte, fsdp2"),
     (["--presets", "plain"], "--presets plain is FSDP2 without halfbyte: add --engine fsdp2"),
     (["--link-gbps", "0"], "--link-gbps must be a positive number"),
+    (["--out", "."], "--out . is a directory; name the file"),  # a traceback after the whole run before
 ])
 def test_bad_options_exit_2_naming_the_option(argv, message, capsys):
     assert train_bench.main(["--models", "tiny", *argv]) == 2  # a later --models wins
