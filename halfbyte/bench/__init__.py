@@ -7,13 +7,13 @@ from pathlib import Path
 DEFAULT_RESULTS_DIR = Path("runs") / "bench"
 
 
-def out_problem(path: Path | None, flag: str = "--out") -> str | None:
+def out_problem(path: Path | None, flag: str = "--out", example: str = "results.json") -> str | None:
     """Why a benchmark could not write its results to `path` (None: it can, or no path was given):
     checked before the benchmark runs, which would otherwise fail at its end."""
     if path is None:
         return None
     if path.is_dir():
-        return f"{flag} {path} is a directory; name the file, e.g. {flag} {path / 'results.json'}"
+        return f"{flag} {path} is a directory; name the file, e.g. {flag} {path / example}"
     parent = next(p for p in path.parents if p.exists())  # "." or "/" at the latest
     if not parent.is_dir():
         return f"{flag} {path}: {parent} is a file, not a directory"

@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from halfbyte.bench import costmodel as cm
+from halfbyte.bench import out_problem
 from halfbyte.comm.config import CommConfig
 from halfbyte.quant import QuantSpec
 
@@ -122,6 +123,10 @@ def _clusters(args: argparse.Namespace) -> list[tuple[int, int]]:
 
 def _setup(args: argparse.Namespace, model: cm.ModelShape, nodes: int, gpus: int,
            inter_gbps: float) -> tuple[cm.Cluster, cm.Workload]:
+    for flag, value in (("--tp", args.tp), ("--pp", args.pp), ("--grad-accum", args.grad_accum),
+                        ("--tokens-per-step", args.tokens_per_step)):
+        if value is not None and value < 1:  # they divide; a --tokens-per-step 0 was taken for the default
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     cluster = cm.Cluster(nodes, gpus, intra_gbps=args.intra_gbps, inter_gbps=inter_gbps,
                          intra_latency_us=args.intra_latency_us, inter_latency_us=args.inter_latency_us,
                          nic=args.nic, all_to_all_efficiency=args.all_to_all_efficiency)
@@ -275,7 +280,11 @@ def _spec(fields: dict | None, where: str) -> QuantSpec | None:
 def load_comm_records(path: Path) -> list[dict]:
     """The records of a `halfbyte bench comm` JSON ({"records": [...]}, or a bare list of records;
     the format is described in halfbyte/bench/comm.py)."""
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:  # missing, unreadable, not JSON
+        why = getattr(err, "strerror", None) or err
+        raise ValueError(f"{path}: not a `halfbyte bench comm` JSON ({why})") from None
     records = data.get("records") if isinstance(data, dict) else data
     if not isinstance(records, list) or not records:
         raise ValueError(f"{path}: expected {{'records': [...]}} from `halfbyte bench comm`, or a list of records")
@@ -416,6 +425,7 @@ def _plot_sweep(out: dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)  # as --json does
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -438,6 +448,7 @@ def _plot_table(out: dict, path: Path) -> None:
         ax.legend()
         ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)  # as --json does
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -450,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.predict and not args.calibrate:
         print("halfbyte simulate: --predict needs --calibrate (the file to fit on)", file=sys.stderr)
+        return 2
+    if problem := out_problem(args.json, "--json") or out_problem(args.plot, "--plot", "plot.png"):  # before the work
+        print(f"halfbyte simulate: {problem}", file=sys.stderr)
         return 2
     try:
         if args.calibrate:

@@ -367,10 +367,18 @@ def test_cli_single_and_sweep(tmp_path, capsys):
     (["--model", "1.3b", "--sweep-inter-gbps", "10", "--sweep-clusters", "2by4"], "--sweep-clusters"),
     (["--model", "1.3b", "--mfu", "1.5"], "mfu"),
     (["--model", "1.3b", "--plot", "x.png"], "--plot needs"),
+    # each was a traceback, exit code 1 (a division by zero; a missing file; --json after the run)
+    (["--model", "1.3b", "--tp", "0"], "--tp must be >= 1, got 0"),
+    (["--model", "1.3b", "--grad-accum", "0"], "--grad-accum must be >= 1, got 0"),
+    (["--calibrate", "nope.json"], "nope.json: not a `halfbyte bench comm` JSON (No such file or directory)"),
+    (["--model", "1.3b", "--json", "."], "--json . is a directory; name the file"),
+    (["--sdp4bit-table", "--plot", "."], "--plot . is a directory; name the file, e.g. --plot plot.png"),  # ..png
+    (["--model", "1.3b", "--tokens-per-step", "0"], "--tokens-per-step must be >= 1, got 0"),  # 0 was the default
 ])
 def test_cli_errors(argv, message, capsys):
     assert simulate.main(argv) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
 
 
 def test_dataclass_validation():
