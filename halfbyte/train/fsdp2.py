@@ -136,15 +136,6 @@ def update(params: list[nn.Parameter], optim: torch.optim.Optimizer, grad_clip: 
     return StepResult(skipped=False, grad_norm=grad_norm)
 
 
-def _cause(error: BaseException) -> str:
-    """What went wrong in a failed DCP load, in one line: a CheckpointException wraps the first
-    failing rank's exception (DCP raises many kinds on damaged files)."""
-    if isinstance(error, CheckpointException) and error.failures:
-        error = next(iter(error.failures.values()))[0]
-    text = str(error).splitlines()[0] if str(error) else "no message"
-    return f"{type(error).__name__}: {text}"
-
-
 class FSDP2Ranks(Ranks):
     """One real rank (the process group is initialized: local gloo workers or torchrun) training
     the run's model under FSDP2 with halfbyte's collectives."""
@@ -312,7 +303,8 @@ class FSDP2Ranks(Ranks):
         try:
             dcp.load(state, checkpoint_id=str(path))
         except (Exception, CheckpointException) as e:  # DCP's own CheckpointException is a BaseException
-            raise CheckpointError(f"checkpoint {path} could not be read ({_cause(e)}): it is damaged") from e
+            raise CheckpointError(f"checkpoint {path} could not be read ({checkpoint.dcp_cause(e)}): "
+                                  "it is damaged") from e
         set_state_dict(self.model, self.optim, model_state_dict=model_sd, optim_state_dict=optim_sd, options=FLAT)
         if replica_keys:  # after the weights: a replica saved as current is marked as matching them
             self.handle.load_replica_state_dict({k.removeprefix("replica."): state[k] for k in replica_keys})
