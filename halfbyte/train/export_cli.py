@@ -29,7 +29,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from halfbyte.engine import checkpoint
-from halfbyte.train.prepare_cli import OneLineParser
+from halfbyte.train.prepare_cli import OneLineParser, file_in_the_way
 
 FORMATS = ("safetensors", "hf", "pt")
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -108,6 +108,8 @@ def export(source: Path, out: Path, fmt: str, island: int | None = None) -> Path
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--out {out} exists and is not an empty directory; choose a new one "
                           "(nothing is overwritten)")
+    if (blocker := file_in_the_way(out)) is not None:
+        raise ExportError(f"--out {out}: {blocker} is a file, not a directory; choose another --out")
     ckpt = find_checkpoint(source)
     state, meta = load_weights(ckpt, island)
     config = meta["extra"].get("config", {})

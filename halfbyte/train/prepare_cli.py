@@ -51,11 +51,20 @@ def _input_files(inputs: list[str], pattern: str) -> list[Path]:
     return files
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The file that stands where `path` needs a directory above it (None: nothing does): creating
+    `path` would fail with a bare "File exists" / "Not a directory" that names neither."""
+    first = next((p for p in path.parents if p.exists()), None)
+    return first if first is not None and not first.is_dir() else None
+
+
 def _output_path(arg: str) -> Path:
     """--out, checked before any work: a file name, not a directory, where this process can write."""
     out = Path(arg)
     if arg.endswith(("/", os.sep)) or out.is_dir():
         raise ValueError(f"--out {arg} is a directory; name the token file, e.g. --out {out / 'data.bin'}")
+    if (blocker := file_in_the_way(out)) is not None:
+        raise ValueError(f"--out {arg}: {blocker} is a file, not a directory; choose another --out")
     for path, what in ((val_path_for(out), "validation tokens"), (sidecar_path(out), "description")):
         if path.is_dir():
             raise ValueError(f"{path} is a directory, where --out {arg} would write its {what}; choose another --out")
@@ -119,6 +128,8 @@ def prepare_data_main(argv: list[str]) -> int:
         tokenizer = load_tokenizer(args.tokenizer)
         out = _output_path(args.out)
         _refuse_inputs(out, files)
+        if not any(p.stat().st_size for p in files):  # a token file of 0 tokens, which train refuses only later
+            raise ValueError(f"the {len(files)} input file(s) hold no text; nothing was written")
     except ValueError as e:
         return _fail(str(e))
     try:

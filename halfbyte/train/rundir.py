@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from halfbyte.engine import checkpoint
+from halfbyte.train.prepare_cli import file_in_the_way
 
 RUN_ENTRIES = ("config.json", "metrics.jsonl", "loss.png", "sample.txt", "checkpoints", "tensorboard")
 PREVIOUS = ".previous-run"
@@ -49,6 +50,8 @@ def prepare(out_dir: Path, *, fresh_start: bool, overwrite: bool) -> Path | None
     fresh start into a directory that holds a run unless `overwrite`."""
     if out_dir.exists() and not out_dir.is_dir():
         raise RunDirError(f"--out {out_dir} is a file; pass a directory (it is created if missing)")
+    if (blocker := file_in_the_way(out_dir)) is not None:
+        raise RunDirError(f"--out {out_dir}: {blocker} is a file, not a directory; choose another --out")
     previous = out_dir / PREVIOUS
     if previous.exists():
         raise RunDirError(f"{out_dir} holds an earlier run moved aside by an --overwrite that did not finish: "

@@ -60,6 +60,7 @@ def test_pt_and_safetensors_hold_the_fp32_masters_and_load_into_a_fresh_model(tm
     (["{ckpt}", "--out", "{tmp}/o", "--format", "onnx"], "--format must be one of safetensors, hf, pt"),
     (["{ckpt}", "--out", "{tmp}/o", "--format", "hf"], "--format hf is for runs of --model hf:<dir>"),
     (["{ckpt}", "--out", "{tmp}/full"], "exists and is not an empty directory"),
+    (["{ckpt}", "--out", "{tmp}/full/keep.txt/sub"], "keep.txt is a file, not a directory"),  # was [Errno 20]
     (["{ckpt}", "--out", "{tmp}/o", "--island", "1"], "holds one model (no islands)"),
     (["{no_extra}", "--out", "{tmp}/o"], "meta.json lacks its run's entry (extra)"),  # a KeyError before
     (["{garbage}", "--out", "{tmp}/o"], "could not be read ("),  # sizes intact: a traceback before

@@ -36,11 +36,13 @@ def test_prepare_data(tmp_path, capsys):
     (["{tmp}", "--out", "{tmp}/"], "is a directory; name the token file, e.g."),
     (["{tmp}", "--out", "{tmp}/new/"], "is a directory; name the token file, e.g."),
     (["{tmp}", "--out", "{tmp}/taken.bin"], "taken.val.bin is a directory"),
-    (["{tmp}", "--out", "{tmp}/a.txt/x.bin"], "cannot write --out"),
+    (["{tmp}", "--out", "{tmp}/a.txt/x.bin"], "a.txt is a file, not a directory"),  # was "File exists"
+    (["{tmp}/empty.txt", "--out", "{tmp}/x.bin"], "hold no text"),  # was a 0-token file, exit 0
 ])
 def test_bad_prepare_data_input(args, message, tmp_path, capsys):
     (tmp_path / "a.txt").write_text("hello\n")
     (tmp_path / "taken.val.bin").mkdir()  # where the validation twin of taken.bin would go
+    (tmp_path / "empty.txt").write_text("")
     argv = ["prepare-data", *[a.replace("{tmp}", str(tmp_path)) for a in args]]
     try:
         code = main(argv)
@@ -49,6 +51,7 @@ def test_bad_prepare_data_input(args, message, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "x.bin").exists()
 
 
 def test_an_out_that_is_one_of_the_inputs_is_refused_and_left_as_it_was(tmp_path, capsys):

@@ -130,7 +130,7 @@ def test_a_checkpoint_with_garbage_data_of_the_right_size_is_one_line_from_real_
     assert "it is damaged" in lines[0]
 
 
-@pytest.mark.parametrize("where, message", [("file", "is a file"), ("under-a-file", "is not writable")])
+@pytest.mark.parametrize("where, message", [("file", "is a file"), ("under-a-file", "f is a file, not a directory")])
 def test_bad_output_paths_are_one_line(where, message, tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     out = tmp_path / "f" if where == "file" else tmp_path / "f" / "sub"
