@@ -443,6 +443,8 @@ def validate(cfg: Config, given: set[str] = frozenset()) -> None:
     m, t, s = cfg.model, cfg.train, cfg.schedule
     if not m.name.startswith("hf:") and m.name not in MODEL_PRESETS:
         raise ConfigError(f"unknown model {m.name!r}; use --model {' | '.join(MODEL_PRESETS)} or hf:<local path>")
+    if not cfg.data.path.strip():
+        raise ConfigError("--data is empty; name a token file from `halfbyte prepare-data`, or shakespeare")
     if t.preset not in COMM_PRESETS:
         raise ConfigError(f"unknown preset {t.preset!r}; use --preset {' | '.join(COMM_PRESETS)}")
     if t.dtype not in DTYPES:

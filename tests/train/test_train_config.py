@@ -63,6 +63,7 @@ def test_toml_then_overrides_in_order(tmp_path):
     (["--foo=1"], "unknown option --foo"),
     (["--steps=x"], "--train.steps expects int"),
     (["--steps=0"], "--train.steps must be positive"),
+    (["--data", ""], "--data is empty"),  # it said "data file . is a directory"
     (["--preset", "int3"], "unknown preset 'int3'"),
     (["--model", "7b"], "unknown model '7b'"),
     (["--seq_len=512"], "exceeds the model context 128"),
