@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     if code:
         sys.exit(f"the small run failed ({code}): {line}")
     (work / "afile").write_text("x")
+    (work / "empty.txt").write_text("")
     cases: list[tuple[str, list[str], str]] = [  # (what, argv, how the command reads in the table)
         ("`--lr nan`", ["train", "--lr", "nan"], ""),
         ("`--lr inf`", ["train", "--lr", "inf"], ""),
@@ -62,9 +63,12 @@ def main(argv: list[str] | None = None) -> None:
         ("`--out` is a file", ["train", *SMALL, "--out=afile"], f"train {small} --out afile"),
         ("`--out` cannot be created", ["train", *SMALL, "--out=afile/sub"], f"train {small} --out afile/sub"),
         ("`--data` is a directory", ["train", "--data", "."], ""),
+        ("`--data` is empty", ["train", "--data", ""], "train --data ''"),
+        ("a negative seed", ["train", "--seed", "-1"], ""),
         ("an unknown weight_decay_on", ["train", "--train.weight_decay_on", "norms"], ""),
         ("`--resume latest` with no checkpoint", ["train", "--out=empty", "--resume", "latest"], ""),
         ("`--resume` of a path that does not exist", ["train", "--resume", "no/such/dir"], ""),
+        ("`--resume` of a run directory", ["train", "--resume", "run"], ""),
         ("resume with another preset", ["train", "--out=run", "--resume", "auto", "--preset", "baseline"], ""),
         ("resume with another model size", ["train", "--out=run", "--resume", "auto", "--model.n_layer", "3"], ""),
         ("resume with more steps", ["train", "--out=run", "--resume", "auto", "--steps", "6"], ""),
@@ -82,7 +86,9 @@ def main(argv: list[str] | None = None) -> None:
         cases.append((f"a checkpoint with a {how}" if how.startswith(("garbage", "truncated")) else
                       f"a checkpoint with {how}", ["train", f"--resume={copy.name}"], ""))
     cases += [("export into an occupied directory", ["export", "run", "--out", "run"], ""),
-              ("export of something that is no checkpoint", ["export", ".", "--out", "x"], "")]
+              ("export of something that is no checkpoint", ["export", ".", "--out", "x"], ""),
+              ("export `--out` under a file", ["export", "run", "--out", "afile/sub"], ""),
+              ("prepare-data of files that hold no text", ["prepare-data", "empty.txt", "--out", "e.bin"], "")]
     print("| input | command | exit | what it prints (the last line) |")
     print("|---|---|---|---|")
     for what, argv, shown in cases:
