@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from halfbyte.train.prepare_cli import file_in_the_way
+
 #: Where a benchmark writes when --out is not given: runs/bench/ under the current directory (runs/
 #: is ignored by git), never over the committed results in benchmarks/results/.
 DEFAULT_RESULTS_DIR = Path("runs") / "bench"
@@ -14,7 +16,6 @@ def out_problem(path: Path | None, flag: str = "--out", example: str = "results.
         return None
     if path.is_dir():
         return f"{flag} {path} is a directory; name the file, e.g. {flag} {path / example}"
-    parent = next(p for p in path.parents if p.exists())  # "." or "/" at the latest
-    if not parent.is_dir():
-        return f"{flag} {path}: {parent} is a file, not a directory"
+    if (blocker := file_in_the_way(path)) is not None:
+        return f"{flag} {path}: {blocker} is a file, not a directory"
     return None
