@@ -545,6 +545,7 @@ class Launcher:
         """Run `runs` (none done); returns each one's status at the end of the call."""
         pending, running, outcome, stopping = list(runs), [], {}, False
         refused: set[str] = set()  # pending runs the start gate refused at their last look
+        looked = False  # whether the pending runs were looked at yet
         priority = {run.name: i for i, run in enumerate(runs)}
         last_poll = self.now()
         while pending or running:
@@ -577,8 +578,10 @@ class Launcher:
             started = 0
             # while runs kept at a shed still run, starting another would slow them past the stop
             protecting = any(c.run.name in self.kept for c in running)
-            if not stopping and not protecting:
-                # a run refused now stays pending: the GPU frees as runs end, and its estimate with it
+            # a run refused stays pending: only an ending run (a freed slot, a new estimate) can make
+            # it fit, so the pending runs are looked at on the first poll and after each end
+            if not stopping and not protecting and (ended or not looked):
+                looked = True
                 for run in list(pending):
                     if len(running) == self.parallel:
                         break
