@@ -15,8 +15,7 @@ On the GPU machine (the repository is the working directory; runs/ is ignored by
 
     source scripts/mps.sh start                                   # MPS: the runs share the GPU
     python3 scripts/convergence_study.py prepare                  # corpus -> runs/convergence-data/ (cached)
-    python3 scripts/convergence_study.py run --deadline-s 540 --parallel 6
-    tar czf $OUT/runs.tgz --exclude=checkpoints --exclude=tensorboard -C runs/convergence .
+    python3 scripts/convergence_study.py run --deadline-s 540 --parallel 6 --snapshot $OUT/runs.tgz
 
 `run` starts the unfinished runs of the grid (in priority order, --parallel at a time, each one
 `halfbyte train ... --resume auto`) in runs/convergence/, watches their rates and, if not all of them
@@ -252,8 +251,11 @@ def run_call(args: argparse.Namespace, runs: list, done_dirs: list[Path]) -> int
         raise StudyError(f"need --parallel >= 1 and --deadline-s > --stop-margin-s ({args.stop_margin_s:g}), got "
                          f"--parallel {args.parallel} --deadline-s {args.deadline_s:g}")
     runs_dir, data = Path(args.runs_dir), Path(args.data)
+    snapshot = Path(args.snapshot) if args.snapshot else None
+    if snapshot and not snapshot.parent.is_dir():
+        raise StudyError(f"--snapshot {args.snapshot}: no such directory {rel(snapshot.parent)}")
     launcher = Launcher(runs_dir, data, shlex.split(args.train_cmd), args.parallel, args.deadline_s,
-                        args.stop_margin_s, args.poll_s, args.warm_next)
+                        args.stop_margin_s, args.poll_s, args.warm_next, snapshot)
     if launcher.identity["val_tokens"] - 1 < EVAL_TOKENS:
         raise StudyError(f"{rel(data)}'s validation file has {launcher.identity['val_tokens']:,} tokens, fewer than "
                          f"the evaluation set of {EVAL_TOKENS:,}; prepare it with a larger --val-fraction")

@@ -39,8 +39,7 @@ On the GPU machine (the repository is the working directory; runs/ is ignored by
 
     source scripts/mps.sh start                                  # MPS: the runs share the GPU
     python3 scripts/local_updates_study.py prepare               # = convergence_study.py prepare (cached)
-    python3 scripts/local_updates_study.py run --deadline-s 540 --parallel 6
-    tar czf $OUT/runs.tgz --exclude=checkpoints --exclude=tensorboard -C runs/local-updates .
+    python3 scripts/local_updates_study.py run --deadline-s 540 --parallel 6 --snapshot $OUT/runs.tgz
 
 `run` is convergence_study.py's (convergence_study.run_call on study_common.Launcher, the one launcher
 of both studies: resumable runs, --parallel at a time, shedding the last-started runs so that the

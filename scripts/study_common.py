@@ -20,6 +20,7 @@ import site
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -399,12 +400,17 @@ class Launcher:
     With warm_next (the next call follows at once on this machine, which keeps the runs' checkpoints)
     neither the start gate nor shedding applies: every slot stays busy to the stop, and the runs cut
     there resume in the next call. Gated, the GPU ran one or two runs at ~40% for the last 150-180 s of
-    each 530 s call (2026-12-03)."""
+    each 530 s call (2026-12-03).
+
+    With snapshot_path, the runs (without checkpoints) are written there as a tarball after every
+    segment's end (`snapshot`): a call killed at its limit before its own closing `tar` still returns
+    every run that ended in it."""
 
     def __init__(self, runs_dir: Path, data: Path, train_cmd: list[str], parallel: int, deadline_s: float,
-                 stop_margin_s: float, poll_s: float, warm_next: bool = False) -> None:
+                 stop_margin_s: float, poll_s: float, warm_next: bool = False,
+                 snapshot_path: Path | None = None) -> None:
         self.runs_dir, self.data, self.train_cmd = runs_dir, data, train_cmd
-        self.warm_next = warm_next
+        self.warm_next, self.snapshot_path = warm_next, snapshot_path
         from halfbyte.train.config import parse_args  # imports torch (~2 s): before the clock starts
 
         self.parse_train = parse_args
@@ -561,6 +567,8 @@ class Launcher:
                 if child.shed and not stopping and status(self.runs_dir / child.run.name, child.run.steps) != "done":
                     resumed.append(child.run)  # resumes from its checkpoint once the kept runs end
             pending = requeue(resumed, pending, priority)
+            if ended and self.snapshot_path:
+                snapshot(self.runs_dir, self.snapshot_path)
             now = self.now()
             if not stopping and now >= self.stop_s:
                 stopping = True
@@ -602,10 +610,30 @@ class Launcher:
             if not stopping and not self.warm_next:
                 self.shed_late(running, now)
             time.sleep(self.poll_s)
+        if self.snapshot_path:  # the runs killed at the deadline ended after the last snapshot
+            snapshot(self.runs_dir, self.snapshot_path)
         for run in pending:  # a shed run that no longer fits keeps its "stopped (shed)"
             outcome.setdefault(run.name, "not started: predicted to end after the stop" if run.name in refused
                                else "not started: deadline")
         return outcome
+
+
+def snapshot(runs_dir: Path, path: Path) -> None:
+    """Write runs_dir's runs without their checkpoints and TensorBoard events as a gzipped tarball at
+    `path`, whole or not at all (a new file renamed over the last). A file that changes while it is
+    read (a resumed run rewriting its metrics) leaves the last snapshot in place; the next end writes one."""
+    tmp = path.with_name(path.name + ".tmp")
+    skip = {"checkpoints", "tensorboard"}
+    try:
+        with tarfile.open(tmp, "w:gz") as tar:
+            for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+                tar.add(run_dir, arcname=run_dir.name,
+                        filter=lambda m: None if skip & set(PurePosixPath(m.name).parts) else m)
+    except (OSError, tarfile.TarError) as e:
+        tmp.unlink(missing_ok=True)
+        print(f"snapshot {path} not rewritten this time: {e}", flush=True)
+        return
+    os.replace(tmp, path)
 
 
 def print_commands(script: str, runs: list[StudyRun], data: Path, runs_dir: Path) -> None:
@@ -717,6 +745,10 @@ def study_parser(prog: str, doc: str, prepare_help: str, data: Path, runs_dir: P
                         "next call. Leave it off for a session's last call: a fresh machine starts cut runs over")
     p.add_argument("--train-cmd", default=shlex.join([sys.executable, "-m", "halfbyte", "train"]),
                    help="the trainer, followed by the run's options (default: %(default)s)")
+    p.add_argument("--snapshot", metavar="TGZ",
+                   help="after every run's segment ends, write the runs (without checkpoints and TensorBoard "
+                        "events) as a gzipped tarball here, replacing the last one: write it under $OUT, and a "
+                        "call killed at its limit still returns every run that ended before")
     p.add_argument("--poll-s", type=float, default=1.0, help=argparse.SUPPRESS)
     p = verbs["report"] = sub.add_parser("report", help="paired statistics, figure and per-run files under "
                                          "benchmarks/results/")

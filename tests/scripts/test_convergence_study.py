@@ -616,3 +616,58 @@ def test_a_run_the_gate_refuses_on_a_crowded_gpu_starts_once_the_gpu_frees(tmp_p
     (segment,) = sc.read_provenance(tmp_path / fresh)["segments"]
     ends = [sc.read_provenance(tmp_path / n)["segments"][-1]["end_utc"] for n in longs]
     assert segment["start_utc"] >= min(ends)  # it waited for the GPU to free, not for nothing
+
+
+def test_a_call_killed_at_its_limit_keeps_the_runs_that_ended_in_its_snapshot(tmp_path, data, dirs, fake_train):
+    # 2026-12-03, ninth session: a device call was killed at its limit (395 s, where the deadline said
+    # 445) before its closing `tar`, and six runs that had finished at 325-330 s came back with nothing.
+    # With --snapshot the launcher rewrites a tarball of the runs after every segment's end: here the
+    # launcher is killed (SIGKILL, its whole process group, as the device does) while the long run
+    # runs, and the snapshot must hold the short run, done, without checkpoints.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tarfile
+    import time
+
+    short = tmp_path / "baseline-w8-seed0"
+    (short / "checkpoints" / "step_000900").mkdir(parents=True)
+    (short / "checkpoints" / "step_000900" / sc.CHECKPOINT_MARKER).write_text("ok\n")
+    (short / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3.0}) + "\n" for s in range(1, 901)))
+    run = next(r for r in cs.grid(1) if r.name == short.name)
+    sc.write_json(short / "provenance.json", {**run.provenance(sc.data_identity(data)), "segments": []})
+    out = tmp_path / "out"
+    out.mkdir()
+    snap = out / "runs.tgz"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "run", *dirs, "--data", str(data), "--only",
+                             f"{short.name},sdp4bit-w8-seed0", "--parallel", "2", "--poll-s", "0.05",
+                             "--deadline-s", "60", "--train-cmd", fake_train, "--snapshot", str(snap)],
+                            env={**os.environ, "FAKE_STEP_S": "0.01"}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.monotonic()
+        while sc.status(short, cs.STEPS) != "done" or not snap.is_file():
+            assert proc.poll() is None and time.monotonic() - t0 < 30, proc.stdout.read() if proc.poll() else ""
+            time.sleep(0.05)
+        time.sleep(0.5)  # the long run goes on; the snapshot of the short run's end is written
+        assert proc.poll() is None  # still running: killed at "the limit"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with tarfile.open(snap) as tar:
+        names = tar.getnames()
+        metrics = tar.extractfile(f"{short.name}/metrics.jsonl").read().decode()
+        provenance = json.loads(tar.extractfile(f"{short.name}/provenance.json").read())
+    assert [json.loads(line)["step"] for line in metrics.splitlines()] == list(range(1, cs.STEPS + 1))
+    assert provenance["segments"][-1]["to_step"] == cs.STEPS and provenance["segments"][-1]["exit_code"] == 0
+    assert not any("checkpoints" in n for n in names)
+    assert f"{short.name}/command.txt" in names and not any(n.endswith(".tmp") for n in os.listdir(out))
+
+
+def test_snapshot_needs_an_existing_directory(tmp_path, data, study, dirs, fake_train):
+    res = study("run", *dirs, "--data", str(data), "--only", "baseline-w8-seed0", "--deadline-s", "60",
+                "--train-cmd", fake_train, "--snapshot", str(tmp_path / "no" / "runs.tgz"))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert "--snapshot" in res.stderr and "no such directory" in res.stderr
+    assert not (tmp_path / "baseline-w8-seed0").exists()
