@@ -66,11 +66,13 @@ class CheckpointError(ValueError):
 
 def dcp_cause(error: BaseException) -> str:
     """What went wrong in a failed DCP load, in one line: a CheckpointException (a BaseException, raised
-    with or without a process group) wraps the first failing rank's exception."""
+    with or without a process group) wraps the first failing rank's exception. Only the first sentence
+    is kept: torch's zip reader follows it with a paragraph of advice that buries our own message."""
     if isinstance(error, CheckpointException) and error.failures:
         error = next(iter(error.failures.values()))[0]
     text = str(error).splitlines()[0] if str(error) else "no message"
-    return f"{type(error).__name__}: {text}"
+    first_sentence = re.split(r"\.\s", text, maxsplit=1)[0]
+    return f"{type(error).__name__}: {first_sentence}"
 
 
 # ---- pieces of a parameter-shaped tensor --------------------------------------------------------

@@ -130,6 +130,21 @@ def test_a_checkpoint_with_garbage_data_of_the_right_size_is_one_line_from_real_
     assert "it is damaged" in lines[0]
 
 
+@pytest.mark.parametrize("error, cause", [
+    # torch's zip reader on a .distcp with flipped bytes: four more sentences of advice followed
+    (RuntimeError("PytorchStreamReader failed reading zip archive: invalid header or archive is corrupted. This "
+                  "is an internal miniz error. If you are seeing this error, there is a high likelihood that your "
+                  "checkpoint file is corrupted."),
+     "RuntimeError: PytorchStreamReader failed reading zip archive: invalid header or archive is corrupted"),
+    (ValueError("first line\nsecond line"), "ValueError: first line"),
+    (KeyError("model.wte.weight"), "KeyError: 'model.wte.weight'"),
+    (OSError(), "OSError: no message"),
+    (ValueError("size 1.5 MB of 3.0 MB"), "ValueError: size 1.5 MB of 3.0 MB"),  # a '.' inside a number stays
+])
+def test_a_dcp_failure_reads_as_its_first_sentence(error, cause):
+    assert checkpoint.dcp_cause(error) == cause
+
+
 @pytest.mark.parametrize("where, message", [("file", "is a file"), ("under-a-file", "f is a file, not a directory")])
 def test_bad_output_paths_are_one_line(where, message, tmp_path, capsys):
     (tmp_path / "f").write_text("x")
