@@ -209,15 +209,15 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is not None and getattr(args, name) < least:
             print(f"halfbyte bench comm: --{name} must be >= {least}, got {getattr(args, name)}", file=sys.stderr)
             return 2
-    problem = out_problem(args.out)
+    problems = [out_problem(args.out)]
     if args.sizes and min(args.sizes) < 1:
-        problem = f"--sizes must be >= 1 value each, got {min(args.sizes)}"
+        problems.append(f"--sizes must be >= 1 value each, got {min(args.sizes)}")
     # local workers: checked here, not in every worker (under torchrun the ranks check it)
     if "RANK" not in os.environ and args.gpus_per_node is not None and (
             args.gpus_per_node < 1 or args.workers % args.gpus_per_node):
-        problem = f"--gpus-per-node {args.gpus_per_node} must divide --workers {args.workers}"
-    if problem:
-        print(f"halfbyte bench comm: {problem}", file=sys.stderr)
+        problems.append(f"--gpus-per-node {args.gpus_per_node} must divide --workers {args.workers}")
+    if problems := [p for p in problems if p]:
+        print(f"halfbyte bench comm: {'; '.join(problems)}", file=sys.stderr)
         return 2
     command = "halfbyte bench comm " + " ".join(argv if argv is not None else sys.argv[1:])
     if "LOCAL_WORLD_SIZE" in os.environ:  # torchrun's arguments are not visible here: name the launcher

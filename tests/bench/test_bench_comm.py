@@ -71,6 +71,9 @@ def test_results_default_under_runs_bench(tmp_path, monkeypatch, capsys):
     (["--workers", "2", "--gpus-per-node", "3"], "--gpus-per-node 3 must divide --workers 2"),
     (["--out", "{tmp}"], "is a directory; name the file"),
     (["--out", "{tmp}/f/comm.json"], "f is a file, not a directory"),
+    # several mistakes: every one is named, in one line (only the last one was)
+    (["--out", "{tmp}", "--sizes", "0", "--workers", "2", "--gpus-per-node", "3"],
+     "results.json; --sizes must be >= 1 value each, got 0; --gpus-per-node 3 must divide --workers 2"),
 ])
 def test_bad_options_are_one_line_before_any_worker(argv, message, tmp_path, capsys, monkeypatch):
     def refuse(*args, **kwargs):
