@@ -255,7 +255,8 @@ def run_call(args: argparse.Namespace, runs: list, done_dirs: list[Path]) -> int
     if snapshot and not snapshot.parent.is_dir():
         raise StudyError(f"--snapshot {args.snapshot}: no such directory {rel(snapshot.parent)}")
     launcher = Launcher(runs_dir, data, shlex.split(args.train_cmd), args.parallel, args.deadline_s,
-                        args.stop_margin_s, args.poll_s, args.warm_next, snapshot)
+                        args.stop_margin_s, args.poll_s, args.warm_next, snapshot,
+                        peers_dir=runs_dir.parent / ".launchers")  # both studies' default run dirs: runs/
     if launcher.identity["val_tokens"] - 1 < EVAL_TOKENS:
         raise StudyError(f"{rel(data)}'s validation file has {launcher.identity['val_tokens']:,} tokens, fewer than "
                          f"the evaluation set of {EVAL_TOKENS:,}; prepare it with a larger --val-fraction")

@@ -350,16 +350,17 @@ def solo_s(wall_s: float, shared_s: float, work: int) -> float:
     return wall_s / work / max(1.0, shared_s / wall_s)
 
 
-def keep_count(remaining_s: list[float], time_left_s: float) -> int:
+def keep_count(remaining_s: list[float], time_left_s: float, others: int = 0) -> int:
     """How many of k runs sharing the GPU (priority order; remaining_s[i]: run i's time to its end at
     the current sharing) to keep so that every kept run ends within time_left_s, if the GPU's work is
-    shared evenly (keeping k' of k makes each k/k' times faster). All k when not even the first could
+    shared evenly (keeping k' of k, beside `others` runs of other launchers, makes each
+    (k + others) / (k' + others) times faster). All k when not even the first could
     end in time alone: shedding would buy nothing in this call, and a back-to-back call resumes them.
     Each kept run is taken to share the GPU with all the others to its end: a run that ends first
     speeds up the rest, so the check errs on the safe side when the remaining times differ."""
     k = len(remaining_s)
     for keep in range(k, 0, -1):
-        if all(GATE_SAFETY * r * keep / k <= time_left_s for r in remaining_s[:keep]):
+        if all(GATE_SAFETY * r * (keep + others) / (k + others) <= time_left_s for r in remaining_s[:keep]):
             return keep
     return k
 
@@ -370,6 +371,44 @@ def shed_line(now_s: float, remaining_s: list[float], stop_s: float, shed: list[
     return (f"{now_s:6.0f} s  {len(remaining_s)} runs would end {max(remaining_s):.0f} s from now, "
             f"{GATE_SAFETY * max(remaining_s):.0f} s with the {GATE_SAFETY:g} margin, against "
             f"{stop_s - now_s:.0f} s left before the stop at {stop_s:.0f} s: shed {', '.join(shed)}")
+
+
+class Peers:
+    """The launchers sharing this GPU, through a directory where each keeps a file <pid>.json with its
+    number of live runs (two studies side by side, one launcher each). Without it a launcher counted
+    only its own runs as sharing the GPU: a run's time alone, measured beside another launcher's
+    runs, came out as slow as the GPU was shared, so once those ended its gate refused runs that fit,
+    and a launcher left with only refused runs exited. Files of launchers no longer alive are left out."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.dir, self.mine, self.live = directory, directory / f"{os.getpid()}.json", -1
+
+    def publish(self, live: int) -> None:
+        if live != self.live:
+            write_json(self.mine, {"live": live})
+            self.live = live
+
+    def others(self) -> int:
+        """The live runs of the other launchers."""
+        total = 0
+        for path in self.dir.glob("*.json"):
+            if path == self.mine or not path.stem.isdigit():
+                continue
+            try:
+                os.kill(int(path.stem), 0)
+            except ProcessLookupError:
+                continue  # an ended launcher shares nothing
+            except PermissionError:
+                pass  # alive, another user's
+            try:
+                total += int(json.loads(path.read_text())["live"])
+            except (FileNotFoundError, ValueError, KeyError, TypeError):
+                continue  # removed as it ended, or not a launcher's file
+        return total
+
+    def close(self) -> None:
+        self.mine.unlink(missing_ok=True)
 
 
 def requeue(resumed: list, pending: list, priority: dict[str, int]) -> list:
@@ -395,7 +434,8 @@ class Launcher:
     checkpoint. A run starts only if it is predicted to end before the stop: its work (steps x batch)
     times the slowest time per sequence alone of the runs of its world size finished in this call,
     times the runs it would share the GPU with (no estimate yet: it starts). A refused run waits and is
-    looked at again at every poll, as ending runs free the GPU.
+    looked at again after each end of a run, as ending runs free the GPU. The runs sharing the GPU
+    include other launchers' (`Peers`: two studies side by side, one launcher each).
 
     With warm_next (the next call follows at once on this machine, which keeps the runs' checkpoints)
     neither the start gate nor shedding applies: every slot stays busy to the stop, and the runs cut
@@ -408,8 +448,9 @@ class Launcher:
 
     def __init__(self, runs_dir: Path, data: Path, train_cmd: list[str], parallel: int, deadline_s: float,
                  stop_margin_s: float, poll_s: float, warm_next: bool = False,
-                 snapshot_path: Path | None = None) -> None:
+                 snapshot_path: Path | None = None, peers_dir: Path | None = None) -> None:
         self.runs_dir, self.data, self.train_cmd = runs_dir, data, train_cmd
+        self.peers = Peers(peers_dir) if peers_dir else None
         self.warm_next, self.snapshot_path = warm_next, snapshot_path
         from halfbyte.train.config import parse_args  # imports torch (~2 s): before the clock starts
 
@@ -424,6 +465,10 @@ class Launcher:
 
     def now(self) -> float:
         return time.monotonic() - self.t0
+
+    def others(self) -> int:
+        """Runs of other launchers on this GPU (0 without a peers directory)."""
+        return self.peers.others() if self.peers else 0
 
     def estimate(self, run: StudyRun, sharing: int) -> float | None:
         """A full run's predicted time when `sharing` runs share the GPU (even sharing; the rates
@@ -526,7 +571,7 @@ class Launcher:
             remaining.append(max(0.0, steps * rate - (now - c.written_s)))
         return remaining
 
-    def shed_late(self, running: list[Child], now: float) -> None:
+    def shed_late(self, running: list[Child], now: float, others: int = 0) -> None:
         """Measure each live run's rate since its window opened; shed runs if not all can end in time."""
         live = [c for c in running if not c.shed]
         for c in live:
@@ -536,7 +581,7 @@ class Launcher:
         remaining = self.predict(live, now)
         if remaining is None:
             return
-        keep = keep_count(remaining, self.stop_s - now)
+        keep = keep_count(remaining, self.stop_s - now, others)
         if keep == len(live):
             return
         self.kept = {c.run.name for c in live[:keep]}
@@ -549,16 +594,25 @@ class Launcher:
 
     def execute(self, runs: list[StudyRun]) -> dict[str, str]:
         """Run `runs` (none done); returns each one's status at the end of the call."""
+        try:
+            return self._execute(runs)
+        finally:
+            if self.peers:
+                self.peers.close()
+
+    def _execute(self, runs: list[StudyRun]) -> dict[str, str]:
         pending, running, outcome, stopping = list(runs), [], {}, False
         refused: set[str] = set()  # pending runs the start gate refused at their last look
         looked = False  # whether the pending runs were looked at yet
         priority = {run.name: i for i, run in enumerate(runs)}
-        last_poll = self.now()
+        last_poll, others = self.now(), self.others()
         while pending or running:
-            now = self.now()
+            now, was = self.now(), others
+            others = self.others()
             for child in running:
-                child.shared_s += (now - last_poll) * len(running)
+                child.shared_s += (now - last_poll) * (len(running) + was)
             last_poll = now
+            sharing_changed = others != was  # another launcher's run started or ended
             ended = [c for c in running if c.proc.poll() is not None]
             resumed = []
             for child in ended:
@@ -586,29 +640,32 @@ class Launcher:
             started = 0
             # while runs kept at a shed still run, starting another would slow them past the stop
             protecting = any(c.run.name in self.kept for c in running)
-            # a run refused stays pending: only an ending run (a freed slot, a new estimate) can make
-            # it fit, so the pending runs are looked at on the first poll and after each end
-            if not stopping and not protecting and (ended or not looked):
+            # a run refused stays pending: only an ending run (a freed slot, a new estimate; another
+            # launcher's too) can make it fit, so the pending runs are looked at on the first poll and
+            # after each end
+            if not stopping and not protecting and (ended or not looked or others < was):
                 looked = True
                 for run in list(pending):
                     if len(running) == self.parallel:
                         break
                     from_step = newest_checkpoint_step(self.runs_dir / run.name)
                     remaining_fraction = (run.steps - from_step) / run.steps
-                    if self.warm_next or fits(self.estimate(run, len(running) + 1), remaining_fraction, now,
-                                              self.stop_s):
+                    if self.warm_next or fits(self.estimate(run, len(running) + 1 + others), remaining_fraction,
+                                              now, self.stop_s):
                         pending.remove(run)
                         running.append(self.start(run, from_step))
                         started += 1
                     else:
                         refused.add(run.name)
-                if not running:  # alone on the GPU it would not fit either, and time only runs out
+                if not running and not others:  # alone on the GPU it would not fit either
                     break
-            if ended or started:
+            if self.peers:
+                self.peers.publish(len(running))
+            if ended or started or sharing_changed:
                 for child in running:
                     child.window = None  # the sharing changed: rates are measured again
             if not stopping and not self.warm_next:
-                self.shed_late(running, now)
+                self.shed_late(running, now, others)
             time.sleep(self.poll_s)
         if self.snapshot_path:  # the runs killed at the deadline ended after the last snapshot
             snapshot(self.runs_dir, self.snapshot_path)

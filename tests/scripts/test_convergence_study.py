@@ -671,3 +671,91 @@ def test_snapshot_needs_an_existing_directory(tmp_path, data, study, dirs, fake_
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     assert "--snapshot" in res.stderr and "no such directory" in res.stderr
     assert not (tmp_path / "baseline-w8-seed0").exists()
+
+
+# ------------------------------------------------------------------- launchers sharing one GPU
+
+
+def test_keep_count_counts_the_other_launchers_runs_that_stay():
+    # keeping 1 of 2 beside 2 runs of another launcher speeds it by 4/3, not 2: 1.1 x 75 s > 80 s
+    assert sc.keep_count([100.0, 100.0], 80.0) == 1
+    assert sc.keep_count([100.0, 100.0], 80.0, others=2) == 2  # nothing ends either way: keep both
+    assert sc.keep_count([100.0, 100.0], 85.0, others=2) == 1
+
+
+def test_peers_count_the_live_runs_of_other_live_launchers(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    mine = sc.Peers(tmp_path / "launchers")
+    mine.publish(2)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    sc.write_json(tmp_path / "launchers" / f"{int(dead.stdout)}.json", {"live": 5})  # its launcher has ended
+    assert mine.others() == 0
+    sc.write_json(tmp_path / "launchers" / f"{os.getppid()}.json", {"live": 3})  # a live process
+    assert mine.others() == 3
+    mine.close()
+    assert not (tmp_path / "launchers" / f"{os.getpid()}.json").exists()
+
+
+def _resumable(run_dir: Path, step: int, data: Path) -> None:
+    """A run of the grid cut at `step`, with its checkpoint: it resumes there."""
+    (run_dir / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
+    (run_dir / "checkpoints" / f"step_{step:06d}" / sc.CHECKPOINT_MARKER).write_text("ok\n")
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3.0}) + "\n"
+                                                   for s in range(1, step + 1)))
+    run = next(r for r in cs.grid(2) if r.name == run_dir.name)
+    sc.write_json(run_dir / "provenance.json", {**run.provenance(sc.data_identity(data)), "segments": []})
+
+
+def test_a_launcher_sees_the_runs_of_another_and_starts_once_they_end(tmp_path, data, fake_train):
+    # Another study's launcher holds three runs on the "GPU" (a step: 2 ms x the live fakes; T = 1024
+    # steps alone = ~2 s): a live process's file in the launchers' directory says 3, and three files
+    # in FAKE_SHARED slow every step 4x. This launcher resumes a run from step 900, then has a fresh
+    # run: beside the three it would take 1.1 x 4 T, past the stop at 7 s, so it is refused. Once the
+    # other launcher's runs end (their files go) it fits alone (1.1 T) and must start and end in this
+    # call. Counting only its own runs, the launcher took the short run's 4x slower rate for its time
+    # alone, refused the fresh run and exited (the eighth session's two launchers, 2026-12-03).
+    import os
+    import subprocess
+    import sys
+    import time
+
+    shared = tmp_path / "gpu"
+    shared.mkdir()
+    runs = tmp_path / "runs"
+    _resumable(runs / "baseline-w8-seed0", 900, data)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    peers = tmp_path / ".launchers"
+    peers.mkdir()
+    sc.write_json(peers / f"{other.pid}.json", {"live": 3})
+    for k in range(3):
+        (shared / f"other-{k}").touch()
+    launcher = subprocess.Popen([sys.executable, str(SCRIPT), "run", "--runs-dir", str(runs), "--done-in",
+                                 str(tmp_path / "none"), "--data", str(data), "--only",
+                                 "baseline-w8-seed0,baseline-w8-seed1", "--parallel", "1", "--poll-s", "0.05",
+                                 "--deadline-s", "8", "--stop-margin-s", "1", "--train-cmd", fake_train],
+                                env={**os.environ, "FAKE_STEP_S": "0.002", "FAKE_SHARED": str(shared)},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.monotonic()
+        while sc.status(runs / "baseline-w8-seed0", cs.STEPS) != "done":
+            assert time.monotonic() - t0 < 30
+            time.sleep(0.02)
+        time.sleep(0.3)  # the launcher has looked at the fresh run beside the other launcher's three
+        assert not (runs / "baseline-w8-seed1").exists()  # refused while they run
+        other.kill()
+        other.wait()
+        for k in range(3):
+            (shared / f"other-{k}").unlink()
+        ended = sc.utc_now()
+        out, _ = launcher.communicate(timeout=60)
+    finally:
+        other.kill()
+        launcher.kill()
+    assert launcher.returncode == 0, out
+    assert sc.status(runs / "baseline-w8-seed1", cs.STEPS) == "done", out
+    (fresh,) = sc.read_provenance(runs / "baseline-w8-seed1")["segments"]
+    assert fresh["start_utc"] >= ended, out  # it waited for the other launcher's runs to end
+    assert not (peers / f"{launcher.pid}.json").exists()  # the launcher removed its file
