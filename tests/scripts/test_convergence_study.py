@@ -6,6 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -96,7 +102,6 @@ def test_keep_count_sheds_the_last_runs_only_when_that_lets_the_others_end():
 def test_code_version_compares_contents_with_the_commit(tmp_path):
     """The GPU machine's copy once recorded the session's first commit as clean while it ran a later
     tree (a kernel merged since): git's status trusts its index, so code_version compares contents."""
-    import subprocess
 
     def git(*args):
         subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
@@ -300,9 +305,6 @@ def _child(tmp_path: Path, name: str, from_step: int = 0, **fields) -> sc.Child:
 def _poll(launcher: sc.Launcher, children: list, step: int, written_s: float, now_s: float) -> None:
     """Each child writes its row of `step` at `written_s` (the launcher's clock: the file's mtime), then
     the launcher polls at now_s."""
-    import os
-    import time
-
     for child in children:
         path = launcher.runs_dir / child.run.name / "metrics.jsonl"
         with open(path, "a") as f:
@@ -591,6 +593,16 @@ def test_report_at_a_peak_lr_pairs_its_runs_and_refuses_the_other_designs(tmp_pa
     assert not (tmp_path / "out2").exists()
 
 
+def _resumable(run_dir: Path, step: int, data: Path) -> None:
+    """A run of the grid cut at `step`, with its checkpoint: it resumes there."""
+    (run_dir / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
+    (run_dir / "checkpoints" / f"step_{step:06d}" / sc.CHECKPOINT_MARKER).write_text("ok\n")
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3.0}) + "\n"
+                                                   for s in range(1, step + 1)))
+    run = next(r for r in cs.grid(2) if r.name == run_dir.name)
+    sc.write_json(run_dir / "provenance.json", {**run.provenance(sc.data_identity(data)), "segments": []})
+
+
 def test_a_run_the_gate_refuses_on_a_crowded_gpu_starts_once_the_gpu_frees(tmp_path, data, study, dirs, fake_train):
     # 2026-12-03, third call: two runs were refused while three shared the GPU and never looked at
     # again, though the GPU then ran one run alone for 120 s and a fresh run ended in 165 s. Here (a
@@ -600,11 +612,7 @@ def test_a_run_the_gate_refuses_on_a_crowded_gpu_starts_once_the_gpu_frees(tmp_p
     shared = tmp_path / "gpu"
     shared.mkdir()
     short = tmp_path / "baseline-w8-seed0"
-    (short / "checkpoints" / "step_000900").mkdir(parents=True)
-    (short / "checkpoints" / "step_000900" / sc.CHECKPOINT_MARKER).write_text("ok\n")
-    (short / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3.0}) + "\n" for s in range(1, 901)))
-    run = next(r for r in cs.grid(2) if r.name == short.name)
-    sc.write_json(short / "provenance.json", {**run.provenance(sc.data_identity(data)), "segments": []})
+    _resumable(short, 900, data)
     longs = ["sdp4bit-w8-seed0", "qw4-w8-seed0", "zeropp-w8-seed0", "baseline-w8-seed1", "sdp4bit-w8-seed1"]
     fresh = "qw4-w8-seed1"
     res = study("run", *dirs, "--data", str(data), "--only", ",".join([short.name, *longs, fresh]),
@@ -624,19 +632,8 @@ def test_a_call_killed_at_its_limit_keeps_the_runs_that_ended_in_its_snapshot(tm
     # With --snapshot the launcher rewrites a tarball of the runs after every segment's end: here the
     # launcher is killed (SIGKILL, its whole process group, as the device does) while the long run
     # runs, and the snapshot must hold the short run, done, without checkpoints.
-    import os
-    import signal
-    import subprocess
-    import sys
-    import tarfile
-    import time
-
     short = tmp_path / "baseline-w8-seed0"
-    (short / "checkpoints" / "step_000900").mkdir(parents=True)
-    (short / "checkpoints" / "step_000900" / sc.CHECKPOINT_MARKER).write_text("ok\n")
-    (short / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3.0}) + "\n" for s in range(1, 901)))
-    run = next(r for r in cs.grid(1) if r.name == short.name)
-    sc.write_json(short / "provenance.json", {**run.provenance(sc.data_identity(data)), "segments": []})
+    _resumable(short, 900, data)
     out = tmp_path / "out"
     out.mkdir()
     snap = out / "runs.tgz"
@@ -684,10 +681,6 @@ def test_keep_count_counts_the_other_launchers_runs_that_stay():
 
 
 def test_peers_count_the_live_runs_of_other_live_launchers(tmp_path):
-    import os
-    import subprocess
-    import sys
-
     mine = sc.Peers(tmp_path / "launchers")
     mine.publish(2)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -699,16 +692,6 @@ def test_peers_count_the_live_runs_of_other_live_launchers(tmp_path):
     assert not (tmp_path / "launchers" / f"{os.getpid()}.json").exists()
 
 
-def _resumable(run_dir: Path, step: int, data: Path) -> None:
-    """A run of the grid cut at `step`, with its checkpoint: it resumes there."""
-    (run_dir / "checkpoints" / f"step_{step:06d}").mkdir(parents=True)
-    (run_dir / "checkpoints" / f"step_{step:06d}" / sc.CHECKPOINT_MARKER).write_text("ok\n")
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3.0}) + "\n"
-                                                   for s in range(1, step + 1)))
-    run = next(r for r in cs.grid(2) if r.name == run_dir.name)
-    sc.write_json(run_dir / "provenance.json", {**run.provenance(sc.data_identity(data)), "segments": []})
-
-
 def test_a_launcher_sees_the_runs_of_another_and_starts_once_they_end(tmp_path, data, fake_train):
     # Another study's launcher holds three runs on the "GPU" (a step: 2 ms x the live fakes; T = 1024
     # steps alone = ~2 s): a live process's file in the launchers' directory says 3, and three files
@@ -717,11 +700,6 @@ def test_a_launcher_sees_the_runs_of_another_and_starts_once_they_end(tmp_path, 
     # other launcher's runs end (their files go) it fits alone (1.1 T) and must start and end in this
     # call. Counting only its own runs, the launcher took the short run's 4x slower rate for its time
     # alone, refused the fresh run and exited (the eighth session's two launchers, 2026-12-03).
-    import os
-    import subprocess
-    import sys
-    import time
-
     shared = tmp_path / "gpu"
     shared.mkdir()
     runs = tmp_path / "runs"
