@@ -606,17 +606,19 @@ def _resumable(run_dir: Path, step: int, data: Path) -> None:
 def test_a_run_the_gate_refuses_on_a_crowded_gpu_starts_once_the_gpu_frees(tmp_path, data, study, dirs, fake_train):
     # 2026-12-03, third call: two runs were refused while three shared the GPU and never looked at
     # again, though the GPU then ran one run alone for 120 s and a fresh run ended in 165 s. Here (a
-    # step: 2 ms x the live fakes) a short resumed run ends first at ~1.5 s and gives the gate its
-    # estimate; the fresh seventh run then needs 1.1 x ~6 x 2 s, past the stop at ~14.6 s, so it waits;
-    # once the five long runs end (~10.5 s) it fits alone (~2.3 s) and must start and end in this call.
+    # step: 2 ms x the live fakes) a short resumed run ends first at ~3.9 s and gives the gate its
+    # estimate; the fresh seventh run then needs 1.1 x ~6 x 2 s, past the stop at ~15.6 s, so it waits;
+    # once the five long runs end (~10.9 s) it fits alone (~2.3 s) and must start and end in this call.
+    # The short run's 324 steps keep the fakes' start-up (counted as sharing before they share) a
+    # small part of its time alone: with 124 it once let the fresh run in on a loaded host.
     shared = tmp_path / "gpu"
     shared.mkdir()
     short = tmp_path / "baseline-w8-seed0"
-    _resumable(short, 900, data)
+    _resumable(short, 700, data)
     longs = ["sdp4bit-w8-seed0", "qw4-w8-seed0", "zeropp-w8-seed0", "baseline-w8-seed1", "sdp4bit-w8-seed1"]
     fresh = "qw4-w8-seed1"
     res = study("run", *dirs, "--data", str(data), "--only", ",".join([short.name, *longs, fresh]),
-                "--parallel", "6", "--poll-s", "0.05", "--deadline-s", "15.6", "--stop-margin-s", "1",
+                "--parallel", "6", "--poll-s", "0.05", "--deadline-s", "16.6", "--stop-margin-s", "1",
                 "--train-cmd", fake_train, env={"FAKE_STEP_S": "0.002", "FAKE_SHARED": str(shared)})
     assert res.returncode == 0, res.stdout + res.stderr
     assert "shed" not in res.stdout
@@ -695,15 +697,15 @@ def test_peers_count_the_live_runs_of_other_live_launchers(tmp_path):
 def test_a_launcher_sees_the_runs_of_another_and_starts_once_they_end(tmp_path, data, fake_train):
     # Another study's launcher holds three runs on the "GPU" (a step: 2 ms x the live fakes; T = 1024
     # steps alone = ~2 s): a live process's file in the launchers' directory says 3, and three files
-    # in FAKE_SHARED slow every step 4x. This launcher resumes a run from step 900, then has a fresh
-    # run: beside the three it would take 1.1 x 4 T, past the stop at 7 s, so it is refused. Once the
+    # in FAKE_SHARED slow every step 4x. This launcher resumes a run from step 700 (~2.6 s), then has a
+    # fresh run: beside the three it would take 1.1 x 4 T, past the stop at 8 s, so it is refused. Once the
     # other launcher's runs end (their files go) it fits alone (1.1 T) and must start and end in this
     # call. Counting only its own runs, the launcher took the short run's 4x slower rate for its time
     # alone, refused the fresh run and exited (the eighth session's two launchers, 2026-12-03).
     shared = tmp_path / "gpu"
     shared.mkdir()
     runs = tmp_path / "runs"
-    _resumable(runs / "baseline-w8-seed0", 900, data)
+    _resumable(runs / "baseline-w8-seed0", 700, data)
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     peers = tmp_path / ".launchers"
     peers.mkdir()
@@ -713,7 +715,7 @@ def test_a_launcher_sees_the_runs_of_another_and_starts_once_they_end(tmp_path, 
     launcher = subprocess.Popen([sys.executable, str(SCRIPT), "run", "--runs-dir", str(runs), "--done-in",
                                  str(tmp_path / "none"), "--data", str(data), "--only",
                                  "baseline-w8-seed0,baseline-w8-seed1", "--parallel", "1", "--poll-s", "0.05",
-                                 "--deadline-s", "8", "--stop-margin-s", "1", "--train-cmd", fake_train],
+                                 "--deadline-s", "9", "--stop-margin-s", "1", "--train-cmd", fake_train],
                                 env={**os.environ, "FAKE_STEP_S": "0.002", "FAKE_SHARED": str(shared)},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
