@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from halfbyte.train.prepare_cli import file_in_the_way
+from halfbyte.train.paths import file_in_the_way
 
 #: Where a benchmark writes when --out is not given: runs/bench/ under the current directory (runs/
 #: is ignored by git), never over the committed results in benchmarks/results/.

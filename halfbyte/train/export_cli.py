@@ -29,7 +29,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from halfbyte.engine import checkpoint
-from halfbyte.train.prepare_cli import OneLineParser, file_in_the_way
+from halfbyte.train.paths import file_in_the_way
+from halfbyte.train.prepare_cli import OneLineParser
 
 FORMATS = ("safetensors", "hf", "pt")
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

@@ -12,6 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from halfbyte.train.data import prepare, read_text, read_text_files, val_path_for
+from halfbyte.train.paths import file_in_the_way
 from halfbyte.train.tokenizer import load_tokenizer
 
 #: Files named in the warning about undecodable bytes; the rest are counted.
@@ -49,13 +50,6 @@ def _input_files(inputs: list[str], pattern: str) -> list[Path]:
     if not files:
         raise ValueError(f"no files matching --glob {pattern!r} under {', '.join(inputs)}; change --glob")
     return files
-
-
-def file_in_the_way(path: Path) -> Path | None:
-    """The file that stands where `path` needs a directory above it (None: nothing does): creating
-    `path` would fail with a bare "File exists" / "Not a directory" that names neither."""
-    first = next((p for p in path.parents if p.exists()), None)
-    return first if first is not None and not first.is_dir() else None
 
 
 def _output_path(arg: str) -> Path:

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from halfbyte.engine import checkpoint
-from halfbyte.train.prepare_cli import file_in_the_way
+from halfbyte.train.paths import file_in_the_way
 
 RUN_ENTRIES = ("config.json", "metrics.jsonl", "loss.png", "sample.txt", "checkpoints", "tensorboard")
 PREVIOUS = ".previous-run"
