@@ -75,6 +75,12 @@ def dcp_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {first_sentence}"
 
 
+def unreadable(path: Path, error: BaseException, *, nothing_loaded: bool = False) -> CheckpointError:
+    """The one-line error for a DCP load of `path` that failed with `error` (every loader raises it)."""
+    tail = "; nothing was loaded" if nothing_loaded else ""
+    return CheckpointError(f"checkpoint {path} could not be read ({dcp_cause(error)}): it is damaged{tail}")
+
+
 # ---- pieces of a parameter-shaped tensor --------------------------------------------------------
 def flat_blocks(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[tuple[int, ...], tuple[int, ...], int]]:
     """Split the flat range [start, stop) of a row-major tensor of `shape` into rectangular blocks
@@ -264,8 +270,7 @@ def _restore_param_groups(path: Path, engines: dict[str, ShardedDataParallel], w
     try:
         _dcp(dcp.load, state, path, world, _LoadPlanner())
     except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"checkpoint {path} could not be read ({dcp_cause(e)}): it is damaged; "
-                              "nothing was loaded") from e
+        raise unreadable(path, e, nothing_loaded=True) from e
     saved: dict[tuple[str, int], dict[str, tuple[str, Any]]] = {}  # (prefix, group) -> key -> (fqn, value)
     for k, (prefix, g, name, key) in keys.items():
         value = tuple(state[k]) if key == "betas" else state[k]
@@ -361,7 +366,7 @@ def load(path: str | Path, engines: dict[str, ShardedDataParallel], world: World
     try:
         _dcp(dcp.load, state, path, world, _LoadPlanner())
     except (Exception, CheckpointException) as e:  # DCP raises many kinds on damaged files
-        raise CheckpointError(f"checkpoint {path} could not be read ({dcp_cause(e)}): it is damaged") from e
+        raise unreadable(path, e) from e
     for k in dict_keys:
         state[k] = pickle.loads(state[k])
     if same_layout:

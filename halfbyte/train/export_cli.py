@@ -77,8 +77,7 @@ def load_weights(ckpt: Path, island: int | None = None) -> tuple[dict[str, torch
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # no_dist: one process
             dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
     except (Exception, CheckpointException) as e:  # data files of the right size but damaged
-        raise checkpoint.CheckpointError(f"checkpoint {ckpt} could not be read ({checkpoint.dcp_cause(e)}): "
-                                         "it is damaged") from None
+        raise checkpoint.unreadable(ckpt, e) from None
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return {key[len(head):]: t for key, t in state.items()}, meta

@@ -303,8 +303,7 @@ class FSDP2Ranks(Ranks):
         try:
             dcp.load(state, checkpoint_id=str(path))
         except (Exception, CheckpointException) as e:  # DCP's own CheckpointException is a BaseException
-            raise CheckpointError(f"checkpoint {path} could not be read ({checkpoint.dcp_cause(e)}): "
-                                  "it is damaged") from e
+            raise checkpoint.unreadable(path, e) from e
         set_state_dict(self.model, self.optim, model_state_dict=model_sd, optim_state_dict=optim_sd, options=FLAT)
         if replica_keys:  # after the weights: a replica saved as current is marked as matching them
             self.handle.load_replica_state_dict({k.removeprefix("replica."): state[k] for k in replica_keys})
