@@ -1,5 +1,6 @@
 """Benchmarks (`halfbyte bench kernels|comm|train`) and the cost model (`halfbyte simulate`)."""
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from halfbyte.train.paths import file_in_the_way
@@ -19,3 +20,10 @@ def out_problem(path: Path | None, flag: str = "--out", example: str = "results.
     if (blocker := file_in_the_way(path)) is not None:
         return f"{flag} {path}: {blocker} is a file, not a directory"
     return None
+
+
+def out_problems(checks: Iterable[tuple[Path | None, str, str]]) -> str | None:
+    """Every (path, flag, example) output that out_problem refuses, in one line (None: all can be
+    written), so that a user who got two wrong learns both at once."""
+    found = [p for path, flag, example in checks if (p := out_problem(path, flag, example))]
+    return "; ".join(found) or None

@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from halfbyte.bench import DEFAULT_RESULTS_DIR, out_problem
+from halfbyte.bench import DEFAULT_RESULTS_DIR, out_problems
 from halfbyte.quant import reference
 from halfbyte.quant.spec import QuantSpec
 
@@ -515,7 +515,7 @@ def main(argv: list[str]) -> int:
     except ValueError as err:
         print(f"halfbyte bench kernels: {err}", file=sys.stderr)
         return 2
-    if problem := out_problem(args.out) or out_problem(args.md, "--md"):
+    if problem := out_problems([(args.out, "--out", "results.json"), (args.md, "--md", "results.json")]):
         print(f"halfbyte bench kernels: {problem}", file=sys.stderr)
         return 2
     if not torch.cuda.is_available():

@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from halfbyte.bench import costmodel as cm
-from halfbyte.bench import out_problem
+from halfbyte.bench import out_problems
 from halfbyte.comm.config import CommConfig
 from halfbyte.quant import QuantSpec
 
@@ -462,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.predict and not args.calibrate:
         print("halfbyte simulate: --predict needs --calibrate (the file to fit on)", file=sys.stderr)
         return 2
-    if problem := out_problem(args.json, "--json") or out_problem(args.plot, "--plot", "plot.png"):  # before the work
+    # before the work
+    if problem := out_problems([(args.json, "--json", "results.json"), (args.plot, "--plot", "plot.png")]):
         print(f"halfbyte simulate: {problem}", file=sys.stderr)
         return 2
     try:

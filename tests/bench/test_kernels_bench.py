@@ -115,6 +115,9 @@ def test_command_line_mistakes_exit_2_with_one_line(tmp_path, capsys, monkeypatc
         assert kernels.main([flag, str(tmp_path)]) == 2
         assert capsys.readouterr().err == f"halfbyte bench kernels: {flag} {tmp_path} is a directory; name the " \
                                           f"file, e.g. {flag} {tmp_path / 'results.json'}\n"
+    assert kernels.main(["--out", str(tmp_path), "--md", str(tmp_path)]) == 2  # both named, in one line
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {tmp_path} is a directory" in err and f"--md {tmp_path} is a" in err
     for argv in (["--repeats", "0"], ["--sizes", "16Q"], ["--rep-ms", "-1"]):
         with pytest.raises(SystemExit) as exit_:
             kernels.main(argv)

@@ -373,6 +373,8 @@ def test_cli_single_and_sweep(tmp_path, capsys):
     (["--calibrate", "nope.json"], "nope.json: not a `halfbyte bench comm` JSON (No such file or directory)"),
     (["--model", "1.3b", "--json", "."], "--json . is a directory; name the file"),
     (["--sdp4bit-table", "--plot", "."], "--plot . is a directory; name the file, e.g. --plot plot.png"),  # ..png
+    (["--sdp4bit-table", "--json", ".", "--plot", "."], "--json . is a directory; name the file, e.g. --json "
+     "results.json; --plot . is a directory"),  # only --json's was named
     (["--model", "1.3b", "--tokens-per-step", "0"], "--tokens-per-step must be >= 1, got 0"),  # 0 was the default
 ])
 def test_cli_errors(argv, message, capsys):
