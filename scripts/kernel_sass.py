@@ -3,11 +3,11 @@ with Triton: no GPU needed (issue 22; docs/kernels.md, "What bounds the slow ker
 
 Each variant is compiled as the host code launches it (halfbyte.quant.triton_kernels' launch_config,
 _unroll and _decode_run; pointers and sizes marked 16-byte divisible, as at training sizes), then read
-back with Triton's own cuobjdump: registers, shared memory (what Triton allocates per program), SASS instructions per thread of one
-program, instructions per byte moved, and the ceiling that instruction issue alone sets (132 SMs x 4
-schedulers x one warp-instruction per cycle at 1.98 GHz, against a 4.25 TB/s copy). Static counts
-overstate what runs (prologues, masked tails), so a ceiling bounds what issue allows from below; ncu
-on a GPU measures the real one.
+back with Triton's own cuobjdump: registers, shared memory (what Triton allocates per program),
+SASS instructions per thread of one program (NOPs not counted), instructions per byte moved, and the
+ceiling that instruction issue alone sets (132 SMs x 4 schedulers x one warp-instruction per cycle
+at 1.98 GHz, against a 4.25 TB/s copy). Static counts overstate what runs (prologues, masked tails),
+so a ceiling bounds what issue allows from below; ncu on a GPU measures the real one.
 
     python scripts/kernel_sass.py                      # the table (markdown) on stdout
     python scripts/kernel_sass.py --json sass.json     # and every row as JSON
@@ -127,7 +127,8 @@ def read_cubin(cubin: bytes, cuobjdump: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, help="also write every row (with its opcode counts) here")
     ap.add_argument("--only", default="", help="only the rows whose name contains this text")
     args = ap.parse_args(argv)
@@ -153,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     rows = []
-    print("| kernel (variant) | warps | regs | shared B | SASS/thread | I2F | instructions per byte | issue ceiling, % of copy |")
+    print("| kernel (variant) | warps | regs | shared B | SASS/thread | I2F | instructions per byte "
+          "| issue ceiling, % of copy |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for v in variants:
         kernel, threads, nbytes = compile_variant(v, tk, triton, GPUTarget("cuda", 90, 32))
