@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         ("`--data` is empty", ["train", "--data", ""], "train --data ''"),
         ("a negative seed", ["train", "--seed", "-1"], ""),
         ("an unknown weight_decay_on", ["train", "--train.weight_decay_on", "norms"], ""),
+        ("islands without an outer optimizer", ["train", "--islands", "2"], ""),
         ("`--resume latest` with no checkpoint", ["train", "--out=empty", "--resume", "latest"], ""),
         ("`--resume` of a path that does not exist", ["train", "--resume", "no/such/dir"], ""),
         ("`--resume` of a run directory", ["train", "--resume", "run"], ""),

@@ -72,7 +72,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,13 @@ _DEFAULT_WEIGHT_DECAY = {"sign-momentum": 0.2, "nesterov": 0.0, "average": 0.0}
 # Seed streams of the outer collectives (the engine uses seeds.WEIGHTS = 0, seeds.GRADS = 1).
 OUTER_GRADS = 2
 OUTER_WEIGHTS = 3
+
+
+def _is_default(config: OuterConfig, name: str) -> bool:
+    """Whether the field `name` holds its declared default (a list of the same values counts: TOML
+    reads tuples as lists)."""
+    value, default = getattr(config, name), OuterConfig.__dataclass_fields__[name].default
+    return (tuple(value) if isinstance(value, list) else value) == default
 
 
 @dataclass(frozen=True)
@@ -159,6 +166,14 @@ class OuterConfig:
         if self.delay_mix is not None and not d:
             raise ValueError("OuterConfig.delay_mix is only used with a delay (outer.delay > 0); leave it unset")
         if not self.enabled:
+            # the others would be ignored: a run asked for islands would train plain data parallel
+            unused = [f"outer.{f.name}" for f in fields(self)
+                      if f.name != "optimizer" and not _is_default(self, f.name)]
+            if unused:
+                one = len(unused) == 1
+                raise ValueError(f"{', '.join(unused)} appl{'ies' if one else 'y'} only to local updates, which are "
+                                 f"off (outer.optimizer none): add --outer {' | '.join(sorted(OUTER_OPTIMIZERS))}, "
+                                 f"or drop {'it' if one else 'them'}")
             return
         if self.lr is None:
             object.__setattr__(self, "lr", _DEFAULT_LR[self.optimizer])

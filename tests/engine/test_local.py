@@ -316,6 +316,9 @@ def test_bad_configs_raise_value_errors():
         OuterConfig(delay_mix=0.5)
     with pytest.raises(ValueError, match="spec"):
         OuterConfig(spec="int4")
+    with pytest.raises(ValueError, match=r"outer.islands, outer.delay apply only to local updates"):
+        OuterConfig("none", islands=2, delay=1)
+    assert not OuterConfig("none", betas=[0.95, 0.98]).enabled  # the defaults, as a TOML list reads them
     with pytest.raises(ValueError, match=r"must divide the world size \(8\): choose one of \[1, 2, 4, 8\]"):
         check_islands(8, 3)
     assert check_islands(8, 4) == 2

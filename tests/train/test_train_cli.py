@@ -50,6 +50,11 @@ def _fails(argv, message, capsys):
     (["--engine", "ddp"], "unknown engine 'ddp'; use --engine halfbyte | fsdp2"),
     (["--engine", "fsdp2", "--virtual-ranks", "2"], "--engine fsdp2 runs real ranks (local workers or torchrun)"),
     (["--engine", "fsdp2", "--outer", "average"], "--engine fsdp2 does not run local updates"),
+    # local-update options without an outer optimizer: each trained plain data parallel, silently
+    (["--islands", "3"], "[outer]: outer.islands applies only to local updates, which are off "
+                         "(outer.optimizer none): add --outer average | nesterov | sign-momentum, or drop it"),
+    (["--outer-lr", "0.5", "--local-steps", "32", "--outer-bits", "4"],
+     "[outer]: outer.local_steps, outer.lr, outer.spec apply only to local updates"),
     # 2 bits are for the outer exchange only (error feedback, every tau steps): every-step hops refuse them
     (["--comm.grad_spec.bits", "2"], "[comm]: CommConfig.grad_spec.bits must be 4 or 8, got 2: 2-bit values are "
                                      "only for the outer exchange of local updates"),
