@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                       f"a checkpoint with {how}", ["train", f"--resume={copy.name}"], ""))
     cases += [("export into an occupied directory", ["export", "run", "--out", "run"], ""),
               ("export of something that is no checkpoint", ["export", ".", "--out", "x"], ""),
+              ("export of a path that does not exist", ["export", "no/such/run", "--out", "x"], ""),
               ("export `--out` under a file", ["export", "run", "--out", "afile/sub"], ""),
               ("prepare-data of files that hold no text", ["prepare-data", "empty.txt", "--out", "e.bin"], "")]
     print("| input | command | exit | what it prints (the last line) |")

@@ -43,6 +43,8 @@ class ExportError(ValueError):
 
 def find_checkpoint(path: Path) -> Path:
     """The checkpoint at `path`, or the newest complete one of the run directory `path`."""
+    if not path.exists():
+        raise ExportError(f"{path} does not exist; pass a checkpoint or a run directory")
     if (path / checkpoint.MARKER).is_file():
         return path
     found = checkpoint.complete_checkpoints(path / "checkpoints")

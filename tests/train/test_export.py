@@ -56,7 +56,8 @@ def test_pt_and_safetensors_hold_the_fp32_masters_and_load_into_a_fresh_model(tm
 
 
 @pytest.mark.parametrize("args, message", [
-    (["{tmp}/nothing", "--out", "{tmp}/o"], "is neither a complete checkpoint nor a run directory"),
+    (["{tmp}/nothing", "--out", "{tmp}/o"], "nothing does not exist; pass a checkpoint or a run directory"),
+    (["{tmp}/full", "--out", "{tmp}/o"], "is neither a complete checkpoint nor a run directory"),
     (["{ckpt}", "--out", "{tmp}/o", "--format", "onnx"], "--format must be one of safetensors, hf, pt"),
     (["{ckpt}", "--out", "{tmp}/o", "--format", "hf"], "--format hf is for runs of --model hf:<dir>"),
     (["{ckpt}", "--out", "{tmp}/full"], "exists and is not an empty directory"),
