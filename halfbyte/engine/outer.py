@@ -113,7 +113,8 @@ class OuterConfig:
     """The outer step across islands (local updates).
 
     optimizer:      outer optimizer: sign-momentum | nesterov | average, or none: every step
-                    synchronous data parallel, no islands
+                    synchronous data parallel, no islands (the other outer options must then keep
+                    their defaults)
     local_steps:    tau, inner steps between outer steps
     islands:        islands of consecutive ranks (0: one per (emulated) node)
     lr:             outer learning rate (none: sign-momentum 1.0 x the inner lr, nesterov 0.7,
